@@ -1,0 +1,92 @@
+"""The ``pgguard`` command: ``run``, ``check-config`` (and the subcommands other modules add)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from . import config as config_mod
+from .errors import ConfigError
+
+__all__ = ["main", "setup_logging"]
+
+LOG_FORMAT = "%(asctime)s level=%(levelname)s %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import server
+
+    setup_logging(args.log_level)
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as exc:
+        print(f"pgguard: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return server.run(cfg)
+    except OSError as exc:  # e.g. the listen address is taken
+        print(f"pgguard: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.file)
+    except ConfigError as exc:
+        print(f"pgguard: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    roles = ", ".join(sorted(cfg.roles)) or "none"
+    print(f"{args.file}: OK (listen {', '.join(cfg.server.listen)}; roles configured: {roles})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgguard", description="PostgreSQL connection-limit enforcement proxy."
+    )
+    parser.add_argument("--version", action="version", version=f"pgguard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("-c", "--config", default=config_mod.DEFAULT_PATH, help="config file (default: %(default)s)")
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: %(default)s)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", nargs="?", default=config_mod.DEFAULT_PATH)
+    check.set_defaults(func=_cmd_check_config)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Subcommands that live in their own modules (demo, bench) register themselves here."""
+    try:
+        from . import demo
+    except ImportError:
+        return
+    demo.add_parser(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,354 @@
+"""Configuration: one TOML file (plus PGGUARD_SECTION__KEY environment overrides) -> frozen dataclasses.
+
+Validation happens once, at load time. Every error is a ``ConfigError`` naming the file,
+the dotted key and the bad value. A reload builds a new ``Config``; nothing is changed in
+place. Defaults live in the dataclasses below and are repeated, with comments, in
+``config.example.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, get_args, get_origin
+
+from .errors import ConfigError
+from .limits import Policy, RoleRule, Rules
+
+__all__ = [
+    "Config",
+    "ServerConfig",
+    "BackendConfig",
+    "LimitsConfig",
+    "RoleConfig",
+    "DatabaseConfig",
+    "AdminConfig",
+    "MetricsConfig",
+    "ErrorsConfig",
+    "TLSConfig",
+    "load",
+    "loads",
+    "parse_address",
+    "DEFAULT_PATH",
+]
+
+DEFAULT_PATH: Final = "pgguard.toml"
+ENV_PREFIX: Final = "PGGUARD_"
+
+PolicyName = Literal["queue", "reject"]
+SSLMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _limit(value: int) -> str | None:
+    return None if value >= -1 else "must be -1 (unlimited), 0 (nobody) or a positive number"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or greater"
+
+
+def _addresses(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "needs at least one host:port"
+    for item in value:
+        try:
+            parse_address(item)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _address(value: str | None) -> str | None:
+    return None if value is None else _addresses((value,))
+
+
+def _port(value: int) -> str | None:
+    return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
+
+
+def _check(fn: typing.Callable[[Any], str | None]) -> dict[str, Any]:
+    return {"check": fn}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    listen: tuple[str, ...] = field(default=("127.0.0.1:6432",), metadata=_check(_addresses))
+    client_login_timeout: float = field(default=10.0, metadata=_check(_positive))
+    shutdown_timeout: float = field(default=30.0, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendConfig:
+    host: str = "127.0.0.1"
+    port: int = field(default=5432, metadata=_check(_port))
+    connect_timeout: float = field(default=5.0, metadata=_check(_positive))
+    # After the client left, how long to wait for the server to close the session before
+    # pgguard closes it and frees the slot anyway.
+    close_timeout: float = field(default=5.0, metadata=_check(_positive))
+    sslmode: SSLMode = "disable"
+    sslrootcert: str | None = None
+    monitor_dsn: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    max_connections: int = field(default=-1, metadata=_check(_limit))
+    role_max_connections: int = field(default=-1, metadata=_check(_limit))
+    database_max_connections: int = field(default=-1, metadata=_check(_limit))
+    policy: PolicyName = "queue"
+    queue_timeout: float = field(default=30.0, metadata=_check(_positive))
+    max_queue: int = field(default=1000, metadata=_check(_non_negative))
+    exempt_roles: tuple[str, ...] = ()
+    idle_timeout: float = field(default=0.0, metadata=_check(_non_negative))  # 0: off
+    mirror_catalog: bool = False
+    mirror_interval: float = field(default=10.0, metadata=_check(_positive))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoleConfig:
+    max_connections: int | None = field(default=None, metadata=_check(_limit))
+    policy: PolicyName | None = None
+    queue_timeout: float | None = field(default=None, metadata=_check(_positive))
+    max_queue: int | None = field(default=None, metadata=_check(_non_negative))
+    idle_timeout: float | None = field(default=None, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseConfig:
+    max_connections: int = field(default=-1, metadata=_check(_limit))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    users: tuple[str, ...] = ()
+    password: str | None = None  # SCRAM-SHA-256 verifier, or plain text (warned about)
+    auth: Literal["scram-sha-256", "trust"] = "scram-sha-256"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    listen: str | None = field(default=None, metadata=_check(_address))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorsConfig:
+    detail: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLSConfig:
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_mode: Literal["disable", "allow", "require"] = "allow"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    path: str = DEFAULT_PATH
+    server: ServerConfig = field(default_factory=ServerConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    roles: Mapping[str, RoleConfig] = field(default_factory=dict)
+    databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    errors: ErrorsConfig = field(default_factory=ErrorsConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+    def rules(self) -> Rules:
+        """The admission rules for ``limits.Gate``."""
+        lim = self.limits
+        return Rules(
+            max_connections=lim.max_connections,
+            role_max_connections=lim.role_max_connections,
+            database_max_connections=lim.database_max_connections,
+            policy=Policy(lim.policy),
+            queue_timeout=lim.queue_timeout,
+            max_queue=lim.max_queue,
+            exempt_roles=frozenset(lim.exempt_roles),
+            roles={
+                name: RoleRule(
+                    max_connections=r.max_connections,
+                    policy=None if r.policy is None else Policy(r.policy),
+                    queue_timeout=r.queue_timeout,
+                    max_queue=r.max_queue,
+                )
+                for name, r in self.roles.items()
+            },
+            databases={name: d.max_connections for name, d in self.databases.items()},
+        )
+
+    def idle_timeout(self, role: str) -> float:
+        """Seconds a session of ``role`` may stay idle (0: forever)."""
+        rc = self.roles.get(role)
+        if rc is not None and rc.idle_timeout is not None:
+            return rc.idle_timeout
+        return self.limits.idle_timeout
+
+
+# Sections that are one dataclass; "roles" and "databases" are tables of named ones.
+_SECTIONS: Final[dict[str, type]] = {
+    "server": ServerConfig,
+    "backend": BackendConfig,
+    "limits": LimitsConfig,
+    "admin": AdminConfig,
+    "metrics": MetricsConfig,
+    "errors": ErrorsConfig,
+    "tls": TLSConfig,
+}
+_NAMED: Final[dict[str, type]] = {"roles": RoleConfig, "databases": DatabaseConfig}
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); raises ValueError with the reason."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port < 65536:
+        raise ValueError(f"{text!r}: port {port} is out of range")
+    return host, port
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; raises ConfigError naming the file and key."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as fh:
+            text = fh.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(name, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, "", f"cannot read: {exc}") from None
+    return loads(text, name, env=os.environ if env is None else env)
+
+
+def loads(text: str, path: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
+    """Validate TOML text (plus environment overrides when ``env`` is given)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    if env:
+        _apply_env(data, env)
+    return _build(data, path)
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """PGGUARD_SECTION__KEY=value (or PGGUARD_ROLES__NAME__KEY) overrides the file."""
+    for var, raw in env.items():
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        parts = var[len(ENV_PREFIX) :].split("__")
+        if len(parts) == 3 and parts[0].lower() in _NAMED:
+            path = [parts[0].lower(), parts[1], parts[2].lower()]
+        else:
+            path = [p.lower() for p in parts]
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment {var}", ".".join(path), "conflicts with the file")
+            node = child
+        node[path[-1]] = value
+
+
+def _build(data: dict[str, Any], path: str) -> Config:
+    kwargs: dict[str, Any] = {"path": path}
+    for section, value in data.items():
+        if section in _SECTIONS:
+            kwargs[section] = _section(_SECTIONS[section], value, path, section)
+        elif section in _NAMED:
+            if not isinstance(value, dict):
+                raise ConfigError(path, section, f"must be a table of named sections, not {value!r}")
+            kwargs[section] = {
+                name: _section(_NAMED[section], body, path, f"{section}.{name}")
+                for name, body in value.items()
+            }
+        else:
+            raise ConfigError(path, section, "unknown section")
+    return Config(**kwargs)
+
+
+def _section(cls: type, value: Any, path: str, key: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(path, key, f"must be a table, not {value!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, raw in value.items():
+        f = fields.get(name)
+        if f is None:
+            raise ConfigError(path, f"{key}.{name}", f"unknown key (known: {', '.join(fields)})")
+        converted = _convert(hints[name], raw, path, f"{key}.{name}")
+        check = f.metadata.get("check")
+        if check is not None and converted is not None:
+            problem = check(converted)
+            if problem:
+                raise ConfigError(path, f"{key}.{name}", f"{problem} (got {raw!r})")
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, raw: Any, path: str, key: str) -> Any:
+    """Check ``raw`` against the field's type; lists become tuples; ints are accepted as floats."""
+    origin = get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = get_args(hint)
+        if raw is None and type(None) in options:
+            return None
+        problems = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, raw, path, key)
+            except ConfigError as exc:
+                problems.append(exc.problem)
+        raise ConfigError(path, key, problems[0])
+    if origin is Literal:
+        choices = get_args(hint)
+        if raw not in choices:
+            raise ConfigError(path, key, f"must be one of {', '.join(map(str, choices))} (got {raw!r})")
+        return raw
+    if origin is tuple:
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            raise ConfigError(path, key, f"must be a string or a list of strings (got {raw!r})")
+        return tuple(raw)
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(path, key, f"must be true or false (got {raw!r})")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(path, key, f"must be an integer (got {raw!r})")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(path, key, f"must be a number (got {raw!r})")
+        return float(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(path, key, f"must be a string (got {raw!r})")
+        return raw
+    raise ConfigError(path, key, f"unsupported type {hint!r}")  # a bug in the schema

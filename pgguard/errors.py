@@ -1,0 +1,98 @@
+"""The one error hierarchy: every error pgguard raises, each carrying the SQLSTATE a client should get."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "PgGuardError",
+    "ConfigError",
+    "ProtocolViolation",
+    "UnsupportedProtocol",
+    "NoUserName",
+    "TooManyConnections",
+    "BackendUnavailable",
+    "ShuttingDown",
+]
+
+
+class PgGuardError(Exception):
+    """Base of every error pgguard raises on purpose.
+
+    ``sqlstate`` is what a client in the startup phase is told; ``severity`` is the
+    ErrorResponse severity (startup errors are always FATAL, as in PostgreSQL).
+    """
+
+    sqlstate: str = "XX000"
+    severity: str = "FATAL"
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message: Final = message
+        self.detail: Final = detail
+
+
+class ConfigError(PgGuardError):
+    """A configuration file (or environment override) is invalid; names the file and dotted key."""
+
+    sqlstate = "F0000"  # config_file_error
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {problem}")
+        self.file = file
+        self.key = key
+        self.problem = problem
+
+
+class ProtocolViolation(PgGuardError):
+    """The client sent bytes that are not a valid startup-phase packet.
+
+    ``silent`` marks the cases PostgreSQL answers by closing without a reply (a bad or
+    truncated startup length: it only logs them), as opposed to a FATAL ErrorResponse.
+    """
+
+    sqlstate = "08P01"
+
+    def __init__(self, message: str, *, silent: bool = False) -> None:
+        super().__init__(message)
+        self.silent = silent
+
+
+class UnsupportedProtocol(ProtocolViolation):
+    """StartupMessage with a protocol major version other than 3."""
+
+    sqlstate = "0A000"
+
+
+class NoUserName(ProtocolViolation):
+    """StartupMessage without a (non-empty) ``user`` parameter."""
+
+    sqlstate = "28000"
+
+    def __init__(self) -> None:
+        super().__init__("no PostgreSQL user name specified in startup packet")
+
+
+class TooManyConnections(PgGuardError):
+    """A limit is full (or its queue is, or the wait timed out): PostgreSQL's 53300."""
+
+    sqlstate = "53300"
+
+
+class BackendUnavailable(PgGuardError):
+    """The PostgreSQL server could not be reached within ``connect_timeout``."""
+
+    sqlstate = "08006"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"pgguard could not connect to the server: {reason}")
+
+
+class ShuttingDown(PgGuardError):
+    """pgguard is draining: new and queued clients get PostgreSQL's shutdown error."""
+
+    sqlstate = "57P03"
+
+    def __init__(self) -> None:
+        super().__init__("the database system is shutting down")

@@ -1,0 +1,558 @@
+"""Sans-IO admission control: per-role, per-database and total limits, FIFO wait queues, policies.
+
+Theory
+------
+A *session* is identified by (role, database). Three limits apply to it: the role's, the
+database's and the total; ``-1`` means unlimited and ``0`` nobody, as in PostgreSQL.
+``Gate.arrive`` answers with a ``Decision``:
+
+- ADMIT: every applicable limit had room and nobody of the same (role, database) was
+  waiting; a ``Ticket`` now holds one slot on each limit.
+- QUEUE: the role's policy is ``queue`` and its queue has room; a ``Waiter`` stands in the
+  (role, database) FIFO until ``release``/a limit change admits it, ``expire`` times it
+  out, or ``cancel`` removes it (the client left).
+- REJECT: policy ``reject``, or the queue is full; a ``Rejection`` says which limit.
+
+Invariants (checked by hypothesis stateful tests):
+
+- no limit is ever exceeded by a non-exempt session, not even for an instant;
+- every Ticket releases its slots exactly once (a second ``release`` is a no-op);
+- waiters with the same (role, database) are admitted strictly in arrival order, and a
+  release admits the oldest waiter that now fits;
+- a cancelled or expired waiter holds nothing.
+
+Exempt roles are counted (so they show up) but never limited, like PostgreSQL superusers
+are not bound by ``rolconnlimit``. Time is always passed in; this module keeps no clock.
+The shell owns the futures and timers that act on the decisions.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Final
+
+from .errors import TooManyConnections
+
+__all__ = [
+    "UNLIMITED",
+    "Policy",
+    "Limit",
+    "Kind",
+    "RoleRule",
+    "Rules",
+    "Ticket",
+    "Waiter",
+    "Rejection",
+    "Decision",
+    "Gate",
+    "LimitRow",
+]
+
+UNLIMITED: Final = -1
+
+
+class Policy(StrEnum):
+    QUEUE = "queue"
+    REJECT = "reject"
+
+
+class Limit(StrEnum):
+    """Which limit; values are the config keys, used in logs and metric labels."""
+
+    TOTAL = "max_connections"
+    ROLE = "role_max_connections"
+    DATABASE = "database_max_connections"
+
+
+class Kind(StrEnum):
+    ADMIT = "admit"
+    QUEUE = "queue"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoleRule:
+    """Per-role settings; ``None`` means "use the default from ``Rules``"."""
+
+    max_connections: int | None = None
+    policy: Policy | None = None
+    queue_timeout: float | None = None
+    max_queue: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rules:
+    """Everything the gate needs from the configuration. Built by ``config``; immutable."""
+
+    max_connections: int = UNLIMITED
+    role_max_connections: int = UNLIMITED
+    database_max_connections: int = UNLIMITED
+    policy: Policy = Policy.QUEUE
+    queue_timeout: float = 30.0
+    max_queue: int = 1000
+    exempt_roles: frozenset[str] = frozenset()
+    roles: Mapping[str, RoleRule] = field(default_factory=dict)
+    databases: Mapping[str, int] = field(default_factory=dict)
+
+
+class Ticket:
+    """One admitted session's hold on its slots. Released exactly once through ``Gate.release``."""
+
+    __slots__ = ("role", "database", "exempt", "released")
+
+    def __init__(self, role: str, database: str, exempt: bool) -> None:
+        self.role = role
+        self.database = database
+        self.exempt = exempt
+        self.released = False
+
+    def __repr__(self) -> str:
+        return f"Ticket({self.role!r}, {self.database!r}, released={self.released})"
+
+
+class Waiter:
+    """A queued client. ``context`` is the shell's (its session); the core never looks at it."""
+
+    __slots__ = ("role", "database", "seq", "arrived", "deadline", "state", "ticket", "context")
+
+    def __init__(
+        self, role: str, database: str, seq: int, arrived: float, deadline: float, context: object
+    ) -> None:
+        self.role = role
+        self.database = database
+        self.seq = seq
+        self.arrived = arrived
+        self.deadline = deadline
+        self.state: Kind | None = None  # None while waiting; ADMIT or REJECT when done
+        self.ticket: Ticket | None = None
+        self.context = context
+
+    @property
+    def waiting(self) -> bool:
+        return self.state is None
+
+    def __lt__(self, other: Waiter) -> bool:  # heap tie-break
+        return self.seq < other.seq
+
+    def __repr__(self) -> str:
+        return f"Waiter({self.role!r}, {self.database!r}, seq={self.seq}, state={self.state})"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a client is turned away: which limit is full, and the cause."""
+
+    limit: Limit
+    name: str  # the role or database name (empty for the total)
+    value: int  # the limit's value when it was applied
+    cause: str  # "limit" (policy reject), "max_queue", "queue_timeout"
+    waited: float = 0.0
+
+    @property
+    def message(self) -> str:
+        """PostgreSQL's own message for this limit (postinit.c / miscinit.c / proc.c)."""
+        if self.limit is Limit.ROLE:
+            return f'too many connections for role "{self.name}"'
+        if self.limit is Limit.DATABASE:
+            return f'too many connections for database "{self.name}"'
+        return "sorry, too many clients already"
+
+    @property
+    def detail(self) -> str:
+        """The optional DETAIL (``[errors] detail``): which limit, its value, the wait."""
+        what = f"{self.limit.value}={self.value}"
+        if self.cause == "queue_timeout":
+            return f"pgguard: {what}; waited {self.waited:.1f}s in queue (queue_timeout)"
+        if self.cause == "max_queue":
+            return f"pgguard: {what}; wait queue is full (max_queue)"
+        return f"pgguard: {what}; policy is reject"
+
+    def error(self, *, with_detail: bool = False) -> TooManyConnections:
+        return TooManyConnections(self.message, detail=self.detail if with_detail else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    kind: Kind
+    ticket: Ticket | None = None
+    waiter: Waiter | None = None
+    rejection: Rejection | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRow:
+    """One line of SHOW LIMITS: a limit's value, use and where the value came from."""
+
+    kind: str  # "total", "role", "database"
+    name: str
+    limit: int
+    active: int
+    waiting: int
+    policy: str
+    source: str  # "default", "config", "runtime", "catalog"
+
+
+@dataclass(frozen=True, slots=True)
+class _Effective:
+    max_connections: int
+    policy: Policy
+    queue_timeout: float
+    max_queue: int
+    exempt: bool
+
+
+class Gate:
+    """Admission control over one ``Rules`` plus run-time and catalog overrides."""
+
+    def __init__(self, rules: Rules | None = None) -> None:
+        self._rules = rules or Rules()
+        # Override layers: run-time (SET LIMIT / SET POLICY) wins over config, which wins
+        # over the catalog (mirror mode), which wins over the defaults.
+        self._runtime_roles: dict[str, int] = {}
+        self._runtime_policies: dict[str, Policy] = {}
+        self._runtime_databases: dict[str, int] = {}
+        self._runtime_total: int | None = None
+        self._catalog_roles: dict[str, int] = {}
+        self._catalog_databases: dict[str, int] = {}
+        self._role_cache: dict[str, _Effective] = {}
+
+        self.total_active = 0
+        self.role_active: dict[str, int] = {}
+        self.database_active: dict[str, int] = {}
+        self.role_waiting: dict[str, int] = {}
+        self.database_waiting: dict[str, int] = {}
+        self.total_waiting = 0
+        self.paused = False
+
+        self._queues: dict[tuple[str, str], deque[Waiter]] = {}
+        self._deadlines: list[tuple[float, Waiter]] = []
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------------ rules
+
+    @property
+    def rules(self) -> Rules:
+        return self._rules
+
+    def reconfigure(self, rules: Rules, *, keep_runtime: bool = False) -> list[Waiter]:
+        """Apply new rules (a reload). Run-time overrides are dropped unless ``keep_runtime``.
+
+        Returns the waiters the new rules admit at once (never kills anyone).
+        """
+        self._rules = rules
+        if not keep_runtime:
+            self._runtime_roles.clear()
+            self._runtime_policies.clear()
+            self._runtime_databases.clear()
+            self._runtime_total = None
+        return self._changed()
+
+    def set_role_limit(self, role: str, value: int) -> list[Waiter]:
+        self._runtime_roles[role] = value
+        return self._changed()
+
+    def set_database_limit(self, database: str, value: int) -> list[Waiter]:
+        self._runtime_databases[database] = value
+        return self._changed()
+
+    def set_total_limit(self, value: int) -> list[Waiter]:
+        self._runtime_total = value
+        return self._changed()
+
+    def set_role_policy(self, role: str, policy: Policy) -> list[Waiter]:
+        self._runtime_policies[role] = policy
+        return self._changed()
+
+    def set_catalog_limits(
+        self, roles: Mapping[str, int], databases: Mapping[str, int]
+    ) -> list[Waiter]:
+        """Mirror mode: limits read from ``pg_roles.rolconnlimit`` / ``pg_database.datconnlimit``."""
+        self._catalog_roles = dict(roles)
+        self._catalog_databases = dict(databases)
+        return self._changed()
+
+    def pause(self) -> None:
+        """Admit nobody new (except exempt roles); arrivals queue whatever their policy."""
+        self.paused = True
+
+    def resume(self) -> list[Waiter]:
+        self.paused = False
+        return self._drain()
+
+    def _changed(self) -> list[Waiter]:
+        self._role_cache.clear()
+        return self._drain()
+
+    def _role(self, role: str) -> _Effective:
+        eff = self._role_cache.get(role)
+        if eff is None:
+            eff = self._role_cache[role] = self._compute_role(role)
+        return eff
+
+    def _compute_role(self, role: str) -> _Effective:
+        r = self._rules
+        rule = r.roles.get(role) or RoleRule()
+        limit = self._runtime_roles.get(role)
+        if limit is None:
+            limit = rule.max_connections
+        if limit is None:
+            limit = self._catalog_roles.get(role, r.role_max_connections)
+        return _Effective(
+            max_connections=limit,
+            policy=self._runtime_policies.get(role) or rule.policy or r.policy,
+            queue_timeout=r.queue_timeout if rule.queue_timeout is None else rule.queue_timeout,
+            max_queue=r.max_queue if rule.max_queue is None else rule.max_queue,
+            exempt=role in r.exempt_roles,
+        )
+
+    def role_limit(self, role: str) -> tuple[int, str]:
+        """The role's effective limit and its source."""
+        if role in self._runtime_roles:
+            return self._runtime_roles[role], "runtime"
+        rule = self._rules.roles.get(role)
+        if rule is not None and rule.max_connections is not None:
+            return rule.max_connections, "config"
+        if role in self._catalog_roles:
+            return self._catalog_roles[role], "catalog"
+        return self._rules.role_max_connections, "default"
+
+    def database_limit(self, database: str) -> tuple[int, str]:
+        """The database's effective limit and its source."""
+        if database in self._runtime_databases:
+            return self._runtime_databases[database], "runtime"
+        if database in self._rules.databases:
+            return self._rules.databases[database], "config"
+        if database in self._catalog_databases:
+            return self._catalog_databases[database], "catalog"
+        return self._rules.database_max_connections, "default"
+
+    def total_limit(self) -> tuple[int, str]:
+        if self._runtime_total is not None:
+            return self._runtime_total, "runtime"
+        return self._rules.max_connections, "config"
+
+    def role_policy(self, role: str) -> Policy:
+        return self._role(role).policy
+
+    # -------------------------------------------------------------- admission
+
+    def _blocking(self, role: str, database: str) -> Rejection | None:
+        """The first full limit for (role, database), in PostgreSQL's check order, or None."""
+        total, _ = self.total_limit()
+        if total != UNLIMITED and self.total_active >= total:
+            return Rejection(Limit.TOTAL, "", total, "limit")
+        limit = self._role(role).max_connections
+        if limit != UNLIMITED and self.role_active.get(role, 0) >= limit:
+            return Rejection(Limit.ROLE, role, limit, "limit")
+        limit, _ = self.database_limit(database)
+        if limit != UNLIMITED and self.database_active.get(database, 0) >= limit:
+            return Rejection(Limit.DATABASE, database, limit, "limit")
+        return None
+
+    def _take(self, role: str, database: str, exempt: bool) -> Ticket:
+        self.total_active += 1
+        self.role_active[role] = self.role_active.get(role, 0) + 1
+        self.database_active[database] = self.database_active.get(database, 0) + 1
+        return Ticket(role, database, exempt)
+
+    def arrive(
+        self, role: str, database: str, now: float, context: object = None
+    ) -> Decision:
+        """Decide for a new client: admit (with a Ticket), queue (a Waiter) or reject."""
+        eff = self._role(role)
+        if eff.exempt:
+            return Decision(Kind.ADMIT, ticket=self._take(role, database, True))
+        queue = self._queues.get((role, database))
+        blocking = None
+        if not self.paused and not queue:
+            blocking = self._blocking(role, database)
+            if blocking is None:
+                return Decision(Kind.ADMIT, ticket=self._take(role, database, False))
+        if blocking is None:  # paused, or others of the same (role, database) are ahead
+            blocking = self._blocking(role, database) or Rejection(
+                Limit.ROLE, role, eff.max_connections, "limit"
+            )
+        if eff.policy is Policy.REJECT and not self.paused:
+            return Decision(Kind.REJECT, rejection=blocking)
+        if self.role_waiting.get(role, 0) >= eff.max_queue:
+            return Decision(Kind.REJECT, rejection=_with_cause(blocking, "max_queue"))
+        waiter = Waiter(role, database, next(self._seq), now, now + eff.queue_timeout, context)
+        if queue is None:
+            queue = self._queues[(role, database)] = deque()
+        queue.append(waiter)
+        self.role_waiting[role] = self.role_waiting.get(role, 0) + 1
+        self.database_waiting[database] = self.database_waiting.get(database, 0) + 1
+        self.total_waiting += 1
+        heapq.heappush(self._deadlines, (waiter.deadline, waiter))
+        return Decision(Kind.QUEUE, waiter=waiter)
+
+    def release(self, ticket: Ticket) -> list[Waiter]:
+        """Give back a ticket's slots (exactly once; again is a no-op). Returns waiters admitted."""
+        if ticket.released:
+            return []
+        ticket.released = True
+        self.total_active -= 1
+        _decrement(self.role_active, ticket.role)
+        _decrement(self.database_active, ticket.database)
+        return self._drain()
+
+    def _unqueue(self, waiter: Waiter, state: Kind) -> None:
+        waiter.state = state
+        _decrement(self.role_waiting, waiter.role)
+        _decrement(self.database_waiting, waiter.database)
+        self.total_waiting -= 1
+
+    def cancel(self, waiter: Waiter) -> None:
+        """The queued client left: forget it; it holds nothing. No-op unless still waiting."""
+        if not waiter.waiting:
+            return
+        self._unqueue(waiter, Kind.REJECT)
+        # Removal from the deque is lazy: heads that are no longer waiting are skipped.
+        # A cancel frees no slot, and the next waiter of the same queue shares its limits,
+        # so nobody becomes admissible here.
+        self._trim((waiter.role, waiter.database))
+
+    def _trim(self, key: tuple[str, str]) -> deque[Waiter] | None:
+        queue = self._queues.get(key)
+        if queue is None:
+            return None
+        while queue and not queue[0].waiting:
+            queue.popleft()
+        if not queue:
+            del self._queues[key]
+            return None
+        return queue
+
+    def next_deadline(self) -> float | None:
+        """The earliest queue deadline still pending, or None."""
+        heap = self._deadlines
+        while heap and not heap[0][1].waiting:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def expire(self, now: float) -> list[tuple[Waiter, Rejection]]:
+        """Time out every waiter whose deadline is ``<= now``; each gets its Rejection."""
+        out: list[tuple[Waiter, Rejection]] = []
+        heap = self._deadlines
+        while heap and (heap[0][0] <= now or not heap[0][1].waiting):
+            _, waiter = heapq.heappop(heap)
+            if not waiter.waiting:
+                continue
+            blocking = self._blocking(waiter.role, waiter.database) or Rejection(
+                Limit.ROLE, waiter.role, self._role(waiter.role).max_connections, "limit"
+            )
+            self._unqueue(waiter, Kind.REJECT)
+            self._trim((waiter.role, waiter.database))
+            out.append((waiter, _with_cause(blocking, "queue_timeout", now - waiter.arrived)))
+        return out
+
+    def clear_queues(self) -> list[Waiter]:
+        """Remove every waiter (shutdown); returns them so the shell can answer each."""
+        out: list[Waiter] = []
+        for queue in self._queues.values():
+            for waiter in queue:
+                if waiter.waiting:
+                    self._unqueue(waiter, Kind.REJECT)
+                    out.append(waiter)
+        self._queues.clear()
+        self._deadlines.clear()
+        return out
+
+    def _drain(self) -> list[Waiter]:
+        """Admit, oldest first, every queue head that now fits all its limits."""
+        admitted: list[Waiter] = []
+        if self.paused or not self._queues:
+            return admitted
+        while True:
+            best: Waiter | None = None
+            for key in list(self._queues):
+                queue = self._trim(key)
+                if queue is None:
+                    continue
+                head = queue[0]
+                if (best is None or head.seq < best.seq) and self._blocking(
+                    head.role, head.database
+                ) is None:
+                    best = head
+            if best is None:
+                return admitted
+            key = (best.role, best.database)
+            self._queues[key].popleft()
+            self._unqueue(best, Kind.ADMIT)
+            best.ticket = self._take(best.role, best.database, False)
+            self._trim(key)
+            admitted.append(best)
+
+    # ---------------------------------------------------------------- reports
+
+    def waiters(self) -> Iterable[Waiter]:
+        """Every waiting client, in arrival order."""
+        live = [w for q in self._queues.values() for w in q if w.waiting]
+        return sorted(live, key=lambda w: w.seq)
+
+    def limit_rows(self) -> list[LimitRow]:
+        """SHOW LIMITS: the total, then every role and database known to config or seen."""
+        total, source = self.total_limit()
+        rows = [
+            LimitRow("total", "", total, self.total_active, self.total_waiting, "", source)
+        ]
+        roles = (
+            set(self._rules.roles)
+            | set(self._runtime_roles)
+            | set(self._runtime_policies)
+            | set(self._catalog_roles)
+            | set(self.role_active)
+            | set(self.role_waiting)
+        )
+        for role in sorted(roles):
+            value, source = self.role_limit(role)
+            eff = self._role(role)
+            rows.append(
+                LimitRow(
+                    "role",
+                    role,
+                    value,
+                    self.role_active.get(role, 0),
+                    self.role_waiting.get(role, 0),
+                    "exempt" if eff.exempt else eff.policy.value,
+                    source,
+                )
+            )
+        dbs = (
+            set(self._rules.databases)
+            | set(self._runtime_databases)
+            | set(self._catalog_databases)
+            | set(self.database_active)
+            | set(self.database_waiting)
+        )
+        for db in sorted(dbs):
+            value, source = self.database_limit(db)
+            rows.append(
+                LimitRow(
+                    "database",
+                    db,
+                    value,
+                    self.database_active.get(db, 0),
+                    self.database_waiting.get(db, 0),
+                    "",
+                    source,
+                )
+            )
+        return rows
+
+
+def _with_cause(rejection: Rejection, cause: str, waited: float = 0.0) -> Rejection:
+    return Rejection(rejection.limit, rejection.name, rejection.value, cause, waited)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]

@@ -1,0 +1,446 @@
+"""One client session: startup, admission, backend dial, relay until ReadyForQuery, raw pump, release.
+
+Theory
+------
+A ``ClientConnection`` is the asyncio protocol of one accepted socket. Its ``state`` moves
+forward only::
+
+    STARTUP --StartupMessage--> ADMITTING --admit--> DIALING --connected--> AUTH --'Z'--> ACTIVE
+                                   |   \\--queue--> QUEUED --admitted--/
+                                   \\--reject--> CLOSED (ErrorResponse 53300)
+    any state --either side gone--> CLOSED
+
+STARTUP reads SSLRequest / GSSENCRequest (answered ``N`` unless TLS is on), CancelRequest
+(forwarded to the server at once, never counted) and the StartupMessage, within
+``client_login_timeout``. From admission on, the session holds a ``Ticket``; it is given
+back exactly once, through ``_release``, when the backend socket is gone (or never came):
+PostgreSQL removes a backend from its own counts before it closes the socket, so the next
+waiter can never make ``pg_stat_activity`` show one more than the limit.
+
+AUTH relays bytes both ways unchanged while framing the server's messages to notice
+BackendKeyData, ErrorResponse and the first ReadyForQuery. Then both transports are handed
+to ``_Pump`` protocols that do nothing but write each chunk into the peer's transport,
+with aiohttp-style flow control: when one side's write buffer is full, reading from the
+other side pauses until it drains. No per-message parsing after ReadyForQuery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+
+from . import wire
+from .errors import BackendUnavailable, PgGuardError, ProtocolViolation
+from .limits import Ticket, Waiter
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["ClientConnection", "State"]
+
+log = logging.getLogger("pgguard")
+
+# A client should send nothing between its StartupMessage and the server's first reply;
+# whatever it does send before the backend is connected is kept, up to this bound.
+MAX_EARLY_DATA: Final = 64 * 1024
+# Write-buffer marks for both transports of a session: past HIGH, reading from the peer
+# pauses; under LOW it resumes. Bounds memory per session at about HIGH per direction.
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
+
+_ids = itertools.count(1)
+
+
+class State(enum.Enum):
+    STARTUP = "startup"
+    ADMITTING = "admitting"
+    QUEUED = "queued"
+    DIALING = "dialing"
+    AUTH = "authenticating"
+    ACTIVE = "active"
+    CLOSED = "closed"
+
+
+class ClientConnection(asyncio.Protocol):
+    """The client side of one session, and the owner of its backend connection and ticket."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.id = next(_ids)
+        self.state = State.STARTUP
+        self.transport: asyncio.Transport | None = None
+        self.backend: asyncio.Transport | None = None
+        self.peer = ""
+        self.startup: wire.StartupMessage | None = None
+        self.ticket: Ticket | None = None
+        self.waiter: Waiter | None = None
+        self.connected_at = time.time()
+        self.admitted_at: float | None = None
+        self.last_active = time.monotonic()
+        self.backend_pid: int | None = None
+        self.bytes_in = 0  # from the client
+        self.bytes_out = 0  # to the client
+        self._reader: wire.StartupReader | None = wire.StartupReader()
+        self._early = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+        self._dial: asyncio.Task[None] | None = None
+        self._backend_proto: _BackendAuth | None = None
+        self._ssl_asked = False
+        self._gss_asked = False
+        self._client_gone = False
+        self._backend_gone = False
+
+    # ---------------------------------------------------------------- identity
+
+    @property
+    def role(self) -> str:
+        return self.startup.user if self.startup else ""
+
+    @property
+    def database(self) -> str:
+        return self.startup.database if self.startup else ""
+
+    def __repr__(self) -> str:
+        return f"<client {self.id} {self.peer} {self.role}@{self.database} {self.state.value}>"
+
+    # ----------------------------------------------------------------- startup
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        addr = transport.get_extra_info("peername")
+        if isinstance(addr, tuple):
+            self.peer = f"{addr[0]}:{addr[1]}"
+        elif addr:
+            self.peer = str(addr)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        loop = self.server.loop
+        self._timer = loop.call_later(
+            self.server.config.server.client_login_timeout, self._login_timeout
+        )
+        self.server.client_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.state is State.STARTUP:
+                self._startup_data(data)
+            elif self.state is State.AUTH:
+                self.bytes_in += len(data)
+                assert self.backend is not None
+                self.backend.write(data)
+            elif self.state in (State.ADMITTING, State.QUEUED, State.DIALING):
+                self._early += data
+                if len(self._early) > MAX_EARLY_DATA:
+                    raise ProtocolViolation("client sent too much data before authentication")
+        except PgGuardError as exc:
+            self.fail(exc)
+        except Exception:  # the per-connection boundary: log, answer, release
+            log.exception("event=internal_error client=%s", self)
+            self.fail(PgGuardError("pgguard internal error"))
+
+    def _startup_data(self, data: bytes) -> None:
+        reader = self._reader
+        assert reader is not None
+        reader.feed(data)
+        while self.state is State.STARTUP:
+            packet = reader.next_packet()
+            if packet is wire.NEED_DATA:
+                return
+            if isinstance(packet, wire.StartupMessage):
+                self._startup_message(packet)
+            elif isinstance(packet, wire.SSLRequest):
+                if self._ssl_asked:
+                    raise ProtocolViolation("duplicate SSLRequest")
+                self._ssl_asked = True
+                self._answer_ssl_request()
+            elif isinstance(packet, wire.GSSENCRequest):
+                if self._gss_asked:
+                    raise ProtocolViolation("duplicate GSSENCRequest")
+                self._gss_asked = True
+                self._write(wire.SSL_NOT_SUPPORTED)
+            elif isinstance(packet, wire.CancelRequest):
+                self.server.forward_cancel(packet)
+                self._close()
+                return
+
+    def _answer_ssl_request(self) -> None:
+        """Without TLS configured, PostgreSQL's answer is the single byte ``N``."""
+        self._write(wire.SSL_NOT_SUPPORTED)
+
+    def _startup_message(self, packet: wire.StartupMessage) -> None:
+        self._cancel_timer()
+        self.startup = packet
+        reader = self._reader
+        assert reader is not None
+        self._early += reader.take_rest()
+        self._reader = None
+        self.state = State.ADMITTING
+        self.server.admit(self)
+
+    def _login_timeout(self) -> None:
+        self._timer = None
+        if self.state is State.STARTUP:
+            log.debug("event=login_timeout client=%s", self)
+            self._close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -------------------------------------------------------------- admission
+
+    def queued(self, waiter: Waiter) -> None:
+        if self.state is State.ADMITTING:
+            self.state = State.QUEUED
+            self.waiter = waiter
+
+    def admitted(self, ticket: Ticket) -> None:
+        """The gate gave this client a ticket: dial the backend (or give it back at once)."""
+        self.ticket = ticket
+        self.waiter = None
+        self.admitted_at = time.time()
+        if self._client_gone or self.state is State.CLOSED:
+            self._release()
+            return
+        self.state = State.DIALING
+        self._dial = self.server.loop.create_task(self._connect_backend())
+
+    def reject(self, exc: PgGuardError) -> None:
+        """Answer a client still in startup with a FATAL ErrorResponse and close."""
+        self.fail(exc)
+
+    async def _connect_backend(self) -> None:
+        cfg = self.server.config.backend
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                transport, proto = await self.server.open_backend(lambda: _BackendAuth(self))
+        except asyncio.CancelledError:
+            self._release()
+            raise
+        except (OSError, TimeoutError, PgGuardError) as exc:
+            reason = "timeout expired" if isinstance(exc, TimeoutError) else _reason(exc)
+            self.server.dial_failed(self, reason)
+            self._release()
+            self.fail(BackendUnavailable(reason))
+            return
+        finally:
+            self._dial = None
+        assert isinstance(proto, _BackendAuth)
+        if self._client_gone or self.state is State.CLOSED:
+            transport.close()  # its connection_lost releases the ticket
+            return
+        self.backend = transport
+        self._backend_proto = proto
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.state = State.AUTH
+        assert self.startup is not None
+        transport.write(self.startup.raw)
+        if self._early:
+            self.bytes_in += len(self._early)
+            transport.write(bytes(self._early))
+            self._early.clear()
+
+    # ------------------------------------------------------------------- relay
+
+    def ready_for_query(self) -> None:
+        """First ReadyForQuery: hand both transports to raw pumps."""
+        assert self.transport is not None and self.backend is not None
+        self.state = State.ACTIVE
+        self._backend_proto = None
+        client_side = _Pump(self, self.backend, from_client=True)
+        backend_side = _Pump(self, self.transport, from_client=False)
+        client_side.other = backend_side
+        backend_side.other = client_side
+        self.transport.set_protocol(client_side)
+        self.backend.set_protocol(backend_side)
+        self.server.session_started(self)
+
+    # ------------------------------------------------------------------ close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client_lost()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def client_lost(self) -> None:
+        """The client socket is gone, whatever the state."""
+        if self._client_gone:
+            return
+        self._client_gone = True
+        self._cancel_timer()
+        state, self.state = self.state, State.CLOSED
+        if state is State.QUEUED and self.waiter is not None:
+            self.server.gate.cancel(self.waiter)
+            self.waiter = None
+        backend = self.backend
+        if backend is not None and not self._backend_gone:
+            # Tell the server we are leaving (harmless if the client already sent X), then
+            # give it close_timeout to close its socket before we close it ourselves.
+            try:
+                backend.write(wire.TERMINATE)
+            except Exception:  # a transport already closing may refuse; it is going anyway
+                pass
+            timeout = self.server.config.backend.close_timeout
+            self._timer = self.server.loop.call_later(timeout, backend.abort)
+        elif self._dial is None:
+            self._release()
+        self.server.client_closed(self)
+
+    def backend_lost(self) -> None:
+        """The backend socket is gone: give the slot back, close the client."""
+        if self._backend_gone:
+            return
+        self._backend_gone = True
+        self._cancel_timer()
+        self._release()
+        if not self._client_gone and self.transport is not None:
+            self.state = State.CLOSED
+            self.transport.close()
+
+    def _release(self) -> None:
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            self.server.release(ticket)
+
+    def fail(self, exc: PgGuardError) -> None:
+        """Answer ``exc`` if the client is still before authentication, then close."""
+        if self.state in (State.STARTUP, State.ADMITTING, State.QUEUED, State.DIALING):
+            if not (isinstance(exc, ProtocolViolation) and exc.silent):
+                self._write(
+                    wire.build_error_response(
+                        exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
+                    )
+                )
+        if self.state is State.QUEUED and self.waiter is not None:
+            self.server.gate.cancel(self.waiter)
+            self.waiter = None
+        self._close()
+        if self.backend is not None and not self._backend_gone:
+            self.backend.close()
+
+    def terminate(self, exc: PgGuardError) -> None:
+        """Close a live session with a FATAL ErrorResponse (admin kill, idle timeout, faults)."""
+        if self.transport is not None and not self._client_gone:
+            self._write(
+                wire.build_error_response(
+                    exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
+                )
+            )
+        self._close()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.bytes_out += len(data)
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _BackendAuth(asyncio.Protocol):
+    """The backend side until the first ReadyForQuery: relay unchanged, frame to watch."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.reader = wire.MessageReader()
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client.transport is not None and not client._client_gone:
+            client.bytes_out += len(data)
+            client.transport.write(data)
+        reader = self.reader
+        reader.feed(data)
+        try:
+            while True:
+                message = reader.next_message()
+                if message is wire.NEED_DATA:
+                    return
+                tag, body = message
+                if tag == b"Z":
+                    client.ready_for_query()
+                    return
+                if tag == b"K":
+                    client.backend_pid = wire.parse_backend_key_data(body)[0]
+                elif tag == b"E":
+                    fields = wire.parse_error_fields(body)
+                    client.server.backend_error(client, fields)
+        except ProtocolViolation as exc:
+            log.warning("event=backend_protocol_error client=%s error=%r", client, exc.message)
+            client.fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.backend_lost()
+
+    def pause_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None and not self.client._client_gone:
+            self.client.transport.resume_reading()
+
+
+class _Pump(asyncio.Protocol):
+    """One direction of an established session: every chunk goes straight to the peer.
+
+    ``pause_writing`` fires on the protocol whose *own* transport's write buffer is full,
+    so it pauses reading on the peer (which is what fills that buffer).
+    """
+
+    __slots__ = ("session", "peer", "other", "from_client", "paused")
+
+    def __init__(
+        self, session: ClientConnection, peer: asyncio.Transport, *, from_client: bool
+    ) -> None:
+        self.session = session
+        self.peer = peer  # the transport this side's data is written to
+        self.other: _Pump | None = None
+        self.from_client = from_client
+        self.paused = False
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+        session = self.session
+        if self.from_client:
+            session.bytes_in += len(data)
+        else:
+            session.bytes_out += len(data)
+        session.last_active = time.monotonic()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        # Our transport is full: stop reading from the peer that feeds it.
+        if not self.paused:
+            self.paused = True
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        # Also reached after the AUTH-phase protocol paused the peer (paused is False then).
+        self.paused = False
+        if not self.peer.is_closing():
+            self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.from_client:
+            self.session.client_lost()
+        else:
+            self.session.backend_lost()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, PgGuardError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
