@@ -1,0 +1,143 @@
+"""Shared fixtures: one throwaway PostgreSQL for the whole run, and a fresh pgguard per test.
+
+``pg`` is session-scoped (initdb once). ``guard`` is a factory: ``g = await guard('''[roles.app]
+max_connections = 1''')`` starts a ``Server`` on the test's event loop on a free port in front of
+``pg`` and returns a ``Guard`` handle; every guard is closed after the test, and the test fails if
+a slot or a waiter was left behind once its clients are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from pgguard import config as config_mod
+from pgguard.server import Server
+from pgguard.testing.cluster import PostgresCluster
+from pgguard.testing.wait import await_until
+
+ROLES = ("app", "app2", "other", "boss")
+DATABASES = ("limdb", "otherdb")
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresCluster]:
+    with PostgresCluster(settings={"max_connections": 400}) as cluster:
+        for role in ROLES:
+            cluster.create_role(role, superuser=(role == "boss"))
+        cluster.create_role("scram_user", password="s3cret pass")
+        for db in DATABASES:
+            cluster.create_database(db)
+        cluster.execute("GRANT ALL ON SCHEMA public TO PUBLIC")
+        for db in DATABASES:
+            cluster.psql("GRANT ALL ON SCHEMA public TO PUBLIC", database=db)
+        yield cluster
+
+
+@dataclass
+class Guard:
+    """A pgguard running in the test's event loop in front of the ``pg`` cluster."""
+
+    server: Server
+    pg: PostgresCluster
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def dsn(self, user: str = "app", database: str = "postgres", password: str | None = None) -> str:
+        auth = user if password is None else f"{user}:{password}"
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
+
+    def conninfo(self, user: str = "app", database: str = "postgres", **extra: str) -> str:
+        parts = {"host": "127.0.0.1", "port": str(self.port), "user": user, "dbname": database, **extra}
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+    async def wait_idle(self, timeout: float = 15.0) -> None:
+        """Wait until no slot is held and nobody waits (every session fully gone)."""
+        gate = self.server.gate
+        await await_until(
+            lambda: gate.total_active == 0 and gate.total_waiting == 0,
+            timeout=timeout,
+            what="pgguard to hold no slots and no waiters",
+        )
+
+
+def make_config(pg: PostgresCluster, toml: str = "") -> config_mod.Config:
+    base = f"""
+[server]
+listen = "127.0.0.1:0"
+client_login_timeout = 5.0
+[backend]
+host = "127.0.0.1"
+port = {pg.port}
+close_timeout = 5.0
+"""
+    return config_mod.loads(_merge(base, toml), "<test>")
+
+
+def _merge(base: str, extra: str) -> str:
+    """Let a test's TOML add keys to the [server]/[backend] tables the base already opened."""
+    import tomllib
+
+    data = tomllib.loads(base)
+    more = tomllib.loads(extra)
+    for section, body in more.items():
+        if isinstance(body, dict) and isinstance(data.get(section), dict):
+            data[section].update(body)
+        else:
+            data[section] = body
+    return _dump(data)
+
+
+def _dump(data: dict[str, object], prefix: str = "") -> str:
+    import json
+
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, object]]] = []
+    for key, value in data.items():
+        qkey = json.dumps(key) if not key.replace("_", "").isalnum() else key
+        if isinstance(value, dict):
+            tables.append((f"{prefix}{qkey}", value))
+        else:
+            lines.append(f"{qkey} = {json.dumps(value)}")
+    out = "\n".join(lines) + "\n"
+    for name, body in tables:
+        if all(isinstance(v, dict) for v in body.values()) and body:
+            out += _dump(body, f"{name}.")
+        else:
+            out += f"[{name}]\n" + _dump(body, f"{name}.")
+    return out
+
+
+GuardFactory = Callable[..., Awaitable[Guard]]
+
+
+@pytest.fixture
+async def guard(pg: PostgresCluster) -> AsyncIterator[GuardFactory]:
+    started: list[Guard] = []
+
+    async def start(toml: str = "") -> Guard:
+        server = Server(make_config(pg, toml), loop=asyncio.get_running_loop())
+        await server.start()
+        g = Guard(server, pg)
+        started.append(g)
+        return g
+
+    yield start
+    for g in started:
+        await g.server.close()
+
+
+@pytest.fixture(autouse=True)
+def _reset_server_sessions(pg: PostgresCluster) -> Iterator[None]:
+    """Leave no test sessions behind on the server for the next test."""
+    yield
+    pg.terminate(users=list(ROLES) + ["scram_user"])
