@@ -10,12 +10,11 @@ drain (a second one stops at once).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -69,18 +68,18 @@ class Stats:
     cancels_forwarded: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    waits: list[float] = field(default_factory=list)  # seconds, sorted window
+    # The newest admission waits, in seconds; O(1) to record, sorted only when asked.
+    waits: deque[float] = field(default_factory=lambda: deque(maxlen=WAIT_SAMPLES))
 
     def record_wait(self, seconds: float) -> None:
-        if len(self.waits) >= WAIT_SAMPLES:
-            self.waits.pop(0)
-        bisect.insort(self.waits, seconds)
+        self.waits.append(seconds)
 
     def wait_percentile(self, p: float) -> float:
+        """The p-th percentile (0-100) of the recorded waits; 0.0 when none."""
         if not self.waits:
             return 0.0
-        index = min(len(self.waits) - 1, int(p / 100 * len(self.waits)))
-        return self.waits[index]
+        ordered = sorted(self.waits)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 class Server:
