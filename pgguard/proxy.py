@@ -228,6 +228,11 @@ class ClientConnection(asyncio.Protocol):
             self._release()
             self.fail(BackendUnavailable(reason))
             return
+        except Exception:  # the per-connection boundary: log, answer, release
+            log.exception("event=internal_error client=%s", self)
+            self._release()
+            self.fail(PgGuardError("pgguard internal error"))
+            return
         finally:
             self._dial = None
         assert isinstance(proto, _BackendAuth)
