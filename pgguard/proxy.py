@@ -31,7 +31,7 @@ import enum
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from . import wire
 from .errors import BackendUnavailable, PgGuardError, ProtocolViolation
@@ -110,8 +110,8 @@ class ClientConnection(asyncio.Protocol):
     # ----------------------------------------------------------------- startup
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport is not a subclass of asyncio.Transport: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
         addr = transport.get_extra_info("peername")
         if isinstance(addr, tuple):
             self.peer = f"{addr[0]}:{addr[1]}"
