@@ -13,6 +13,10 @@ __all__ = [
     "TooManyConnections",
     "BackendUnavailable",
     "ShuttingDown",
+    "AuthenticationFailed",
+    "AdminShutdown",
+    "IdleSessionTimeout",
+    "AdminCommandError",
 ]
 
 
@@ -96,3 +100,40 @@ class ShuttingDown(PgGuardError):
 
     def __init__(self) -> None:
         super().__init__("the database system is shutting down")
+
+
+class AuthenticationFailed(PgGuardError):
+    """The admin console refused a login (wrong password, or a user not in ``[admin] users``)."""
+
+    sqlstate = "28P01"
+
+    def __init__(self, user: str) -> None:
+        super().__init__(f'password authentication failed for user "{user}"')
+
+
+class AdminShutdown(PgGuardError):
+    """A session closed by an operator (``KILL CLIENT``) or at the end of a drain."""
+
+    sqlstate = "57P01"
+
+    def __init__(self) -> None:
+        super().__init__("terminating connection due to administrator command")
+
+
+class IdleSessionTimeout(PgGuardError):
+    """A session idle longer than its ``idle_timeout``, as PostgreSQL's idle_session_timeout."""
+
+    sqlstate = "57P05"
+
+    def __init__(self) -> None:
+        super().__init__("terminating connection due to idle-session timeout")
+
+
+class AdminCommandError(PgGuardError):
+    """An admin console command failed; the session stays usable (severity ERROR)."""
+
+    severity = "ERROR"
+
+    def __init__(self, sqlstate: str, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.sqlstate = sqlstate
