@@ -31,6 +31,7 @@ __all__ = [
     "MetricsConfig",
     "ErrorsConfig",
     "TLSConfig",
+    "FaultsConfig",
     "load",
     "loads",
     "parse_address",
@@ -151,6 +152,26 @@ class TLSConfig:
     client_mode: Literal["disable", "allow", "require"] = "allow"
 
 
+def _fault_rules(value: tuple[str, ...]) -> str | None:
+    # faults.py's rule parser is pure (no asyncio), so the core may use it to validate.
+    from .faults import FaultSpecError, parse_rule
+
+    for text in value:
+        try:
+            parse_rule(text)
+        except FaultSpecError as exc:
+            return str(exc)
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultsConfig:
+    """App-testing fault rules (see faults.py): the INJECT language, one rule per string."""
+
+    seed: int = 0
+    rules: tuple[str, ...] = field(default=(), metadata=_check(_fault_rules))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     path: str = DEFAULT_PATH
@@ -163,6 +184,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     errors: ErrorsConfig = field(default_factory=ErrorsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def rules(self) -> Rules:
         """The admission rules for ``limits.Gate``."""
@@ -204,6 +226,7 @@ _SECTIONS: Final[dict[str, type]] = {
     "metrics": MetricsConfig,
     "errors": ErrorsConfig,
     "tls": TLSConfig,
+    "faults": FaultsConfig,
 }
 _NAMED: Final[dict[str, type]] = {"roles": RoleConfig, "databases": DatabaseConfig}
 

@@ -23,6 +23,7 @@ from . import config as config_mod
 from . import wire
 from .config import Config
 from .errors import ConfigError, PgGuardError, ShuttingDown
+from .faults import Faults
 from .limits import Gate, Kind, Rejection, Ticket, Waiter
 from .proxy import ClientConnection, State
 
@@ -90,6 +91,7 @@ class Server:
         self.loop = loop or asyncio.get_running_loop()
         self.gate = Gate(config.rules())
         self.stats = Stats()
+        self.faults = Faults(self, config.faults)
         self.clients: dict[int, ClientConnection] = {}
         self.addresses: list[tuple[str, int]] = []
         self.draining = False
@@ -136,10 +138,11 @@ class Server:
                 return False
         changed = [
             name
-            for name in ("server", "backend", "limits", "roles", "databases")
+            for name in ("server", "backend", "limits", "roles", "databases", "faults")
             if getattr(new, name) != getattr(self.config, name)
         ]
         self.config = new
+        self.faults.configure(new.faults)
         self._admit_waiters(self.gate.reconfigure(new.rules()))
         log_event(logging.INFO, "reload", file=new.path, changed=",".join(changed) or "nothing")
         return True
@@ -220,7 +223,13 @@ class Server:
     # -------------------------------------------------------------- admission
 
     def admit(self, client: ClientConnection) -> None:
-        """Route a client that sent its StartupMessage: admit, queue or reject it."""
+        """Route a client that sent its StartupMessage: a fault rule, else admit, queue or reject it."""
+        if self.faults.active and not self.draining and self.faults.intercept(client):
+            return  # rejected, dropped or delayed by a fault rule (a delayed one comes back below)
+        self.admit_now(client)
+
+    def admit_now(self, client: ClientConnection) -> None:
+        """Admit, queue or reject ``client`` through the gate."""
         if self.draining:
             client.reject(ShuttingDown())
             return

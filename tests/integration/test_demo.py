@@ -32,12 +32,23 @@ def test_demo_queues_a_storm_under_the_limit_and_exits_0() -> None:
     assert re.search(r"admission wait p50 [\d.]+s  p99 [\d.]+s  max [\d.]+s  \(40 admitted\)", out)
     assert "OK: the server never saw more than 4 sessions" in out
     # No terminal: plain progress lines, none wrapped.
-    assert re.search(r"active +\d+/4 +queued +\d+ +served +\d+ +rejected +\d+ .* done \d+/40\n", out)
+    assert re.search(
+        r"active +\d+/4 +queued +\d+ +served +\d+ +rejected +\d+ .* done \d+/40\n", out
+    )
 
 
 def test_demo_reject_policy_shows_53300() -> None:
     done = _demo(
-        "--clients", "30", "--limit", "2", "--policy", "reject", "--query-time", "0.5", "--ramp", "0"
+        "--clients",
+        "30",
+        "--limit",
+        "2",
+        "--policy",
+        "reject",
+        "--query-time",
+        "0.5",
+        "--ramp",
+        "0",
     )
     out = done.stdout
     assert done.returncode == 0, out + done.stderr

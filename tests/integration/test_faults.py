@@ -1,0 +1,212 @@
+"""Fault rules observed through real clients: reject next N / a fraction, delay, drop, terminate."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgguard import config as config_mod
+from pgguard.errors import ConfigError
+from pgguard.faults import parse_rule
+from pgguard.testing.wait import await_until
+
+
+async def _connect(g, user: str = "app", database: str = "postgres") -> asyncpg.Connection:
+    return await asyncpg.connect(g.dsn(user, database), timeout=30)
+
+
+async def _psycopg(g, user: str = "app", database: str = "postgres", **extra: str):
+    return await psycopg.AsyncConnection.connect(
+        g.conninfo(
+            user, database, sslmode="disable", gssencmode="disable", connect_timeout="30", **extra
+        )
+    )
+
+
+async def test_reject_next_n_answers_53300_for_that_role_only(guard) -> None:
+    g = await guard()
+    faults = g.server.faults
+    assert not faults.active  # no rules: Server.admit pays one attribute test
+    rule = faults.add(parse_rule("REJECT NEXT 2 ROLE app"))
+    assert faults.active
+    other = await _connect(g, user="other")  # another role passes untouched
+    for _ in range(2):
+        with pytest.raises(
+            asyncpg.TooManyConnectionsError, match='too many connections for role "app"'
+        ):
+            await _connect(g)
+    conn = await _connect(g)  # the third is the real thing
+    assert await conn.fetchval("SELECT current_user") == "app"
+    assert (rule.fired, rule.state, faults.active) == (2, "spent", False)
+    assert faults.totals["reject"] == 2
+    assert g.server.stats.rejections["fault"] == 2
+    assert faults.rows()[0][:7] == (rule.id, "reject", "app", "", "0", 2, "spent")
+    await conn.close()
+    await other.close()
+
+
+async def test_reject_with_any_sqlstate_and_message_for_a_database(guard) -> None:
+    g = await guard()
+    g.server.faults.add(parse_rule("REJECT NEXT 1 DATABASE limdb SQLSTATE 57P03"))
+    g.server.faults.add(
+        parse_rule(
+            "REJECT NEXT 1 DATABASE limdb SQLSTATE 3D000 MESSAGE 'no {database} for {role} today'"
+        )
+    )
+    with pytest.raises(psycopg.OperationalError, match="the database system is shutting down"):
+        await _psycopg(g, database="limdb")
+    with pytest.raises(asyncpg.InvalidCatalogNameError, match="no limdb for app today") as info:
+        await _connect(g, database="limdb")
+    assert info.value.sqlstate == "3D000"
+    conn = await _psycopg(g, database="limdb")
+    await conn.close()
+
+
+async def test_reject_fraction_is_seeded_and_reproducible(guard) -> None:
+    text = "REJECT FRACTION 0.5 ROLE app"
+    g = await guard(f"[faults]\nseed = 42\nrules = [{text!r}]".replace("'", '"'))
+    rng = random.Random(f"42/{text}")
+    expected = [rng.random() < 0.5 for _ in range(16)]
+    seen = []
+    for _ in range(16):
+        try:
+            conn = await _connect(g)
+        except asyncpg.TooManyConnectionsError:
+            seen.append(True)
+        else:
+            seen.append(False)
+            await conn.close()
+    assert seen == expected
+    assert 0 < sum(seen) < 16
+    (rule,) = g.server.faults.rules
+    assert (rule.source, rule.fired) == ("config", sum(expected))
+
+
+async def test_delay_holds_the_client_without_a_slot_then_admits_it(guard) -> None:
+    g = await guard()
+    faults = g.server.faults
+    rule = faults.add(parse_rule("DELAY 0.4 NEXT 1 ROLE app"))
+    t0 = time.monotonic()
+    task = asyncio.create_task(_connect(g))
+    await await_until(lambda: rule.fired == 1, what="the delay rule to fire")
+    assert g.server.gate.total_active == 0 and g.server.gate.total_waiting == 0
+    conn = await task
+    assert time.monotonic() - t0 >= 0.4
+    assert rule.state == "spent"
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+
+
+async def test_random_delay_stays_within_its_bounds(guard) -> None:
+    g = await guard()
+    g.server.faults.add(parse_rule("DELAY 0.1..0.3 NEXT 2 SEED 5"))
+    for _ in range(2):
+        t0 = time.monotonic()
+        conn = await _connect(g)
+        assert time.monotonic() - t0 >= 0.1
+        await conn.close()
+
+
+async def test_delayed_client_that_leaves_holds_nothing(guard) -> None:
+    g = await guard()
+    rule = g.server.faults.add(parse_rule("DELAY 0.3 NEXT 1"))
+    task = asyncio.create_task(_connect(g))
+    await await_until(lambda: rule.fired == 1, what="the delay rule to fire")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await await_until(lambda: not g.server.clients, what="the cancelled client to be gone")
+    await asyncio.sleep(0.4)  # past the delay: its timer must find the client gone
+    assert g.server.gate.total_active == 0 and g.server.stats.admissions == 0
+
+
+async def test_drop_closes_the_connection_mid_startup(guard) -> None:
+    g = await guard()
+    rule = g.server.faults.add(parse_rule("DROP NEXT 1 ROLE app"))
+    with pytest.raises(psycopg.OperationalError, match="closed the connection unexpectedly"):
+        await _psycopg(g)
+    assert rule.fired == 1
+    conn = await _psycopg(g)
+    await conn.close()
+    assert g.server.gate.total_active <= 1 and not g.server.stats.rejections
+
+
+async def test_terminate_sends_57p01_to_the_role_and_frees_its_slots(guard, pg) -> None:
+    g = await guard("[roles.app]\nmax_connections = 2")
+    a = await _connect(g)
+    p = await _psycopg(g)
+    other = await _connect(g, user="other")
+    rule = g.server.faults.add(parse_rule("TERMINATE ROLE app"))
+    assert (rule.fired, rule.state) == (2, "done")
+    with pytest.raises((asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError)):
+        await a.fetchval("SELECT 1")
+    with pytest.raises(
+        psycopg.OperationalError, match="terminating connection due to administrator command"
+    ):
+        await p.execute("SELECT 1")
+    assert await other.fetchval("SELECT current_user") == "other"
+    await await_until(
+        lambda: g.server.gate.role_active.get("app", 0) == 0, what="app's slots to be released"
+    )
+    assert pg.connection_count(users=["app"]) == 0
+    await other.close()
+    await p.close()
+
+
+async def test_terminate_after_a_delay(guard) -> None:
+    g = await guard()
+    conn = await _psycopg(g)
+    rule = g.server.faults.add(parse_rule("TERMINATE ROLE app AFTER 0.3 MESSAGE 'bye {role}'"))
+    assert rule.state == "pending"
+    await conn.execute("SELECT 1")  # still alive before the delay
+    await await_until(lambda: rule.state == "done", what="the terminate rule to fire")
+    assert rule.fired == 1
+    with pytest.raises(psycopg.OperationalError, match="bye app"):
+        await conn.execute("SELECT 1")
+    await conn.close()
+
+
+async def test_clear_cancels_a_pending_terminate(guard) -> None:
+    g = await guard()
+    conn = await _connect(g)
+    faults = g.server.faults
+    faults.add(parse_rule("TERMINATE AFTER 0.2"))
+    faults.add(parse_rule("REJECT"))
+    assert faults.active and faults.clear() == 2 and not faults.active
+    await asyncio.sleep(0.3)  # past the AFTER: nothing may fire
+    assert await conn.fetchval("SELECT 1") == 1
+    assert faults.totals == {}
+    await conn.close()
+
+
+async def test_reload_replaces_config_rules_and_keeps_runtime_ones(guard, pg) -> None:
+    g = await guard('[faults]\nrules = ["REJECT ROLE app2"]')
+    faults = g.server.faults
+    runtime = faults.add(parse_rule("DELAY 0.01 ROLE app"))
+    new = config_mod.loads(_config_text(pg, 'rules = ["DROP ROLE app2"]'), "<reload>")
+    assert g.server.reload(new)
+    assert [(r.kind, r.source) for r in faults.rules] == [("delay", "runtime"), ("drop", "config")]
+    assert runtime in faults.rules
+
+
+def _config_text(pg, faults_body: str) -> str:
+    return f"""
+[server]
+listen = "127.0.0.1:0"
+[backend]
+port = {pg.port}
+[faults]
+{faults_body}
+"""
+
+
+def test_bad_fault_rule_in_config_names_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_mod.loads('[faults]\nrules = ["REJECT NEXT zero"]', "pgguard.toml")
+    assert info.value.key == "faults.rules"
+    assert "NEXT needs a number" in info.value.problem
