@@ -1,0 +1,586 @@
+"""limits.py: admission decisions, queues and their invariants, with time passed in and no loop."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pgguard.errors import TooManyConnections
+from pgguard.limits import (
+    UNLIMITED,
+    Gate,
+    Kind,
+    Limit,
+    Policy,
+    RoleRule,
+    Rules,
+    Ticket,
+    Waiter,
+)
+
+
+def _admit(gate: Gate, role: str = "app", database: str = "db", now: float = 0.0) -> Ticket:
+    decision = gate.arrive(role, database, now)
+    assert decision.kind is Kind.ADMIT and decision.ticket is not None
+    return decision.ticket
+
+
+def _queue(gate: Gate, role: str = "app", database: str = "db", now: float = 0.0) -> Waiter:
+    decision = gate.arrive(role, database, now)
+    assert decision.kind is Kind.QUEUE and decision.waiter is not None
+    return decision.waiter
+
+
+# -------------------------------------------------------------------------- examples
+
+
+def test_third_client_queues_when_role_limit_is_two() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=2)}))
+    assert [gate.arrive("app", "db", now=0.0).kind for _ in range(3)] == [
+        Kind.ADMIT,
+        Kind.ADMIT,
+        Kind.QUEUE,
+    ]
+    assert (gate.total_active, gate.role_active, gate.total_waiting) == (2, {"app": 2}, 1)
+
+
+def test_reject_policy_names_the_role_like_postgres() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=1, policy=Policy.REJECT)}))
+    _admit(gate)
+    decision = gate.arrive("app", "db", 0.0)
+    assert decision.kind is Kind.REJECT and decision.rejection is not None
+    rejection = decision.rejection
+    assert (rejection.limit, rejection.name, rejection.value, rejection.cause) == (
+        Limit.ROLE,
+        "app",
+        1,
+        "limit",
+    )
+    error = rejection.error()
+    assert isinstance(error, TooManyConnections)
+    assert (error.sqlstate, error.message, error.detail) == (
+        "53300",
+        'too many connections for role "app"',
+        None,
+    )
+    assert rejection.error(with_detail=True).detail == (
+        "pgguard: role_max_connections=1; policy is reject"
+    )
+
+
+def test_database_and_total_messages() -> None:
+    gate = Gate(Rules(policy=Policy.REJECT, databases={"limdb": 1}, max_connections=2))
+    _admit(gate, "a", "limdb")
+    db = gate.arrive("b", "limdb", 0.0).rejection
+    assert db is not None and db.message == 'too many connections for database "limdb"'
+    _admit(gate, "c", "otherdb")
+    total = gate.arrive("d", "thirddb", 0.0).rejection
+    assert total is not None and total.message == "sorry, too many clients already"
+    assert total.limit is Limit.TOTAL
+
+
+def test_total_limit_is_checked_before_role_and_database() -> None:
+    """PostgreSQL's order: max_connections, then rolconnlimit, then datconnlimit."""
+    gate = Gate(Rules(policy=Policy.REJECT, max_connections=1, role_max_connections=1,
+                      database_max_connections=1))  # fmt: skip
+    _admit(gate)
+    rejection = gate.arrive("app", "db", 0.0).rejection
+    assert rejection is not None and rejection.limit is Limit.TOTAL
+
+
+def test_unlimited_and_zero() -> None:
+    gate = Gate(Rules(role_max_connections=UNLIMITED, roles={"nobody": RoleRule(max_connections=0)}))
+    for _ in range(50):
+        _admit(gate, "anyone")
+    _queue(gate, "nobody")
+
+
+def test_release_admits_the_oldest_waiter_in_order() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=1)}))
+    held = _admit(gate)
+    waiters = [_queue(gate, now=float(i)) for i in range(3)]
+    admitted = gate.release(held)
+    assert admitted == [waiters[0]]
+    assert waiters[0].state is Kind.ADMIT and waiters[0].ticket is not None
+    assert [w.waiting for w in waiters] == [False, True, True]
+    assert gate.release(waiters[0].ticket) == [waiters[1]]
+
+
+def test_new_arrival_does_not_jump_the_queue() -> None:
+    """With waiters of the same (role, database), a newcomer queues even if a slot is free."""
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=1)}))
+    gate.pause()
+    waiter = _queue(gate)
+    gate.paused = False  # unpause without draining: the slot is free but someone waits
+    assert gate.arrive("app", "db", 1.0).kind is Kind.QUEUE
+    assert gate.resume() == [waiter]
+
+
+def test_release_twice_is_a_no_op() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=1)}))
+    ticket = _admit(gate)
+    waiter = _queue(gate)
+    assert gate.release(ticket) == [waiter]
+    assert gate.release(ticket) == []
+    assert (gate.total_active, gate.role_active) == (1, {"app": 1})
+    assert waiter.ticket is not None
+    gate.release(waiter.ticket)
+    gate.release(waiter.ticket)
+    assert (gate.total_active, gate.role_active, gate.database_active) == (0, {}, {})
+
+
+def test_cancelled_waiter_holds_nothing_and_is_skipped() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=1)}))
+    held = _admit(gate)
+    first, second = _queue(gate), _queue(gate)
+    gate.cancel(first)
+    gate.cancel(first)  # again: no-op
+    assert first.ticket is None and not first.waiting
+    assert (gate.total_waiting, gate.role_waiting) == (1, {"app": 1})
+    assert gate.release(held) == [second]
+    assert first.ticket is None
+
+
+def test_cancel_after_admission_is_a_no_op() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=1)}))
+    held = _admit(gate)
+    waiter = _queue(gate)
+    gate.release(held)
+    gate.cancel(waiter)
+    assert waiter.state is Kind.ADMIT and gate.total_active == 1
+
+
+def test_queue_timeout_expires_with_the_limit_message() -> None:
+    gate = Gate(Rules(queue_timeout=5.0, roles={"app": RoleRule(max_connections=1)}))
+    _admit(gate)
+    early = _queue(gate, now=1.0)
+    late = _queue(gate, now=3.0)
+    assert gate.next_deadline() == 6.0
+    assert gate.expire(5.9) == []
+    [(expired, rejection)] = gate.expire(6.0)
+    assert expired is early and early.ticket is None and not early.waiting
+    assert (rejection.cause, rejection.waited, rejection.message) == (
+        "queue_timeout",
+        5.0,
+        'too many connections for role "app"',
+    )
+    assert "waited 5.0s in queue (queue_timeout)" in rejection.detail
+    assert gate.next_deadline() == 8.0
+    gate.cancel(late)
+    assert gate.next_deadline() is None
+    assert gate.total_waiting == 0
+
+
+def test_per_role_queue_timeout_overrides_default() -> None:
+    gate = Gate(Rules(queue_timeout=30.0, roles={"app": RoleRule(max_connections=0, queue_timeout=2.0)}))
+    assert _queue(gate, now=10.0).deadline == 12.0
+
+
+def test_max_queue_rejects_at_once() -> None:
+    gate = Gate(Rules(max_queue=2, roles={"app": RoleRule(max_connections=0)}))
+    _queue(gate, database="a")
+    _queue(gate, database="b")  # max_queue counts waiters per role, over every database
+    decision = gate.arrive("app", "c", 0.0)
+    assert decision.kind is Kind.REJECT and decision.rejection is not None
+    assert decision.rejection.cause == "max_queue"
+    assert decision.rejection.message == 'too many connections for role "app"'
+
+
+def test_exempt_role_is_counted_but_never_limited() -> None:
+    gate = Gate(Rules(max_connections=1, exempt_roles=frozenset({"boss"}), policy=Policy.REJECT))
+    tickets = [_admit(gate, "boss") for _ in range(3)]
+    assert gate.total_active == 3 and gate.role_active == {"boss": 3}
+    assert gate.arrive("app", "db", 0.0).kind is Kind.REJECT  # the total counts exempt sessions
+    gate.pause()
+    _admit(gate, "boss")  # not even PAUSE holds an exempt role
+    for t in tickets:
+        gate.release(t)
+
+
+def test_a_waiter_needs_every_limit_free() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=2)}, databases={"limdb": 1}))
+    other_db = _admit(gate, "other", "limdb")
+    _admit(gate, "app", "otherdb")
+    waiter = _queue(gate, "app", "limdb")
+    assert gate.release(other_db) == [waiter]  # role had room; now the database has too
+
+
+def test_release_wakes_oldest_admissible_waiter_across_queues() -> None:
+    gate = Gate(Rules(max_connections=1))
+    held = _admit(gate, "a")
+    w1 = _queue(gate, "b", now=1.0)
+    w2 = _queue(gate, "c", now=2.0)
+    assert gate.release(held) == [w1]
+    assert w1.ticket is not None
+    assert gate.release(w1.ticket) == [w2]
+
+
+def test_lowering_a_limit_kills_nobody_and_raising_admits_at_once() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=3)}))
+    tickets = [_admit(gate) for _ in range(3)]
+    assert gate.set_role_limit("app", 1) == []
+    assert gate.role_active == {"app": 3}
+    waiter = _queue(gate)
+    assert gate.release(tickets[0]) == [] and gate.release(tickets[1]) == []
+    assert gate.set_role_limit("app", 5) == [waiter]
+    assert gate.role_limit("app") == (5, "runtime")
+
+
+def test_runtime_policy_and_limits_sources() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=1)}, databases={"limdb": 2}))
+    assert gate.role_limit("app") == (1, "config")
+    assert gate.role_limit("x") == (UNLIMITED, "default")
+    assert gate.database_limit("limdb") == (2, "config")
+    gate.set_catalog_limits({"x": 4}, {"y": 6})
+    assert gate.role_limit("x") == (4, "catalog")
+    assert gate.database_limit("y") == (6, "catalog")
+    gate.set_database_limit("limdb", 9)
+    gate.set_total_limit(10)
+    assert gate.database_limit("limdb") == (9, "runtime")
+    assert gate.total_limit() == (10, "runtime")
+    _admit(gate)
+    assert gate.arrive("app", "db", 0.0).kind is Kind.QUEUE
+    gate.set_role_policy("app", Policy.REJECT)
+    assert gate.role_policy("app") is Policy.REJECT
+    assert gate.arrive("app", "db2", 0.0).kind is Kind.REJECT
+    gate.reconfigure(Rules(roles={"app": RoleRule(max_connections=1)}))
+    assert gate.role_policy("app") is Policy.QUEUE and gate.total_limit() == (UNLIMITED, "config")
+
+
+def test_pause_queues_even_reject_roles_and_resume_admits() -> None:
+    gate = Gate(Rules(policy=Policy.REJECT))
+    gate.pause()
+    waiter = _queue(gate)
+    assert gate.set_role_limit("app", 5) == []  # a limit change admits nobody while paused
+    assert gate.resume() == [waiter]
+    assert gate.arrive("app", "db", 0.0).kind is Kind.ADMIT
+
+
+def test_clear_queues_returns_every_waiter() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=0)}))
+    waiters = [_queue(gate, database=d) for d in ("a", "b", "a")]
+    assert sorted(gate.clear_queues(), key=lambda w: w.seq) == waiters
+    assert gate.total_waiting == 0 and gate.role_waiting == {} and gate.next_deadline() is None
+
+
+def test_limit_rows_report_use_and_sources() -> None:
+    gate = Gate(Rules(max_connections=10, roles={"app": RoleRule(max_connections=1)},
+                      databases={"limdb": 3}, exempt_roles=frozenset({"boss"})))  # fmt: skip
+    _admit(gate, "app", "limdb")
+    _queue(gate, "app", "limdb")
+    _admit(gate, "boss", "postgres")
+    rows = {(r.kind, r.name): r for r in gate.limit_rows()}
+    assert (rows[("total", "")].active, rows[("total", "")].waiting, rows[("total", "")].limit) == (2, 1, 10)
+    app = rows[("role", "app")]
+    assert (app.limit, app.active, app.waiting, app.policy, app.source) == (1, 1, 1, "queue", "config")
+    assert rows[("role", "boss")].policy == "exempt"
+    assert rows[("database", "limdb")].active == 1
+
+
+# ------------------------------------------------------------------ stateful model
+
+ROLES = ("r0", "r1", "r2", "ex")
+DATABASES = ("d0", "d1")
+_limits = st.integers(-1, 3)
+_opt = st.one_of(st.none(), _limits)
+
+
+class GateMachine(RuleBasedStateMachine):
+    """Random arrivals, releases, cancels, expiries and limit changes against a model.
+
+    Counts are computed from the tickets this machine holds, never read back from the gate
+    alone; the effective limits are computed here from the rules and the overrides applied.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+        self.rules = Rules()
+        self.now = 0.0
+        self.held: list[Ticket] = []
+        self.released: list[Ticket] = []
+        self.waiting: list[Waiter] = []  # arrival order
+        self.gone: list[Waiter] = []  # cancelled or expired
+        self.runtime_roles: dict[str, int] = {}
+        self.runtime_dbs: dict[str, int] = {}
+        self.runtime_total: int | None = None
+        self.runtime_policy: dict[str, Policy] = {}
+
+    # ---------------------------------------------------------------- model side
+
+    @initialize(
+        total=st.integers(-1, 5),
+        role_default=_limits,
+        db_default=st.integers(-1, 4),
+        policy=st.sampled_from(Policy),
+        max_queue=st.integers(0, 4),
+        roles=st.fixed_dictionaries(
+            {
+                r: st.one_of(
+                    st.none(),
+                    st.builds(
+                        RoleRule,
+                        max_connections=_opt,
+                        policy=st.one_of(st.none(), st.sampled_from(Policy)),
+                        queue_timeout=st.one_of(st.none(), st.floats(0.5, 5.0)),
+                        max_queue=st.one_of(st.none(), st.integers(0, 4)),
+                    ),
+                )
+                for r in ROLES
+            }
+        ),
+        dbs=st.fixed_dictionaries({d: _opt for d in DATABASES}),
+        exempt=st.sets(st.sampled_from(ROLES[2:])),
+    )
+    def setup(
+        self,
+        total: int,
+        role_default: int,
+        db_default: int,
+        policy: Policy,
+        max_queue: int,
+        roles: dict[str, RoleRule | None],
+        dbs: dict[str, int | None],
+        exempt: set[str],
+    ) -> None:
+        self.rules = Rules(
+            max_connections=total,
+            role_max_connections=role_default,
+            database_max_connections=db_default,
+            policy=policy,
+            queue_timeout=3.0,
+            max_queue=max_queue,
+            exempt_roles=frozenset(exempt),
+            roles={r: rule for r, rule in roles.items() if rule is not None},
+            databases={d: v for d, v in dbs.items() if v is not None},
+        )
+        self.gate = Gate(self.rules)
+
+    def role_limit(self, role: str) -> int:
+        if role in self.runtime_roles:
+            return self.runtime_roles[role]
+        rule = self.rules.roles.get(role)
+        if rule is not None and rule.max_connections is not None:
+            return rule.max_connections
+        return self.rules.role_max_connections
+
+    def db_limit(self, db: str) -> int:
+        if db in self.runtime_dbs:
+            return self.runtime_dbs[db]
+        return self.rules.databases.get(db, self.rules.database_max_connections)
+
+    def total_limit(self) -> int:
+        return self.rules.max_connections if self.runtime_total is None else self.runtime_total
+
+    def policy(self, role: str) -> Policy:
+        rule = self.rules.roles.get(role)
+        return self.runtime_policy.get(role) or (rule and rule.policy) or self.rules.policy
+
+    def max_queue(self, role: str) -> int:
+        rule = self.rules.roles.get(role)
+        return rule.max_queue if rule and rule.max_queue is not None else self.rules.max_queue
+
+    def counts(self) -> tuple[int, Counter[str], Counter[str]]:
+        return (
+            len(self.held),
+            Counter(t.role for t in self.held),
+            Counter(t.database for t in self.held),
+        )
+
+    def fits(self, role: str, db: str) -> bool:
+        total, roles, dbs = self.counts()
+        return all(
+            limit == UNLIMITED or used < limit
+            for limit, used in (
+                (self.total_limit(), total),
+                (self.role_limit(role), roles[role]),
+                (self.db_limit(db), dbs[db]),
+            )
+        )
+
+    def took(self, admitted: list[Waiter]) -> None:
+        """The gate admitted ``admitted`` (in order): check FIFO and limits, then hold them."""
+        assert not self.gate.paused or not admitted
+        for waiter in admitted:
+            assert waiter in self.waiting, "admitted a client that was not waiting"
+            key = (waiter.role, waiter.database)
+            older = [w for w in self.waiting if (w.role, w.database) == key]
+            assert older[0] is waiter, f"FIFO broken: {waiter} admitted before {older[0]}"
+            assert waiter.state is Kind.ADMIT and not waiter.waiting
+            assert waiter.ticket is not None and not waiter.ticket.released
+            assert (waiter.ticket.role, waiter.ticket.database) == key
+            self.waiting.remove(waiter)
+            self.held.append(waiter.ticket)
+        self.check_limits({(w.role, w.database) for w in admitted})
+
+    def check_limits(self, keys: set[tuple[str, str]]) -> None:
+        """After non-exempt admissions for ``keys``, every limit they touch is within bounds."""
+        total, roles, dbs = self.counts()
+        for role, db in keys:
+            for limit, used, what in (
+                (self.total_limit(), total, "max_connections"),
+                (self.role_limit(role), roles[role], f"role {role}"),
+                (self.db_limit(db), dbs[db], f"database {db}"),
+            ):
+                assert limit == UNLIMITED or used <= limit, f"{what}: {used} > {limit}"
+
+    # ---------------------------------------------------------------------- rules
+
+    @rule(role=st.sampled_from(ROLES), db=st.sampled_from(DATABASES))
+    def arrive(self, role: str, db: str) -> None:
+        exempt = role in self.rules.exempt_roles
+        queued_ahead = any((w.role, w.database) == (role, db) for w in self.waiting)
+        fits = self.fits(role, db)
+        waiting_for_role = sum(w.role == role for w in self.waiting)
+        decision = self.gate.arrive(role, db, self.now)
+
+        if exempt or (not self.gate.paused and not queued_ahead and fits):
+            expected = Kind.ADMIT
+        elif self.policy(role) is Policy.REJECT and not self.gate.paused:
+            expected = Kind.REJECT
+        elif waiting_for_role >= self.max_queue(role):
+            expected = Kind.REJECT
+        else:
+            expected = Kind.QUEUE
+        assert decision.kind is expected, (decision, expected)
+
+        if decision.kind is Kind.ADMIT:
+            assert decision.ticket is not None and decision.ticket.exempt == exempt
+            self.held.append(decision.ticket)
+            if not exempt:
+                self.check_limits({(role, db)})
+        elif decision.kind is Kind.QUEUE:
+            assert decision.waiter is not None and decision.waiter.waiting
+            self.waiting.append(decision.waiter)
+        else:
+            rejection = decision.rejection
+            assert rejection is not None
+            assert rejection.cause in ("limit", "max_queue")
+            assert rejection.error().sqlstate == "53300"
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 99))
+    def release(self, i: int) -> None:
+        ticket = self.held.pop(i % len(self.held))
+        self.released.append(ticket)
+        self.took(self.gate.release(ticket))
+        assert ticket.released
+
+    @precondition(lambda self: self.released)
+    @rule(i=st.integers(0, 99))
+    def release_again(self, i: int) -> None:
+        before = (self.gate.total_active, dict(self.gate.role_active), dict(self.gate.database_active))
+        assert self.gate.release(self.released[i % len(self.released)]) == []
+        after = (self.gate.total_active, dict(self.gate.role_active), dict(self.gate.database_active))
+        assert before == after
+
+    @precondition(lambda self: self.waiting)
+    @rule(i=st.integers(0, 99))
+    def cancel(self, i: int) -> None:
+        waiter = self.waiting.pop(i % len(self.waiting))
+        self.gate.cancel(waiter)
+        assert not waiter.waiting and waiter.ticket is None
+        self.gone.append(waiter)
+
+    @precondition(lambda self: self.gone)
+    @rule(i=st.integers(0, 99))
+    def cancel_again(self, i: int) -> None:
+        waiter = self.gone[i % len(self.gone)]
+        self.gate.cancel(waiter)
+        assert waiter.ticket is None
+
+    @rule(dt=st.floats(0.0, 4.0))
+    def expire(self, dt: float) -> None:
+        self.now += dt
+        expired = self.gate.expire(self.now)
+        for waiter, rejection in expired:
+            assert waiter in self.waiting
+            assert waiter.deadline <= self.now and waiter.ticket is None and not waiter.waiting
+            assert rejection.cause == "queue_timeout"
+            assert rejection.waited == pytest.approx(self.now - waiter.arrived)
+            self.waiting.remove(waiter)
+            self.gone.append(waiter)
+        assert all(w.deadline > self.now for w in self.waiting)
+
+    @rule(role=st.sampled_from(ROLES), value=_limits)
+    def set_role_limit(self, role: str, value: int) -> None:
+        self.runtime_roles[role] = value
+        self.took(self.gate.set_role_limit(role, value))
+
+    @rule(db=st.sampled_from(DATABASES), value=_limits)
+    def set_database_limit(self, db: str, value: int) -> None:
+        self.runtime_dbs[db] = value
+        self.took(self.gate.set_database_limit(db, value))
+
+    @rule(value=st.integers(-1, 5))
+    def set_total_limit(self, value: int) -> None:
+        self.runtime_total = value
+        self.took(self.gate.set_total_limit(value))
+
+    @rule(role=st.sampled_from(ROLES), policy=st.sampled_from(Policy))
+    def set_role_policy(self, role: str, policy: Policy) -> None:
+        self.runtime_policy[role] = policy
+        self.took(self.gate.set_role_policy(role, policy))
+
+    @rule()
+    def pause(self) -> None:
+        self.gate.pause()
+
+    @rule()
+    def resume(self) -> None:
+        self.took(self.gate.resume())
+
+    # ----------------------------------------------------------------- invariants
+
+    @invariant()
+    def counters_match_the_tickets_held(self) -> None:
+        total, roles, dbs = self.counts()
+        gate = self.gate
+        assert gate.total_active == total
+        assert gate.role_active == dict(roles)
+        assert gate.database_active == dict(dbs)
+        assert gate.total_waiting == len(self.waiting)
+        assert gate.role_waiting == dict(Counter(w.role for w in self.waiting))
+        assert gate.database_waiting == dict(Counter(w.database for w in self.waiting))
+        assert list(gate.waiters()) == self.waiting
+
+    @invariant()
+    def gone_waiters_hold_nothing(self) -> None:
+        for waiter in self.gone:
+            assert waiter.ticket is None and not waiter.waiting and waiter.state is Kind.REJECT
+
+    @invariant()
+    def no_queue_head_could_be_admitted(self) -> None:
+        """Unless paused, every (role, database) queue head is blocked by a full limit."""
+        if self.gate.paused:
+            return
+        heads: dict[tuple[str, str], Waiter] = {}
+        for waiter in self.waiting:
+            heads.setdefault((waiter.role, waiter.database), waiter)
+        for (role, db), head in heads.items():
+            assert not self.fits(role, db), f"{head} could be admitted but still waits"
+
+    def teardown(self) -> None:
+        """Cancel every waiter, release every ticket: nothing may stay counted."""
+        for waiter in list(self.waiting):
+            self.gate.cancel(waiter)
+        self.waiting.clear()
+        while self.held:
+            assert self.gate.release(self.held.pop()) == []
+        gate = self.gate
+        assert (gate.total_active, gate.role_active, gate.database_active) == (0, {}, {})
+        assert (gate.total_waiting, gate.role_waiting, gate.database_waiting) == (0, {}, {})
+        assert list(gate.waiters()) == [] and gate.next_deadline() is None
+
+
+GateMachine.TestCase.settings = settings(
+    max_examples=250,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestGateInvariants = GateMachine.TestCase
