@@ -16,7 +16,9 @@ __all__ = [
     "AuthenticationFailed",
     "AdminShutdown",
     "IdleSessionTimeout",
+    "IdleInTransactionTimeout",
     "AdminCommandError",
+    "EncryptionRequired",
 ]
 
 
@@ -129,6 +131,15 @@ class IdleSessionTimeout(PgGuardError):
         super().__init__("terminating connection due to idle-session timeout")
 
 
+class IdleInTransactionTimeout(PgGuardError):
+    """``idle_timeout`` reached inside a transaction: PostgreSQL's idle-in-transaction FATAL."""
+
+    sqlstate = "25P03"
+
+    def __init__(self) -> None:
+        super().__init__("terminating connection due to idle-in-transaction timeout")
+
+
 class AdminCommandError(PgGuardError):
     """An admin console command failed; the session stays usable (severity ERROR)."""
 
@@ -137,3 +148,19 @@ class AdminCommandError(PgGuardError):
     def __init__(self, sqlstate: str, message: str, *, detail: str | None = None) -> None:
         super().__init__(message, detail=detail)
         self.sqlstate = sqlstate
+
+
+class EncryptionRequired(PgGuardError):
+    """``[tls] client_mode = "require"`` and the client did not negotiate TLS.
+
+    The message is PostgreSQL's for a client that matches only ``hostssl`` lines of
+    pg_hba.conf (auth.c, ClientAuthentication): host is the client's address.
+    """
+
+    sqlstate = "28000"  # invalid_authorization_specification
+
+    def __init__(self, host: str, user: str, database: str) -> None:
+        super().__init__(
+            f'no pg_hba.conf entry for host "{host}", user "{user}", '
+            f'database "{database}", no encryption'
+        )
