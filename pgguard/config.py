@@ -19,6 +19,7 @@ from typing import Any, Final, Literal, get_args, get_origin
 
 from .errors import ConfigError
 from .limits import Policy, RoleRule, Rules
+from .scram import is_verifier, parse_verifier
 
 __all__ = [
     "Config",
@@ -76,6 +77,17 @@ def _port(value: int) -> str | None:
     return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
 
 
+def _admin_password(value: str) -> str | None:
+    if not value:
+        return "must not be empty (leave it out instead)"
+    if is_verifier(value):
+        try:
+            parse_verifier(value)
+        except ValueError as exc:
+            return f"SCRAM-SHA-256 verifier {exc}"
+    return None
+
+
 def _check(fn: typing.Callable[[Any], str | None]) -> dict[str, Any]:
     return {"check": fn}
 
@@ -131,7 +143,8 @@ class DatabaseConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
     users: tuple[str, ...] = ()
-    password: str | None = None  # SCRAM-SHA-256 verifier, or plain text (warned about)
+    # A SCRAM-SHA-256 verifier (pgguard hash-password), or plain text (warned about at start).
+    password: str | None = field(default=None, metadata=_check(_admin_password))
     auth: Literal["scram-sha-256", "trust"] = "scram-sha-256"
 
 
@@ -278,7 +291,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
             continue
         parts = var[len(ENV_PREFIX) :].split("__")
         if len(parts) == 3 and parts[0].lower() in _NAMED:
-            path = [parts[0].lower(), parts[1], parts[2].lower()]
+            path = [parts[0].lower(), _env_name(data.get(parts[0].lower()), parts[1]), parts[2].lower()]
         else:
             path = [p.lower() for p in parts]
         try:
@@ -292,6 +305,19 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
                 raise ConfigError(f"environment {var}", ".".join(path), "conflicts with the file")
             node = child
         node[path[-1]] = value
+
+
+def _env_name(table: Any, name: str) -> str:
+    """The role/database an env var means: PGGUARD_ROLES__APP__X names [roles.app] (a table in
+    the file matching case-insensitively), else the lower-cased name, as PostgreSQL folds
+    unquoted identifiers; environment variable names are conventionally upper case."""
+    if isinstance(table, dict):
+        if name in table:
+            return name
+        for key in table:
+            if key.lower() == name.lower():
+                return str(key)
+    return name.lower()
 
 
 def _build(data: dict[str, Any], path: str) -> Config:
@@ -308,7 +334,28 @@ def _build(data: dict[str, Any], path: str) -> Config:
             }
         else:
             raise ConfigError(path, section, "unknown section")
-    return Config(**kwargs)
+    config = Config(**kwargs)
+    _check_control(config)
+    _check_tls(config)
+    return config
+
+
+def _check_tls(config: Config) -> None:
+    """Keys that only make sense together ([tls] certificate and key; require needs both)."""
+    tls = config.tls
+    if (tls.cert_file is None) != (tls.key_file is None):
+        missing = "tls.key_file" if tls.key_file is None else "tls.cert_file"
+        raise ConfigError(config.path, missing, "tls.cert_file and tls.key_file must be set together")
+    if tls.client_mode == "require" and tls.cert_file is None:
+        raise ConfigError(
+            config.path, "tls.client_mode", "require needs tls.cert_file and tls.key_file"
+        )
+
+
+def _check_control(config: Config) -> None:
+    """Mirror mode reads the catalog through monitor_dsn, so it needs one."""
+    if config.limits.mirror_catalog and not config.backend.monitor_dsn:
+        raise ConfigError(config.path, "limits.mirror_catalog", "true needs backend.monitor_dsn")
 
 
 def _section(cls: type, value: Any, path: str, key: str) -> Any:
