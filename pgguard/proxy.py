@@ -249,6 +249,20 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_in += len(self._early)
             transport.write(bytes(self._early))
             self._early.clear()
+        # A server that accepts the TCP connection but never answers is as unreachable as
+        # one that refuses it: connect_timeout also bounds the wait for its first reply.
+        self._timer = self.server.loop.call_later(cfg.connect_timeout, self._backend_silent)
+
+    def _backend_silent(self) -> None:
+        self._timer = None
+        if self.state is not State.AUTH or self._client_gone:
+            return
+        self.server.dial_failed(self, "timeout expired")
+        exc = BackendUnavailable("timeout expired")
+        # Nothing came from the server yet, so the client is still waiting for its first
+        # reply: answer like a failed dial (fail() writes nothing once in AUTH).
+        self._write(wire.build_error_response(exc.sqlstate, exc.message, severity=exc.severity))
+        self.fail(exc)  # closes both sides; the backend's connection_lost releases the slot
 
     # ------------------------------------------------------------------- relay
 
@@ -358,6 +372,8 @@ class _BackendAuth(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         client = self.client
+        if client.state is State.AUTH and not client._client_gone:
+            client._cancel_timer()  # the server answered: connect_timeout no longer applies
         if client.transport is not None and not client._client_gone:
             client.bytes_out += len(data)
             client.transport.write(data)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from . import config as config_mod
-from . import wire
+from . import tls, wire
 from .config import Config
 from .errors import ConfigError, PgGuardError, ShuttingDown
 from .faults import Faults
@@ -90,6 +90,9 @@ class Server:
         self.config = config
         self.loop = loop or asyncio.get_running_loop()
         self.gate = Gate(config.rules())
+        # Client-side TLS context (None: clients get "N") and how to reach the server; built
+        # from the files now and again on every reload, so a renewed certificate is picked up.
+        self.client_tls, self.backend_tls = tls.load(config)
         self.stats = Stats()
         self.faults = Faults(self, config.faults)
         self.clients: dict[int, ClientConnection] = {}
@@ -138,9 +141,15 @@ class Server:
                 return False
         changed = [
             name
-            for name in ("server", "backend", "limits", "roles", "databases", "faults")
+            for name in ("server", "backend", "limits", "roles", "databases", "faults", "tls")
             if getattr(new, name) != getattr(self.config, name)
         ]
+        try:
+            client_tls, backend_tls = tls.load(new)
+        except ConfigError as exc:  # an unreadable certificate keeps the old one in force
+            log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
+            return False
+        self.client_tls, self.backend_tls = client_tls, backend_tls
         self.config = new
         self.faults.configure(new.faults)
         self._admit_waiters(self.gate.reconfigure(new.rules()))
@@ -304,9 +313,39 @@ class Server:
     async def open_backend(
         self, factory: Callable[[], asyncio.Protocol]
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
-        """Open a TCP connection to ``[backend]``; raises OSError on failure."""
+        """Connect to ``[backend]``, with TLS as ``sslmode`` says, and attach ``factory()``.
+
+        With an sslmode that tries TLS, sends pgguard's own SSLRequest and reads the one-byte
+        answer: ``S`` starts TLS (verifying as the mode says), ``N`` continues in clear for
+        ``prefer``. Raises OSError (ssl.SSLError included) or BackendUnavailable.
+        """
         cfg = self.config.backend
-        transport, proto = await self.loop.create_connection(factory, cfg.host, cfg.port)
+        backend_tls = self.backend_tls
+        if backend_tls.context is None:
+            transport, proto = await self.loop.create_connection(factory, cfg.host, cfg.port)
+            return transport, proto
+        raw, answer = await self.loop.create_connection(_SSLAnswer, cfg.host, cfg.port)
+        assert isinstance(answer, _SSLAnswer)
+        try:
+            raw.write(tls.SSL_REQUEST)
+            if tls.read_ssl_response(await answer.byte, backend_tls.sslmode):
+                transport = await self.loop.start_tls(
+                    raw,
+                    answer,
+                    backend_tls.context,
+                    server_hostname=backend_tls.server_hostname,
+                    ssl_handshake_timeout=cfg.connect_timeout,
+                )
+            else:
+                transport = raw  # prefer, and the server said N: on in clear
+            if transport.is_closing():
+                raise ConnectionResetError("server closed the connection during SSL negotiation")
+        except BaseException:
+            raw.abort()
+            raise
+        proto = factory()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
         return transport, proto
 
     def dial_failed(self, client: ClientConnection, reason: str) -> None:
@@ -362,6 +401,21 @@ class Server:
     def kill(self, client: ClientConnection, exc: PgGuardError) -> None:
         """Close one client's session with ``exc`` (admin KILL, faults, idle timeout)."""
         client.terminate(exc)
+
+
+class _SSLAnswer(asyncio.Protocol):
+    """Reads the server's answer to pgguard's SSLRequest (tls.read_ssl_response judges it)."""
+
+    def __init__(self) -> None:
+        self.byte: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.byte.done():
+            self.byte.set_result(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.byte.done():
+            self.byte.set_exception(exc or ConnectionResetError("server closed the connection"))
 
 
 async def serve(config: Config) -> int:

@@ -1,0 +1,243 @@
+"""Limits end to end: real PostgreSQL, real clients (asyncpg, psycopg, psql) through pgguard."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgguard.testing.wait import await_until
+
+ROLE_MSG = 'too many connections for role "app"'
+
+pytestmark = pytest.mark.asyncio
+
+
+def _psql_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGPASSFILE"] = "/nonexistent/pgpass"
+    env["PGCONNECT_TIMEOUT"] = "20"
+    return env
+
+
+async def psql(conninfo: str, sql: str = "select 1") -> tuple[int, str, str]:
+    """Run psql as a subprocess without blocking the loop pgguard runs on."""
+    proc = await asyncio.create_subprocess_exec(
+        "psql", "-X", "-A", "-t", "-w", "-d", conninfo, "-c", sql,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_psql_env(),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().strip(), err.decode()
+
+
+async def connect(g, user: str = "app", database: str = "postgres", **kw) -> asyncpg.Connection:  # type: ignore[no-untyped-def]
+    kw.setdefault("timeout", 30)
+    return await asyncpg.connect(g.dsn(user, database), **kw)
+
+
+async def _count(pg, user: str) -> int:  # type: ignore[no-untyped-def]
+    return await asyncio.to_thread(pg.connection_count, users=[user])
+
+
+# ------------------------------------------------------------------ rejections
+
+
+async def test_role_limit_rejects_with_53300_asyncpg(pg, guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.app]\nmax_connections = 1\npolicy = "reject"')
+    held = await connect(g)
+    with pytest.raises(asyncpg.TooManyConnectionsError) as info:
+        await connect(g)
+    assert info.value.sqlstate == "53300"
+    assert str(info.value) == ROLE_MSG
+    assert await _count(pg, "app") == 1
+    assert await held.fetchval("select current_user") == "app"
+    other = await connect(g, "app2")  # another role is not limited
+    await other.close()
+    await held.close()
+    await g.wait_idle()
+    assert g.server.stats.rejections["limit"] == 1
+
+
+async def test_role_limit_rejects_psycopg(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.app]\nmax_connections = 1\npolicy = "reject"')
+    held = await psycopg.AsyncConnection.connect(g.conninfo("app"), connect_timeout=20)
+    with pytest.raises(psycopg.OperationalError, match=f"FATAL:  {ROLE_MSG}"):
+        await psycopg.AsyncConnection.connect(g.conninfo("app"), connect_timeout=20)
+    await held.close()
+    await g.wait_idle()
+
+
+async def test_role_limit_rejects_psql(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.app]\nmax_connections = 1\npolicy = "reject"')
+    held = await connect(g)
+    code, _, err = await psql(g.conninfo("app"))
+    assert code != 0
+    assert f"FATAL:  {ROLE_MSG}" in err
+    await held.close()
+    code, out, err = await psql(g.conninfo("app"), "select current_user")
+    assert (code, out) == (0, "app"), err
+
+
+async def test_database_limit_rejects_across_roles(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[limits]\npolicy = "reject"\n[databases.limdb]\nmax_connections = 1')
+    held = await connect(g, "app", "limdb")
+    with pytest.raises(asyncpg.TooManyConnectionsError, match='^too many connections for database "limdb"$'):
+        await connect(g, "app2", "limdb")
+    code, _, err = await psql(g.conninfo("other", "limdb"))
+    assert code != 0 and 'FATAL:  too many connections for database "limdb"' in err
+    elsewhere = await connect(g, "app2", "otherdb")
+    await elsewhere.close()
+    await held.close()
+    await g.wait_idle()
+
+
+async def test_total_limit_rejects_like_max_connections(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[limits]\nmax_connections = 2\npolicy = "reject"')
+    a = await connect(g, "app")
+    b = await connect(g, "app2", "limdb")
+    with pytest.raises(asyncpg.TooManyConnectionsError, match="^sorry, too many clients already$"):
+        await connect(g, "other", "otherdb")
+    with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"):
+        await psycopg.AsyncConnection.connect(g.conninfo("other"), connect_timeout=20)
+    await a.close()
+    c = await connect(g, "other", "otherdb")
+    for conn in (b, c):
+        await conn.close()
+    await g.wait_idle()
+
+
+async def test_detail_names_the_limit_when_enabled(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[errors]\ndetail = true\n[roles.app]\nmax_connections = 0\npolicy = "reject"')
+    with pytest.raises(asyncpg.TooManyConnectionsError) as info:
+        await connect(g)
+    assert info.value.detail == "pgguard: role_max_connections=0; policy is reject"
+
+
+async def test_exempt_role_is_never_limited(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[limits]\nmax_connections = 1\npolicy = "reject"\nexempt_roles = ["boss"]')
+    app = await connect(g, "app")
+    bosses = [await connect(g, "boss") for _ in range(3)]
+    assert g.server.gate.total_active == 4
+    with pytest.raises(asyncpg.TooManyConnectionsError, match="sorry, too many clients already"):
+        await connect(g, "app2")
+    for conn in [app, *bosses]:
+        await conn.close()
+    await g.wait_idle()
+
+
+# ---------------------------------------------------------------------- queueing
+
+
+async def test_queued_clients_admitted_in_fifo_order(pg, guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.app]\nmax_connections = 1\npolicy = "queue"\nqueue_timeout = 60')
+    gate = g.server.gate
+    held = await connect(g)
+    tasks = []
+    for i in range(4):
+        tasks.append(asyncio.create_task(connect(g, timeout=90)))
+        await await_until(lambda i=i: gate.total_waiting == i + 1, what=f"client {i} to queue")
+    current = held
+    for i, task in enumerate(tasks):
+        assert not any(t.done() for t in tasks[i:]), "admitted while the slot was held"
+        assert await _count(pg, "app") == 1
+        await current.close()
+        current = await asyncio.wait_for(task, 30)
+        assert await current.fetchval("select 1") == 1
+        assert gate.role_active == {"app": 1}
+    await current.close()
+    await g.wait_idle()
+    assert g.server.stats.queued == 4
+
+
+async def test_queue_timeout_rejects_with_53300(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.app]\nmax_connections = 1\nqueue_timeout = 0.5')
+    held = await connect(g)
+    start = time.monotonic()
+    with pytest.raises(asyncpg.TooManyConnectionsError, match=f"^{ROLE_MSG}$"):
+        await connect(g)
+    assert 0.4 <= time.monotonic() - start < 10
+    with pytest.raises(psycopg.OperationalError, match=ROLE_MSG):
+        await psycopg.AsyncConnection.connect(g.conninfo("app"), connect_timeout=20)
+    assert g.server.stats.queue_timeouts == 2
+    assert g.server.gate.total_waiting == 0
+    await held.close()
+    await g.wait_idle()
+
+
+async def test_max_queue_rejects_at_once(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.app]\nmax_connections = 0\nmax_queue = 1\nqueue_timeout = 60')
+    waiting = asyncio.create_task(connect(g, timeout=90))
+    await await_until(lambda: g.server.gate.total_waiting == 1, what="the first client to queue")
+    with pytest.raises(asyncpg.TooManyConnectionsError, match=ROLE_MSG):
+        await connect(g)
+    g.server._admit_waiters(g.server.gate.set_role_limit("app", 1))
+    conn = await asyncio.wait_for(waiting, 30)
+    await conn.close()
+    await g.wait_idle()
+
+
+async def test_client_that_leaves_the_queue_is_forgotten(pg, guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.app]\nmax_connections = 1\nqueue_timeout = 60')
+    gate = g.server.gate
+    held = await connect(g)
+    # asyncpg gives up after its own timeout and closes the socket while queued.
+    with pytest.raises(TimeoutError):
+        await connect(g, timeout=0.5)
+    await await_until(lambda: gate.total_waiting == 0, what="the departed client to leave the queue")
+    assert gate.role_active == {"app": 1}
+    # psql gives up too (connect_timeout is at least 2 s in libpq).
+    code, _, err = await psql(g.conninfo("app", connect_timeout="2"))
+    assert code != 0 and "timeout" in err
+    await await_until(lambda: gate.total_waiting == 0, what="psql to leave the queue")
+    await held.close()
+    await g.wait_idle()
+    assert await _count(pg, "app") == 0
+    # The next client gets the slot at once: nobody ghost is ahead of it.
+    start = time.monotonic()
+    conn = await connect(g)
+    assert time.monotonic() - start < 5
+    await conn.close()
+    await g.wait_idle()
+
+
+# ------------------------------------------------------------------ authentication
+
+
+async def test_scram_password_passes_through(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.scram_user]\nmax_connections = 2\npolicy = "reject"')
+    conn = await asyncpg.connect(g.dsn("scram_user", password="s3cret pass"), timeout=30)
+    assert await conn.fetchval("select current_user") == "scram_user"
+    aconn = await psycopg.AsyncConnection.connect(
+        g.conninfo("scram_user", password="'s3cret pass'"), connect_timeout=20
+    )
+    cur = await aconn.execute("select current_user")
+    assert await cur.fetchone() == ("scram_user",)
+    await aconn.close()
+    await conn.close()
+    await g.wait_idle()
+
+
+async def test_wrong_password_gives_28p01_and_frees_the_slot(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.scram_user]\nmax_connections = 1\npolicy = "reject"')
+    for _ in range(3):
+        with pytest.raises(asyncpg.InvalidPasswordError) as info:
+            await asyncpg.connect(g.dsn("scram_user", password="wrong"), timeout=30)
+        assert info.value.sqlstate == "28P01"
+        await g.wait_idle()
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        await psycopg.AsyncConnection.connect(
+            g.conninfo("scram_user", password="wrong"), connect_timeout=20
+        )
+    await g.wait_idle()
+    conn = await asyncpg.connect(g.dsn("scram_user", password="s3cret pass"), timeout=30)
+    assert await conn.fetchval("select 1") == 1
+    await conn.close()
+    await g.wait_idle()

@@ -1,0 +1,262 @@
+"""The relay: after admission pgguard is invisible. Real clients do real work through it.
+
+Also the backend failures: a closed port, a listener that never completes the TCP handshake
+and one that accepts but never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import re
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgguard.testing.cluster import free_port
+from pgguard.testing.wait import await_until
+
+pytestmark = pytest.mark.asyncio
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGPASSFILE"] = "/nonexistent/pgpass"
+    env["PGCONNECT_TIMEOUT"] = "20"
+    return env
+
+
+async def run(*argv: str, timeout: float = 90) -> tuple[int, str, str]:
+    """A client program as a subprocess, so the loop pgguard runs on keeps running."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def relay(guard):  # type: ignore[no-untyped-def]
+    """A guard with a role limit that is never reached (the relay must not care)."""
+    return await guard('[roles.app]\nmax_connections = 10\nqueue_timeout = 60')
+
+
+@pytest.fixture
+async def app(relay) -> AsyncIterator[asyncpg.Connection]:  # type: ignore[no-untyped-def]
+    conn = await asyncpg.connect(relay.dsn("app"), timeout=30)
+    yield conn
+    await conn.close()
+
+
+async def test_prepared_statements_asyncpg(app: asyncpg.Connection) -> None:
+    stmt = await app.prepare("select $1::int * 2, $2::text || 'x'")
+    for i in range(50):
+        assert await stmt.fetchrow(i, str(i)) == (i * 2, f"{i}x")
+    assert [r[0] for r in await app.fetch("select generate_series(1, $1)", 5)] == [1, 2, 3, 4, 5]
+
+
+async def test_prepared_statements_psycopg(relay) -> None:  # type: ignore[no-untyped-def]
+    async with await psycopg.AsyncConnection.connect(relay.conninfo("app"), connect_timeout=20) as conn:
+        for i in range(10):
+            cur = await conn.execute("select %s::int + 1", (i,), prepare=True)
+            assert await cur.fetchone() == (i + 1,)
+        cur = await conn.execute(
+            "select count(*) from pg_prepared_statements where statement like 'select $1::int + 1'"
+        )
+        assert await cur.fetchone() == (1,)
+
+
+async def test_copy_in_and_out_of_several_megabytes(app: asyncpg.Connection) -> None:
+    await app.execute("create temp table blob (id int, payload text)")
+    lines = b"".join(b"%d\t%s\n" % (i, hashlib.sha256(b"%d" % i).hexdigest().encode() * 4) for i in range(25000))
+    assert len(lines) > 6_000_000
+    status = await app.copy_to_table("blob", source=io.BytesIO(lines))
+    assert status == "COPY 25000"
+    out = io.BytesIO()
+    await app.copy_from_query("select id, payload from blob order by id", output=out)
+    assert hashlib.sha256(out.getvalue()).hexdigest() == hashlib.sha256(lines).hexdigest()
+    assert await app.fetchval("select sum(length(payload)) from blob") == 25000 * 256
+
+
+async def test_large_result_set(app: asyncpg.Connection) -> None:
+    rows = await app.fetch("select i, repeat('x', 200) from generate_series(1, 200000) i")
+    assert len(rows) == 200000  # ~50 MB on the wire
+    assert sum(r[0] for r in rows) == 200000 * 200001 // 2
+    assert rows[-1][1] == "x" * 200
+
+
+async def test_listen_notify_across_two_sessions(relay) -> None:  # type: ignore[no-untyped-def]
+    listener = await asyncpg.connect(relay.dsn("app"), timeout=30)
+    sender = await asyncpg.connect(relay.dsn("app2"), timeout=30)
+    got: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("pgguard_chan", lambda *args: got.put_nowait(args[3]))
+    for i in range(3):
+        await sender.execute(f"notify pgguard_chan, 'hello {i}'")
+    assert [await asyncio.wait_for(got.get(), 10) for _ in range(3)] == ["hello 0", "hello 1", "hello 2"]
+    await listener.close()
+    await sender.close()
+
+
+async def _sleeping(pg_conn: asyncpg.Connection) -> int:
+    return int(
+        await pg_conn.fetchval(
+            "select count(*) from pg_stat_activity where query like 'select pg_sleep(30)%' "
+            "and state = 'active' and usename = 'app'"
+        )
+    )
+
+
+@pytest.fixture
+async def direct(pg) -> AsyncIterator[asyncpg.Connection]:  # type: ignore[no-untyped-def]
+    """A superuser session straight to PostgreSQL, to watch the server's own view."""
+    conn = await asyncpg.connect(pg.dsn(), timeout=30)
+    yield conn
+    await conn.close()
+
+
+async def test_query_cancel_asyncpg_timeout(relay, app: asyncpg.Connection, direct) -> None:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await app.execute("select pg_sleep(30)", timeout=0.5)  # asyncpg sends a CancelRequest
+    assert await app.fetchval("select 42") == 42
+    assert time.monotonic() - start < 10
+    assert await _sleeping(direct) == 0
+    assert relay.server.stats.cancels_forwarded == 1
+    assert relay.server.gate.total_active == 1  # the cancel connection was never counted
+
+
+async def test_query_cancel_asyncpg_wait_for(app: asyncpg.Connection, direct) -> None:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(app.fetchval("select pg_sleep(30)"), 0.5)
+    assert await app.fetchval("select 'still here'") == "still here"
+    assert time.monotonic() - start < 10
+    assert await _sleeping(direct) == 0
+
+
+async def test_query_cancel_psycopg(relay, direct) -> None:  # type: ignore[no-untyped-def]
+    conn = await psycopg.AsyncConnection.connect(relay.conninfo("app"), connect_timeout=20)
+    query = asyncio.create_task(conn.execute("select pg_sleep(30)"))
+    await await_until(lambda: _sleeping(direct), what="pg_sleep to run on the server")
+    start = time.monotonic()
+    await conn.cancel_safe(timeout=10)
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        await query
+    assert time.monotonic() - start < 5
+    await conn.rollback()
+    cur = await conn.execute("select 1")
+    assert await cur.fetchone() == (1,)
+    await conn.close()
+
+
+async def test_psql_sslmode_prefer_connects(relay) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = await run("psql", "-X", "-A", "-t", "-w", "-d", relay.conninfo("app", sslmode="prefer"),
+                               "-c", "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()")  # fmt: skip
+    assert code == 0, err
+    assert out.strip() == "app|f"
+    code, _, err = await run("psql", "-X", "-w", "-d", relay.conninfo("app", sslmode="require"), "-c", "select 1")
+    assert code != 0 and "server does not support SSL" in err
+
+
+async def test_pgbench_through_pgguard_has_no_failures(guard, pg) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[roles.app]\nmax_connections = 4\nqueue_timeout = 60')
+    base = ["-h", "127.0.0.1", "-p", str(g.port), "-U", "app", "otherdb"]
+    code, _, err = await run("pgbench", "-i", "-q", "-s", "1", *base)
+    assert code == 0, err
+    code, out, err = await run("pgbench", "-S", "-c", "4", "-j", "2", "-T", "3", "-n", *base)
+    assert code == 0, err + out
+    assert re.search(r"number of failed transactions: 0 \(", out), out
+    processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
+    assert processed > 100
+    await g.wait_idle()
+    await asyncio.to_thread(pg.psql, "drop table if exists pgbench_accounts, pgbench_branches, "
+                            "pgbench_history, pgbench_tellers", database="otherdb")  # fmt: skip
+
+
+# -------------------------------------------------------------- backend failures
+
+
+async def test_closed_backend_port_gives_08006_and_frees_the_slot(guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard(f'[backend]\nport = {free_port()}\n[roles.app]\nmax_connections = 1\npolicy = "reject"')
+    for _ in range(2):  # the slot is free again each time
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(g.dsn("app"), timeout=30)
+        assert info.value.sqlstate == "08006"
+        assert str(info.value).startswith("pgguard could not connect to the server: ")
+        await g.wait_idle()
+    with pytest.raises(psycopg.OperationalError, match="pgguard could not connect to the server"):
+        await psycopg.AsyncConnection.connect(g.conninfo("app"), connect_timeout=20)
+    await g.wait_idle()
+    assert g.server.stats.dial_failures == 3
+
+
+@pytest.fixture
+def full_backlog() -> AsyncIterator[int]:  # type: ignore[misc]
+    """A fake backend (a real server always completes the handshake): a listener with a full
+    accept queue, so a further connect never completes and only connect_timeout ends it."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # the backlog of 0 lets one or two in; the rest hang in SYN_SENT
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    yield port
+    for s in fillers:
+        s.close()
+    lsock.close()
+
+
+async def test_backend_dial_timeout_gives_08006(guard, full_backlog: int) -> None:  # type: ignore[no-untyped-def]
+    g = await guard(f"[backend]\nport = {full_backlog}\nconnect_timeout = 0.5\n[roles.app]\nmax_connections = 1")
+    start = time.monotonic()
+    with pytest.raises(asyncpg.PostgresError) as info:
+        await asyncpg.connect(g.dsn("app"), timeout=30)
+    assert info.value.sqlstate == "08006"
+    assert str(info.value) == "pgguard could not connect to the server: timeout expired"
+    assert 0.4 < time.monotonic() - start < 10
+    await g.wait_idle()
+
+
+async def test_backend_that_accepts_and_never_answers_gives_08006(guard) -> None:  # type: ignore[no-untyped-def]
+    """A fake backend: accepts the TCP connection, reads the startup packet, never replies
+    (a real PostgreSQL cannot be made to hang like this). connect_timeout covers the wait for
+    the server's first reply, so the client gets 08006 and the slot comes back."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # until pgguard gives up
+
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    g = await guard(f"[backend]\nport = {port}\nconnect_timeout = 0.5\n[roles.app]\nmax_connections = 1")
+    try:
+        start = time.monotonic()
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(g.dsn("app"), timeout=30)
+        assert info.value.sqlstate == "08006"
+        assert str(info.value) == "pgguard could not connect to the server: timeout expired"
+        assert 0.4 < time.monotonic() - start < 10
+        assert len(accepted) == 1
+        await g.wait_idle()
+        assert g.server.clients == {}
+    finally:
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
