@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Subcommands that live in their own modules (demo, bench) register themselves here."""
+    from . import admin
+
+    admin.add_parser(sub)  # hash-password
     try:
         from . import demo
     except ImportError:

@@ -81,6 +81,9 @@ class ClientConnection(asyncio.Protocol):
         self.connected_at = time.time()
         self.admitted_at: float | None = None
         self.last_active = time.monotonic()
+        # The ReadyForQuery status (b"I", b"T", b"E" as an int) while the server waits for
+        # this client, 0 while a query runs; idle_timeout only closes waiting sessions.
+        self.idle_status = 0
         self.backend_pid: int | None = None
         self.bytes_in = 0  # from the client
         self.bytes_out = 0  # to the client
@@ -178,6 +181,13 @@ class ClientConnection(asyncio.Protocol):
         assert reader is not None
         self._early += reader.take_rest()
         self._reader = None
+        if self.server.wants_admin(packet):
+            # The admin console takes the socket over (transport.set_protocol); this object
+            # is done and holds nothing.
+            self.state = State.CLOSED
+            early, self._early = bytes(self._early), bytearray()
+            self.server.open_admin(self, early)
+            return
         self.state = State.ADMITTING
         self.server.admit(self)
 
@@ -432,8 +442,10 @@ class _Pump(asyncio.Protocol):
         session = self.session
         if self.from_client:
             session.bytes_in += len(data)
+            session.idle_status = 0
         else:
             session.bytes_out += len(data)
+            session.idle_status = _idle_status(data, session.idle_status)
         session.last_active = time.monotonic()
 
     def eof_received(self) -> bool | None:
@@ -456,6 +468,27 @@ class _Pump(asyncio.Protocol):
             self.session.client_lost()
         else:
             self.session.backend_lost()
+
+
+# ReadyForQuery: 'Z', Int32 5, then the transaction status byte.
+_READY_HEADER: Final = b"Z\x00\x00\x00\x05"
+# What a server may send unasked while idle: NotificationResponse, NoticeResponse, ParameterStatus.
+_ASYNC_TYPES: Final = b"ANS"
+
+
+def _idle_status(data: bytes, previous: int) -> int:
+    """The session's idle status after a chunk from the server (see ``idle_status``).
+
+    A chunk ending in a ReadyForQuery leaves the server waiting for the client. The chunk
+    after it starts on a message boundary: an asynchronous message keeps the session idle,
+    anything else is the reply to a pipelined query. A ReadyForQuery split across chunks
+    reads as busy, which only errs on the side of not closing a session.
+    """
+    if data[-6:-1] == _READY_HEADER:
+        return data[-1]
+    if previous and data[0] in _ASYNC_TYPES:
+        return previous
+    return 0
 
 
 def _reason(exc: BaseException) -> str:

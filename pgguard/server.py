@@ -10,6 +10,7 @@ drain (a second one stops at once).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import signal
@@ -21,8 +22,16 @@ from typing import Any, Final
 
 from . import config as config_mod
 from . import tls, wire
+from .admin import ADMIN_DATABASE, AdminSession, check_admin_config
 from .config import Config
-from .errors import ConfigError, PgGuardError, ShuttingDown
+from .errors import (
+    AdminShutdown,
+    ConfigError,
+    IdleInTransactionTimeout,
+    IdleSessionTimeout,
+    PgGuardError,
+    ShuttingDown,
+)
 from .faults import Faults
 from .limits import Gate, Kind, Rejection, Ticket, Waiter
 from .proxy import ClientConnection, State
@@ -33,6 +42,14 @@ log = logging.getLogger("pgguard")
 
 # Admission waits kept for percentiles (a sliding window, newest kept).
 WAIT_SAMPLES: Final = 10000
+# Upper bounds (seconds) of the pgguard_queue_wait_seconds histogram buckets: from "admitted
+# at once" to the default queue_timeout and beyond.
+WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# The idle sweep runs every quarter of the shortest idle_timeout, within these bounds, so a
+# session is closed at most that much past its timeout, at the cost of one pass per sweep.
+IDLE_SWEEP_MIN: Final = 0.05
+IDLE_SWEEP_MAX: Final = 5.0
+IDLE: Final = ord("I")  # ReadyForQuery status: idle, not in a transaction
 
 
 def log_event(level: int, event: str, **fields: object) -> None:
@@ -69,11 +86,23 @@ class Stats:
     cancels_forwarded: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    idle_timeouts: int = 0
+    kills: int = 0
+    reloads: int = 0
+    reload_failures: int = 0
+    mirror_refreshes: int = 0
+    mirror_failures: int = 0
+    # Cumulative wait histogram for metrics: counts per WAIT_BUCKETS bound, the last for +Inf.
+    wait_bounds: tuple[float, ...] = WAIT_BUCKETS
+    wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
+    wait_sum: float = 0.0
     # The newest admission waits, in seconds; O(1) to record, sorted only when asked.
     waits: deque[float] = field(default_factory=lambda: deque(maxlen=WAIT_SAMPLES))
 
     def record_wait(self, seconds: float) -> None:
         self.waits.append(seconds)
+        self.wait_counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+        self.wait_sum += seconds
 
     def wait_percentile(self, p: float) -> float:
         """The p-th percentile (0-100) of the recorded waits; 0.0 when none."""
@@ -106,6 +135,12 @@ class Server:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopped = asyncio.Event()
+        # Control plane: admin console sessions, metrics endpoint, catalog mirror, idle sweep.
+        self.admin_sessions: dict[int, AdminSession] = {}
+        self.reload_error: str | None = None
+        self.metrics: Any = None  # metrics.MetricsServer, imported only when configured
+        self.mirror: Any = None  # mirror.CatalogMirror, likewise
+        self._idle_sweep: asyncio.TimerHandle | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -126,6 +161,7 @@ class Server:
             listen=",".join(f"{h}:{p}" for h, p in self.addresses),
             backend=f"{self.config.backend.host}:{self.config.backend.port}",
         )
+        await self._start_control()
 
     @property
     def port(self) -> int:
@@ -138,6 +174,8 @@ class Server:
                 new = config_mod.load(self.config.path)
             except ConfigError as exc:
                 log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
+                self.stats.reload_failures += 1
+                self.reload_error = exc.message
                 return False
         changed = [
             name
@@ -150,10 +188,13 @@ class Server:
             log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
             return False
         self.client_tls, self.backend_tls = client_tls, backend_tls
-        self.config = new
+        old, self.config = self.config, new
         self.faults.configure(new.faults)
         self._admit_waiters(self.gate.reconfigure(new.rules()))
         log_event(logging.INFO, "reload", file=new.path, changed=",".join(changed) or "nothing")
+        self.stats.reloads += 1
+        self.reload_error = None
+        self._control_reloaded(old)
         return True
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -172,6 +213,7 @@ class Server:
             client = waiter.context
             assert isinstance(client, ClientConnection)
             client.waiter = None
+            self.stats.rejections["shutdown"] += 1
             client.reject(ShuttingDown())
         for client in list(self.clients.values()):
             if client.state is State.STARTUP:
@@ -183,6 +225,8 @@ class Server:
         except TimeoutError:
             clean = False
             log_event(logging.WARNING, "drain_timeout", sessions=len(self.clients))
+            for client in list(self.clients.values()):
+                client.terminate(AdminShutdown())  # PostgreSQL's fast-shutdown FATAL 57P01
         await self.close()
         return clean
 
@@ -201,8 +245,11 @@ class Server:
                 client.transport.abort()
             if client.backend is not None:
                 client.backend.abort()
+        current = asyncio.current_task()
         for task in list(self._tasks):
-            task.cancel()
+            if task is not current:  # close() itself may run as one (a second signal)
+                task.cancel()
+        await self._stop_control()
         if self._queue_timer is not None:
             self._queue_timer.cancel()
         for listener in self._listeners:
@@ -373,6 +420,8 @@ class Server:
 
     def session_started(self, client: ClientConnection) -> None:
         """The backend sent its first ReadyForQuery: the session is live."""
+        client.last_active = time.monotonic()  # idle time counts from here, not from arrival
+        client.idle_status = IDLE  # the first ReadyForQuery is always 'I'
 
     def forward_cancel(self, packet: wire.CancelRequest) -> None:
         """Send a CancelRequest to the server at once; it is never counted or queued."""
@@ -401,6 +450,141 @@ class Server:
     def kill(self, client: ClientConnection, exc: PgGuardError) -> None:
         """Close one client's session with ``exc`` (admin KILL, faults, idle timeout)."""
         client.terminate(exc)
+
+    # ---------------------------------------------------------- control plane
+
+    def wants_admin(self, packet: wire.StartupMessage) -> bool:
+        """True when this StartupMessage is for the admin console, not the server."""
+        return packet.database == ADMIN_DATABASE and bool(self.config.admin.users)
+
+    def open_admin(self, client: ClientConnection, early: bytes) -> None:
+        """Move a client that asked for database "pgguard" to an ``AdminSession``.
+
+        The session is never counted against a limit; it leaves ``clients`` (so a drain does
+        not wait for it) and lives in ``admin_sessions`` until its socket closes.
+        """
+        transport = client.transport
+        assert transport is not None and client.startup is not None
+        self.clients.pop(client.id, None)
+        self._check_idle()
+        session = AdminSession(
+            self,
+            transport,
+            client.startup,
+            client_id=client.id,
+            peer=client.peer,
+            connected_at=client.connected_at,
+        )
+        self.admin_sessions[session.id] = session
+        transport.set_protocol(session)
+        session.begin(early)
+
+    def admin_closed(self, session: AdminSession) -> None:
+        self.admin_sessions.pop(session.id, None)
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        """Bytes from clients and to clients since start, live sessions included."""
+        bytes_in, bytes_out = self.stats.bytes_in, self.stats.bytes_out
+        for client in self.clients.values():
+            bytes_in += client.bytes_in
+            bytes_out += client.bytes_out
+        return bytes_in, bytes_out
+
+    async def _start_control(self) -> None:
+        check_admin_config(self.config, log_event)
+        listen = self.config.metrics.listen
+        if listen is not None:
+            from .metrics import MetricsServer
+
+            host, port = config_mod.parse_address(listen)
+            self.metrics = MetricsServer(self, host, port)
+            await self.metrics.start()
+            log_event(logging.INFO, "metrics", listen="{}:{}".format(*self.metrics.address))
+        await self._start_mirror()
+        self._schedule_idle_sweep()
+
+    async def _start_mirror(self) -> None:
+        limits, dsn = self.config.limits, self.config.backend.monitor_dsn
+        if limits.mirror_catalog and dsn:
+            from .mirror import CatalogMirror
+
+            self.mirror = CatalogMirror(self, dsn, limits.mirror_interval)
+            await self.mirror.start()
+
+    async def _restart_mirror(self) -> None:
+        mirror, self.mirror = self.mirror, None
+        if mirror is not None:
+            await mirror.close()
+        if not self.config.limits.mirror_catalog:
+            self._admit_waiters(self.gate.set_catalog_limits({}, {}))
+        await self._start_mirror()
+
+    def _control_reloaded(self, old: Config) -> None:
+        new = self.config
+        check_admin_config(new, log_event)
+        if new.metrics != old.metrics:
+            log_event(logging.WARNING, "reload_needs_restart", key="metrics.listen")
+
+        def mirror_keys(c: Config) -> tuple[object, ...]:
+            return (c.limits.mirror_catalog, c.limits.mirror_interval, c.backend.monitor_dsn)
+
+        if mirror_keys(new) != mirror_keys(old):
+            self._spawn(self._restart_mirror())
+        self._schedule_idle_sweep()
+
+    async def _stop_control(self) -> None:
+        if self._idle_sweep is not None:
+            self._idle_sweep.cancel()
+            self._idle_sweep = None
+        for session in list(self.admin_sessions.values()):
+            session.transport.abort()
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            await metrics.close()
+        mirror, self.mirror = self.mirror, None
+        if mirror is not None:
+            await mirror.close()
+
+    def _schedule_idle_sweep(self) -> None:
+        if self._idle_sweep is not None:
+            self._idle_sweep.cancel()
+            self._idle_sweep = None
+        cfg = self.config
+        timeouts = [cfg.limits.idle_timeout] + [r.idle_timeout or 0.0 for r in cfg.roles.values()]
+        shortest = min((t for t in timeouts if t > 0), default=None)
+        if shortest is not None:
+            interval = min(max(shortest / 4, IDLE_SWEEP_MIN), IDLE_SWEEP_MAX)
+            self._idle_sweep = self.loop.call_later(interval, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Close live sessions idle (no bytes either way) past their role's idle_timeout."""
+        self._idle_sweep = None
+        now = time.monotonic()
+        timeouts: dict[str, float] = {}
+        for client in list(self.clients.values()):
+            if client.state is not State.ACTIVE or not client.idle_status:
+                continue  # not live yet, or a query is running
+            role = client.role
+            timeout = timeouts.get(role)
+            if timeout is None:
+                timeout = timeouts[role] = self.config.idle_timeout(role)
+            idle = now - client.last_active
+            if 0 < timeout < idle:
+                self.stats.idle_timeouts += 1
+                log_event(
+                    logging.INFO,
+                    "idle_timeout",
+                    role=role,
+                    database=client.database,
+                    idle=f"{idle:.1f}",
+                    idle_timeout=timeout,
+                    in_transaction=client.idle_status != IDLE,
+                    client=client.peer,
+                )
+                in_transaction = client.idle_status != IDLE
+                exc = IdleInTransactionTimeout() if in_transaction else IdleSessionTimeout()
+                self.kill(client, exc)
+        self._schedule_idle_sweep()
 
 
 class _SSLAnswer(asyncio.Protocol):
@@ -444,7 +628,9 @@ async def serve(config: Config) -> int:
         drain = loop.create_task(server.drain())
         stopped = loop.create_task(server.wait_stopped())
         await asyncio.wait({drain, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        clean = drain.done() and drain.result()
+        clean = signals == 1 and drain.done() and drain.result()
+        for task in (drain, stopped):
+            task.cancel()  # after a second signal the drain is abandoned
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

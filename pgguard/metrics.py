@@ -1,0 +1,291 @@
+"""Prometheus exposition: ``[metrics] listen`` serves the live state of a ``Server`` as text.
+
+Nothing is counted for metrics on the hot path. A custom prometheus-client ``Collector``
+reads the server's counters (``Stats``), the gate and the client table when a scrape
+arrives, and the small HTTP server answering the scrape runs on pgguard's own event loop,
+so the collector sees a consistent state without locks. Each scrape costs one pass over the
+connected clients and the waiters.
+
+Endpoints: ``GET /metrics`` (text format 0.0.4, or OpenMetrics when the scraper asks for
+it); anything else is 404. One request per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["ServerCollector", "MetricsServer", "METRIC_NAMES"]
+
+log = logging.getLogger("pgguard")
+
+# A scrape request is a few hundred bytes; anything larger or slower is not Prometheus.
+MAX_REQUEST: Final = 16 * 1024
+REQUEST_TIMEOUT: Final = 10.0
+
+# States whose sessions hold a slot (admitted, dialing or authenticating, or live).
+_HOLDING: Final = frozenset({"dialing", "authenticating", "active"})
+
+METRIC_NAMES: Final = (
+    "pgguard_sessions_active",
+    "pgguard_clients_waiting",
+    "pgguard_clients_connected",
+    "pgguard_limit_connections",
+    "pgguard_paused",
+    "pgguard_draining",
+    "pgguard_start_time_seconds",
+    "pgguard_admissions_total",
+    "pgguard_queued_total",
+    "pgguard_rejections_total",
+    "pgguard_queue_wait_seconds",
+    "pgguard_backend_dial_failures_total",
+    "pgguard_backend_errors_total",
+    "pgguard_cancels_forwarded_total",
+    "pgguard_bytes_relayed_total",
+    "pgguard_idle_timeouts_total",
+    "pgguard_admin_kills_total",
+    "pgguard_config_reloads_total",
+    "pgguard_mirror_refreshes_total",
+)
+
+
+class ServerCollector(Collector):
+    """Reads a ``Server`` at scrape time; call only from the server's event loop."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        gate = server.gate
+        st = server.stats
+
+        active = GaugeMetricFamily(
+            "pgguard_sessions_active",
+            "Admitted sessions (dialing, authenticating or live), by role and database.",
+            labels=["role", "database"],
+        )
+        connected = Counter[str]()
+        pairs = Counter[tuple[str, str]]()
+        for client in server.clients.values():
+            state = client.state.value
+            connected[state] += 1
+            if state in _HOLDING:
+                pairs[(client.role, client.database)] += 1
+        connected["admin"] = len(server.admin_sessions)
+        for (role, database), n in sorted(pairs.items()):
+            active.add_metric([role, database], n)
+        yield active
+
+        waiting = GaugeMetricFamily(
+            "pgguard_clients_waiting",
+            "Clients queued for a slot, by role and database.",
+            labels=["role", "database"],
+        )
+        queued = Counter((w.role, w.database) for w in gate.waiters())
+        for (role, database), n in sorted(queued.items()):
+            waiting.add_metric([role, database], n)
+        yield waiting
+
+        states = GaugeMetricFamily(
+            "pgguard_clients_connected",
+            "Client connections by state (startup, queued, authenticating, active, admin, ...).",
+            labels=["state"],
+        )
+        for state, n in sorted(connected.items()):
+            states.add_metric([state], n)
+        yield states
+
+        limits = GaugeMetricFamily(
+            "pgguard_limit_connections",
+            "Each limit's value in force (-1: unlimited), by kind (total, role, database).",
+            labels=["kind", "name"],
+        )
+        for row in gate.limit_rows():
+            limits.add_metric([row.kind, row.name], row.limit)
+        yield limits
+
+        yield GaugeMetricFamily("pgguard_paused", "1 while PAUSE is in force.", value=int(gate.paused))
+        yield GaugeMetricFamily(
+            "pgguard_draining", "1 while shutting down.", value=int(server.draining)
+        )
+        yield GaugeMetricFamily(
+            "pgguard_start_time_seconds", "Start time, seconds since the epoch.", value=server.started_at
+        )
+        yield CounterMetricFamily(
+            "pgguard_admissions", "Clients admitted (at once or after queueing).", value=st.admissions
+        )
+        yield CounterMetricFamily(
+            "pgguard_queued", "Clients that had to wait in a queue.", value=st.queued
+        )
+
+        rejections = CounterMetricFamily(
+            "pgguard_rejections",
+            "Clients refused, by reason (limit: policy reject; max_queue; queue_timeout; "
+            "shutdown: draining).",
+            labels=["reason"],
+        )
+        reasons = {"limit": 0, "max_queue": 0, "queue_timeout": 0, "shutdown": 0}
+        reasons.update(st.rejections)
+        for reason, n in sorted(reasons.items()):
+            rejections.add_metric([reason], n)
+        yield rejections
+
+        buckets = []
+        cumulative = 0
+        for bound, n in zip(st.wait_bounds, st.wait_counts, strict=False):
+            cumulative += n
+            buckets.append((_bound_text(bound), cumulative))
+        cumulative += st.wait_counts[-1]
+        buckets.append(("+Inf", cumulative))
+        histogram = HistogramMetricFamily(
+            "pgguard_queue_wait_seconds",
+            "Seconds from arrival to admission (0 for clients admitted at once).",
+        )
+        histogram.add_metric([], buckets, st.wait_sum)
+        yield histogram
+
+        yield CounterMetricFamily(
+            "pgguard_backend_dial_failures",
+            "Backend connections that could not be opened (refused, timed out).",
+            value=st.dial_failures,
+        )
+        yield CounterMetricFamily(
+            "pgguard_backend_errors",
+            "ErrorResponses from the server during session startup (bad password, no database...).",
+            value=st.backend_errors,
+        )
+        yield CounterMetricFamily(
+            "pgguard_cancels_forwarded", "CancelRequests forwarded.", value=st.cancels_forwarded
+        )
+        relayed = CounterMetricFamily(
+            "pgguard_bytes_relayed", "Bytes relayed, by direction.", labels=["direction"]
+        )
+        bytes_in, bytes_out = server.bytes_relayed()
+        relayed.add_metric(["client_to_server"], bytes_in)
+        relayed.add_metric(["server_to_client"], bytes_out)
+        yield relayed
+        yield CounterMetricFamily(
+            "pgguard_idle_timeouts",
+            "Sessions closed for being idle longer than idle_timeout (FATAL 57P05).",
+            value=st.idle_timeouts,
+        )
+        yield CounterMetricFamily(
+            "pgguard_admin_kills", "Sessions closed with KILL CLIENT.", value=st.kills
+        )
+        reloads = CounterMetricFamily(
+            "pgguard_config_reloads", "Configuration reloads, by result.", labels=["result"]
+        )
+        reloads.add_metric(["ok"], st.reloads)
+        reloads.add_metric(["failed"], st.reload_failures)
+        yield reloads
+        mirror = CounterMetricFamily(
+            "pgguard_mirror_refreshes",
+            "Catalog mirror reads of rolconnlimit/datconnlimit, by result.",
+            labels=["result"],
+        )
+        mirror.add_metric(["ok"], st.mirror_refreshes)
+        mirror.add_metric(["failed"], st.mirror_failures)
+        yield mirror
+
+
+def _bound_text(bound: float) -> str:
+    return repr(float(bound))
+
+
+class MetricsServer:
+    """A minimal HTTP/1.x server on the event loop, answering ``GET /metrics``."""
+
+    def __init__(self, server: Server, host: str, port: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ServerCollector(server))
+        self.host = host
+        self.port = port
+        self.address: tuple[str, int] | None = None
+        self._listener: asyncio.base_events.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Bind; raises OSError when the address is taken."""
+        self._listener = await asyncio.start_server(
+            self._handle, self.host, self.port, reuse_address=True, limit=MAX_REQUEST
+        )
+        sock = self._listener.sockets[0].getsockname()
+        self.address = (sock[0], sock[1])
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            for task in list(self._handlers):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await self._listener.wait_closed()
+            self._listener = None
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its content type (what a scrape would get)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split()
+            headers = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if sep:
+                    headers[name.strip().lower()] = value.strip()
+            if len(parts) != 3 or parts[0] not in ("GET", "HEAD"):
+                await _respond(writer, 405, b"method not allowed\n", "text/plain")
+                return
+            path = parts[1].split("?", 1)[0]
+            if path != "/metrics":
+                await _respond(writer, 404, b"not found; try /metrics\n", "text/plain")
+                return
+            started = time.perf_counter()
+            body, content_type = self.render(headers.get("accept", ""))
+            log.debug("event=scrape seconds=%.4f bytes=%d", time.perf_counter() - started, len(body))
+            await _respond(writer, 200, b"" if parts[0] == "HEAD" else body, content_type)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+            pass
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+            writer.close()
+
+
+_REASONS: Final = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}
+
+
+async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str) -> None:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    writer.write(head.encode("latin-1") + body)
+    await writer.drain()
