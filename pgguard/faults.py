@@ -38,8 +38,10 @@ Every firing is counted on its rule (``fired``) and in ``Faults.totals`` by kind
 ``SHOW FAULTS``. When no admission rule is live, ``active`` is False and the hot path pays
 one attribute test.
 
-This module imports no asyncio: rule parsing is pure (``config.py`` uses it to validate
-``[faults] rules`` at load time); the engine gets its loop and clients from the server.
+Rule parsing is pure (``config.py`` imports it lazily to validate ``[faults] rules`` at load
+time); the engine gets its loop and clients from the server. The console commands
+``INJECT rule``, ``SHOW FAULTS``, ``CLEAR FAULTS`` and ``CLEAR FAULT id`` are registered
+with ``admin.command`` when this module is imported (``Server`` imports it).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from .errors import PgGuardError
+from .admin import AdminSession, Result, command
+from .errors import AdminCommandError, PgGuardError
 
 if TYPE_CHECKING:
     from .config import FaultsConfig
@@ -416,7 +419,11 @@ class Faults:
         self.active = any(r.live and r.kind in ADMISSION_KINDS for r in self.rules)
 
     def rows(self) -> list[tuple[int, str, str, str, str, int, str, str]]:
-        """One row per rule for SHOW FAULTS: id, kind, role, database, remaining, fired, state, rule."""
+        """One row per rule: id, kind, role, database, remaining, fired, state, rule."""
+        return [row[:7] + (row[8],) for row in self._rows()]
+
+    def _rows(self) -> list[tuple[int, str, str, str, str, int, str, str, str]]:
+        """SHOW FAULTS: ``rows()`` with the rule's source before its text."""
         out = []
         for r in self.rules:
             if r.kind == "terminate" or r.count is None:
@@ -432,6 +439,7 @@ class Faults:
                     remaining,
                     r.fired,
                     r.state,
+                    r.source,
                     r.describe(),
                 )
             )
@@ -502,3 +510,50 @@ def _log(event: str, **fields: object) -> None:
     from .server import log_event
 
     log_event(logging.INFO, event, **fields)
+
+
+# ------------------------------------------------------------ console commands
+
+
+@command(
+    r"INJECT\s+(?P<rule>.+)",
+    syntax="INJECT rule",
+    columns=("id", "rule", "state", "fired"),
+    help="add a fault rule: REJECT | DELAY t[..t2] | DROP [NEXT n] [FRACTION p] [ROLE r] "
+    "[DATABASE d] [SQLSTATE s] [MESSAGE m] [SEED k]; TERMINATE [ROLE r] [AFTER t]",
+)
+def _inject(session: AdminSession, m: re.Match[str]) -> Result:
+    try:
+        spec = parse_rule(m["rule"])
+    except FaultSpecError as exc:
+        raise AdminCommandError("42601", str(exc)) from None
+    rule = session.server.faults.add(spec, source="console")
+    session.audit("inject", id=rule.id, rule=rule.describe())
+    return Result("INJECT", rows=[(str(rule.id), rule.describe(), rule.state, str(rule.fired))])
+
+
+@command(
+    r"SHOW\s+FAULTS",
+    syntax="SHOW FAULTS",
+    columns=("id", "kind", "role", "database", "remaining", "fired", "state", "source", "rule"),
+    help="fault rules (until CLEAR FAULTS): what each matches, how often it fired, live or spent",
+)
+def _show_faults(session: AdminSession, m: re.Match[str]) -> Result:
+    rows = [tuple(str(v) for v in row) for row in session.server.faults._rows()]
+    return Result("SHOW", rows=rows)
+
+
+@command(r"CLEAR\s+FAULTS", syntax="CLEAR FAULTS", help="remove every fault rule")
+def _clear_faults(session: AdminSession, m: re.Match[str]) -> Result:
+    count = session.server.faults.clear()
+    session.audit("clear_faults", rules=count)
+    return Result("CLEAR")
+
+
+@command(r"CLEAR\s+FAULT\s+(?P<id>\d+)", syntax="CLEAR FAULT id", help="remove one fault rule")
+def _clear_fault(session: AdminSession, m: re.Match[str]) -> Result:
+    rule_id = int(m["id"])
+    if not session.server.faults.remove(rule_id):
+        raise AdminCommandError("42704", f"no fault rule {rule_id}")
+    session.audit("clear_fault", id=rule_id)
+    return Result("CLEAR")

@@ -9,6 +9,7 @@ import time
 import asyncpg
 import psycopg
 import pytest
+from console_client import ADMIN_TOML, psql, psql_rows
 
 from pgguard import config as config_mod
 from pgguard.errors import ConfigError
@@ -210,3 +211,29 @@ def test_bad_fault_rule_in_config_names_the_key() -> None:
         config_mod.loads('[faults]\nrules = ["REJECT NEXT zero"]', "pgguard.toml")
     assert info.value.key == "faults.rules"
     assert "NEXT needs a number" in info.value.problem
+
+
+async def test_console_inject_show_and_clear(guard) -> None:
+    g = await guard(ADMIN_TOML)
+    rows = await psql_rows(g.port, "INJECT REJECT NEXT 1 ROLE app SQLSTATE 57p03")
+    assert rows == [
+        {"id": "1", "rule": "REJECT NEXT 1 ROLE app SQLSTATE 57P03", "state": "live", "fired": "0"}
+    ]
+    with pytest.raises(asyncpg.CannotConnectNowError, match="shutting down"):
+        await _connect(g)
+    await psql_rows(g.port, "INJECT REJECT")  # every client, yet the console stays reachable
+    rows = await psql_rows(g.port, "SHOW FAULTS")
+    assert [(r["id"], r["fired"], r["state"], r["source"], r["remaining"]) for r in rows] == [
+        ("1", "1", "spent", "console", "0"),
+        ("2", "0", "live", "console", ""),
+    ]
+    code, _, err = await psql(g.port, "INJECT REJECT NEXT zero")
+    assert code != 0 and "NEXT needs a number" in err
+    code, _, err = await psql(g.port, "CLEAR FAULT 2", "CLEAR FAULT 2")
+    assert code != 0 and "no fault rule 2" in err
+    assert [r["id"] for r in await psql_rows(g.port, "SHOW FAULTS")] == ["1"]
+    code, out, err = await psql(g.port, "CLEAR FAULTS")
+    assert code == 0, err
+    assert await psql_rows(g.port, "SHOW FAULTS") == []
+    conn = await _connect(g)
+    await conn.close()
