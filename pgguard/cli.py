@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, tls
 from . import config as config_mod
 from .errors import ConfigError
 
@@ -26,6 +26,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         cfg = config_mod.load(args.config)
+        tls.load(cfg)  # certificate and key files readable and matching
     except ConfigError as exc:
         print(f"pgguard: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -39,6 +40,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.file)
+        tls.load(cfg)
     except ConfigError as exc:
         print(f"pgguard: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -33,8 +33,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final, cast
 
-from . import wire
-from .errors import BackendUnavailable, PgGuardError, ProtocolViolation
+from . import tls, wire
+from .errors import BackendUnavailable, EncryptionRequired, PgGuardError, ProtocolViolation
 from .limits import Ticket, Waiter
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ MAX_EARLY_DATA: Final = 64 * 1024
 # pauses; under LOW it resumes. Bounds memory per session at about HIGH per direction.
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
+# Seconds a closing TLS client gets to answer our close_notify before the socket is dropped.
+TLS_SHUTDOWN_TIMEOUT: Final = 5.0
 
 _ids = itertools.count(1)
 
@@ -94,6 +96,14 @@ class ClientConnection(asyncio.Protocol):
         self._backend_proto: _BackendAuth | None = None
         self._ssl_asked = False
         self._gss_asked = False
+        # TLS (see tls.py): client_tls is what this client negotiated (None: clear). While
+        # _handshake runs, self.transport is still the raw socket: nothing may be written to
+        # it, and decrypted bytes that arrive before the task swaps transports wait in
+        # _tls_early. _hello collects a direct-TLS ClientHello before the handshake starts.
+        self.client_tls: tls.ClientTLS | None = None
+        self._handshake: asyncio.Task[None] | None = None
+        self._tls_early = bytearray()
+        self._hello: bytearray | None = None
         self._client_gone = False
         self._backend_gone = False
 
@@ -130,6 +140,11 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             if self.state is State.STARTUP:
+                if self._handshake is not None:
+                    self._tls_early += data
+                    if len(self._tls_early) > wire.MAX_STARTUP_PACKET_LENGTH:
+                        raise ProtocolViolation("invalid length of startup packet", silent=True)
+                    return
                 self._startup_data(data)
             elif self.state is State.AUTH:
                 self.bytes_in += len(data)
@@ -148,6 +163,14 @@ class ClientConnection(asyncio.Protocol):
     def _startup_data(self, data: bytes) -> None:
         reader = self._reader
         assert reader is not None
+        if self._hello is not None or (
+            data[0] == tls.TLS_HANDSHAKE_RECORD
+            and reader.buffered == 0
+            and not (self._ssl_asked or self._gss_asked)
+            and self.server.client_tls is not None
+        ):
+            self._direct_tls(data)
+            return
         reader.feed(data)
         while self.state is State.STARTUP:
             packet = reader.next_packet()
@@ -160,6 +183,7 @@ class ClientConnection(asyncio.Protocol):
                     raise ProtocolViolation("duplicate SSLRequest")
                 self._ssl_asked = True
                 self._answer_ssl_request()
+                return
             elif isinstance(packet, wire.GSSENCRequest):
                 if self._gss_asked:
                     raise ProtocolViolation("duplicate GSSENCRequest")
@@ -171,8 +195,89 @@ class ClientConnection(asyncio.Protocol):
                 return
 
     def _answer_ssl_request(self) -> None:
-        """Without TLS configured, PostgreSQL's answer is the single byte ``N``."""
-        self._write(wire.SSL_NOT_SUPPORTED)
+        """``S`` and a TLS handshake when client TLS is on; otherwise PostgreSQL's ``N``."""
+        if self.server.client_tls is None:
+            self._write(wire.SSL_NOT_SUPPORTED)
+            return
+        self._write(tls.SSL_ACCEPTED)
+        reader = self._reader
+        assert reader is not None
+        if reader.buffered:
+            # Bytes sent after SSLRequest, before the handshake, were not encrypted and may
+            # have been injected by a man in the middle; PostgreSQL says so in clear and closes.
+            raise ProtocolViolation("received unencrypted data after SSL request")
+        self._start_tls(b"")
+
+    def _direct_tls(self, data: bytes) -> None:
+        """PostgreSQL 17 direct TLS: collect the ClientHello, check its ALPN offer, upgrade."""
+        hello_bytes = self._hello = (self._hello or bytearray()) + data
+        hello = tls.parse_client_hello(hello_bytes)  # ProtocolViolation(silent) on garbage
+        if hello is wire.NEED_DATA:
+            return
+        assert isinstance(hello, tls.ClientHello)
+        refusal = tls.direct_tls_refusal(hello)
+        if refusal is not None:
+            reason, reply = refusal
+            log.info("event=tls_refused client=%s reason=%r", self.peer, reason)
+            if reply:
+                self._write(reply)
+            self._close()
+            return
+        self._hello = None
+        self._start_tls(bytes(hello_bytes))
+
+    def _start_tls(self, initial: bytes) -> None:
+        """Run the TLS handshake on the client socket; ``initial``: TLS bytes already read."""
+        client_tls = self.server.client_tls
+        transport = self.transport
+        assert client_tls is not None and transport is not None
+        # Not one more byte for this protocol: what follows belongs to the TLS layer.
+        transport.pause_reading()
+        loop = self.server.loop
+        self._handshake = loop.create_task(self._tls_handshake(transport, client_tls))
+        if initial:
+            # The task's first step (already scheduled) makes start_tls's SSL protocol the
+            # transport's protocol; this callback runs right after it and hands that protocol
+            # the bytes this one consumed, before the transport resumes reading.
+            loop.call_soon(_replay, transport, self, initial)
+
+    async def _tls_handshake(self, raw: asyncio.Transport, client_tls: tls.ClientTLS) -> None:
+        loop = self.server.loop
+        try:
+            transport = await loop.start_tls(
+                raw,
+                self,
+                client_tls.context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.config.server.client_login_timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+            )
+        except asyncio.CancelledError:
+            self._handshake = None
+            raw.abort()
+            self.client_lost()
+            raise
+        except Exception as exc:  # the per-connection boundary: a failed handshake ends it
+            self._handshake = None
+            log.debug("event=tls_handshake_failed client=%s error=%r", self.peer, exc)
+            raw.abort()
+            self.client_lost()
+            return
+        self._handshake = None
+        if transport is None:  # asyncio: the socket closed cleanly during the handshake
+            raw.abort()
+            self.client_lost()
+            return
+        if self._client_gone or transport.is_closing():
+            transport.abort()
+            self.client_lost()
+            return
+        self.transport = cast(asyncio.Transport, transport)
+        self.client_tls = client_tls
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if self._tls_early:
+            early, self._tls_early = bytes(self._tls_early), bytearray()
+            self.data_received(early)
 
     def _startup_message(self, packet: wire.StartupMessage) -> None:
         self._cancel_timer()
@@ -181,6 +286,10 @@ class ClientConnection(asyncio.Protocol):
         assert reader is not None
         self._early += reader.take_rest()
         self._reader = None
+        if self.client_tls is None and self.server.config.tls.client_mode == "require":
+            # A hostssl-only server's answer to a client without TLS, before anything else.
+            host = self.peer.rpartition(":")[0] or self.peer
+            raise EncryptionRequired(host, packet.user, packet.database)
         if self.server.wants_admin(packet):
             # The admin console takes the socket over (transport.set_protocol); this object
             # is done and holds nothing.
@@ -251,6 +360,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self.backend = transport
         self._backend_proto = proto
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            proto.strip_channel_binding = tls.strip_needed(
+                None if self.client_tls is None else self.client_tls.certificate,
+                ssl_object.getpeercert(binary_form=True),
+            )
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.state = State.AUTH
         assert self.startup is not None
@@ -364,6 +479,8 @@ class ClientConnection(asyncio.Protocol):
         self._close()
 
     def _write(self, data: bytes) -> None:
+        if self._handshake is not None:
+            return  # the raw socket belongs to the TLS layer now: never write clear bytes
         if self.transport is not None and not self.transport.is_closing():
             self.bytes_out += len(data)
             self.transport.write(data)
@@ -374,28 +491,42 @@ class ClientConnection(asyncio.Protocol):
 
 
 class _BackendAuth(asyncio.Protocol):
-    """The backend side until the first ReadyForQuery: relay unchanged, frame to watch."""
+    """The backend side until the first ReadyForQuery: relay unchanged, frame to watch.
+
+    With ``strip_channel_binding`` set (a TLS server whose SASL list the client must not
+    see whole, see tls.py) the framed messages are forwarded instead of the raw chunks,
+    AuthenticationSASL rewritten, until ReadyForQuery; the common path stays raw.
+    """
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
         self.reader = wire.MessageReader()
+        self.strip_channel_binding = False
 
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client.state is State.AUTH and not client._client_gone:
             client._cancel_timer()  # the server answered: connect_timeout no longer applies
-        if client.transport is not None and not client._client_gone:
-            client.bytes_out += len(data)
-            client.transport.write(data)
+        framed = self.strip_channel_binding
+        if not framed:
+            self._forward(data)
         reader = self.reader
         reader.feed(data)
+        out: list[bytes] = []
         try:
             while True:
                 message = reader.next_message()
                 if message is wire.NEED_DATA:
-                    return
+                    break
                 tag, body = message
+                if framed:
+                    if tag == b"R":
+                        body = tls.strip_channel_binding(body)
+                    out.append(wire.build_message(tag, body))
                 if tag == b"Z":
+                    if framed:
+                        out.append(reader.take_rest())
+                        self._forward(b"".join(out))
                     client.ready_for_query()
                     return
                 if tag == b"K":
@@ -406,6 +537,15 @@ class _BackendAuth(asyncio.Protocol):
         except ProtocolViolation as exc:
             log.warning("event=backend_protocol_error client=%s error=%r", client, exc.message)
             client.fail(exc)
+            return
+        if out:
+            self._forward(b"".join(out))
+
+    def _forward(self, data: bytes) -> None:
+        client = self.client
+        if client.transport is not None and not client._client_gone:
+            client.bytes_out += len(data)
+            client.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.backend_lost()
@@ -468,6 +608,29 @@ class _Pump(asyncio.Protocol):
             self.session.client_lost()
         else:
             self.session.backend_lost()
+
+
+def _replay(transport: asyncio.Transport, before: asyncio.BaseProtocol, data: bytes) -> None:
+    """Hand ``data`` to the protocol start_tls installed on ``transport``, as if just read.
+
+    asyncio's and uvloop's SSL protocols are buffered protocols (get_buffer/buffer_updated);
+    a plain protocol gets data_received.
+    """
+    proto = transport.get_protocol()
+    if proto is before or transport.is_closing():
+        transport.abort()  # start_tls did not take over; its task ends the connection
+        return
+    get_buffer = getattr(proto, "get_buffer", None)
+    if get_buffer is None:
+        proto.data_received(data)  # type: ignore[attr-defined]
+        return
+    view = memoryview(data)
+    while view:
+        buffer = get_buffer(len(view))
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        proto.buffer_updated(n)  # type: ignore[attr-defined]
+        view = view[n:]
 
 
 # ReadyForQuery: 'Z', Int32 5, then the transaction status byte.

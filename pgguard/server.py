@@ -186,6 +186,8 @@ class Server:
             client_tls, backend_tls = tls.load(new)
         except ConfigError as exc:  # an unreadable certificate keeps the old one in force
             log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
+            self.stats.reload_failures += 1
+            self.reload_error = exc.message
             return False
         self.client_tls, self.backend_tls = client_tls, backend_tls
         old, self.config = self.config, new

@@ -75,7 +75,9 @@ def load(toml: str) -> config_mod.Config:
 
 
 def test_client_hello_alpn_offer_is_read() -> None:
-    assert tls.parse_client_hello(HELLO_PG) == tls.ClientHello(alpn=("postgresql",), length=len(HELLO_PG))
+    assert tls.parse_client_hello(HELLO_PG) == tls.ClientHello(
+        alpn=("postgresql",), length=len(HELLO_PG)
+    )
     assert tls.parse_client_hello(HELLO_H2).alpn == ("h2", "http/1.1")
     assert tls.parse_client_hello(HELLO_NONE).alpn is None
 
@@ -161,7 +163,9 @@ def test_unterminated_sasl_list_is_a_protocol_violation() -> None:
         tls.strip_channel_binding(struct.pack("!i", 10) + b"SCRAM-SHA-256-PLUS")
 
 
-@given(st.lists(st.sampled_from([b"SCRAM-SHA-256", b"SCRAM-SHA-256-PLUS", b"X-PLUS", b"OAUTHBEARER"])))
+@given(
+    st.lists(st.sampled_from([b"SCRAM-SHA-256", b"SCRAM-SHA-256-PLUS", b"X-PLUS", b"OAUTHBEARER"]))
+)
 def test_strip_keeps_exactly_the_non_plus_mechanisms(mechanisms: list[bytes]) -> None:
     out = tls.strip_channel_binding(sasl_body(*mechanisms))
     assert out == sasl_body(*[m for m in mechanisms if not m.endswith(b"-PLUS")])
@@ -184,7 +188,9 @@ def test_ssl_response_follows_libpq() -> None:
     assert tls.read_ssl_response(b"S", "require") is True
     assert tls.read_ssl_response(b"N", "prefer") is False
     for mode in ("require", "verify-ca", "verify-full"):
-        with pytest.raises(BackendUnavailable, match="server does not support SSL, but SSL was required"):
+        with pytest.raises(
+            BackendUnavailable, match="server does not support SSL, but SSL was required"
+        ):
             tls.read_ssl_response(b"N", mode)
     with pytest.raises(BackendUnavailable, match="invalid response to SSL negotiation"):
         tls.read_ssl_response(b"E", "prefer")
@@ -256,7 +262,9 @@ def test_client_context_off_without_certificate_or_when_disabled(pki: dict[str, 
         ("server.crt", "other.key", "tls.key_file"),  # does not match the certificate
     ],
 )
-def test_bad_certificate_files_name_their_key(pki: dict[str, Path], cert: str, key: str, bad_key: str) -> None:
+def test_bad_certificate_files_name_their_key(
+    pki: dict[str, Path], cert: str, key: str, bad_key: str
+) -> None:
     d = pki["ca.crt"].parent
     cfg = load(f'[tls]\ncert_file = "{d / cert}"\nkey_file = "{d / key}"\n')
     with pytest.raises(ConfigError) as caught:
@@ -273,7 +281,9 @@ def test_bad_certificate_files_name_their_key(pki: dict[str, Path], cert: str, k
         ("verify-full", ssl.CERT_REQUIRED, True),
     ],
 )
-def test_backend_context_per_sslmode(pki: dict[str, Path], mode: str, verify: ssl.VerifyMode, check_hostname: bool) -> None:
+def test_backend_context_per_sslmode(
+    pki: dict[str, Path], mode: str, verify: ssl.VerifyMode, check_hostname: bool
+) -> None:
     backend = tls.backend_context(load(f'[backend]\nhost = "db.example"\nsslmode = "{mode}"\n'))
     assert backend.context is not None and backend.sslmode == mode
     assert backend.context.verify_mode == verify
@@ -291,7 +301,12 @@ def test_backend_context_details(pki: dict[str, Path]) -> None:
     )
     assert require_ca.context is not None and require_ca.context.verify_mode == ssl.CERT_REQUIRED
     # no SNI for an address, except that verify-full checks it against the certificate
-    assert tls.backend_context(load('[backend]\nhost = "127.0.0.1"\nsslmode = "require"\n')).server_hostname is None
+    assert (
+        tls.backend_context(
+            load('[backend]\nhost = "127.0.0.1"\nsslmode = "require"\n')
+        ).server_hostname
+        is None
+    )
     full = tls.backend_context(load('[backend]\nhost = "127.0.0.1"\nsslmode = "verify-full"\n'))
     assert full.server_hostname == "127.0.0.1"
     with pytest.raises(ConfigError) as caught:
