@@ -86,13 +86,13 @@ def test_user_suite_passes_and_fails_as_it_should(
     # A DSN is given: the plugin must not start a throwaway cluster.
     monkeypatch.setattr(PostgresCluster, "start", _no_cluster)
     pytester.makeini(INI)
-    pytester.makepyfile(test_user=USER_SUITE)
+    pytester.makepyfile(test_pytester_user=USER_SUITE)
     result = pytester.runpytest("--pgguard-backend-dsn", pg.dsn("app"), "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4, failed=1)
     result.stdout.fnmatch_lines(
         [
             '*TooManyConnectionsError: too many connections for role "app"',
-            "FAILED test_user.py::test_app_without_retry_fails*",
+            "FAILED test_pytester_user.py::test_app_without_retry_fails*",
         ]
     )
 
@@ -102,7 +102,7 @@ def test_backend_dsn_from_the_environment(pytester: pytest.Pytester, pg, monkeyp
     monkeypatch.setenv("PGGUARD_BACKEND_DSN", pg.dsn("other", "limdb"))
     pytester.makeini(INI)
     pytester.makepyfile(
-        test_env="""
+        test_pytester_env="""
         import psycopg
 
         def test_it(pgguard):
@@ -119,7 +119,7 @@ def test_loading_the_plugin_starts_nothing(pytester: pytest.Pytester, monkeypatc
     monkeypatch.setattr(PostgresCluster, "start", _no_cluster)
     monkeypatch.delenv("PGGUARD_BACKEND_DSN", raising=False)
     pytester.makeini(INI)
-    pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    pytester.makepyfile(test_pytester_plain="def test_plain():\n    assert True\n")
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
@@ -127,7 +127,7 @@ def test_throwaway_cluster_when_no_dsn_is_given(pytester: pytest.Pytester, monke
     monkeypatch.delenv("PGGUARD_BACKEND_DSN", raising=False)
     pytester.makeini(INI)
     pytester.makepyfile(
-        test_cluster="""
+        test_pytester_cluster="""
         import asyncpg
         import pytest
 
