@@ -335,7 +335,7 @@ def _show_queues(session: AdminSession, m: re.Match[str]) -> Result:
 
 
 # Rejection reasons always listed, even at zero (others appear once counted).
-_REASONS: Final = ("limit", "max_queue", "queue_timeout", "shutdown")
+_REASONS: Final = ("limit", "max_queue", "queue_timeout", "shutdown", "fault")
 
 
 @command(

@@ -139,10 +139,10 @@ class ServerCollector(Collector):
         rejections = CounterMetricFamily(
             "pgguard_rejections",
             "Clients refused, by reason (limit: policy reject; max_queue; queue_timeout; "
-            "shutdown: draining).",
+            "shutdown: draining; fault: an injected fault rule).",
             labels=["reason"],
         )
-        reasons = {"limit": 0, "max_queue": 0, "queue_timeout": 0, "shutdown": 0}
+        reasons = {"limit": 0, "max_queue": 0, "queue_timeout": 0, "shutdown": 0, "fault": 0}
         reasons.update(st.rejections)
         for reason, n in sorted(reasons.items()):
             rejections.add_metric([reason], n)
