@@ -183,7 +183,8 @@ class FaultRule:
 
 
 def _num(value: float) -> str:
-    return f"{value:g}"
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)  # short, and exact when it must be
 
 
 def _quote(text: str) -> str:
