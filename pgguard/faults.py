@@ -425,7 +425,7 @@ class Faults:
 
     def _rows(self) -> list[tuple[int, str, str, str, str, int, str, str, str]]:
         """SHOW FAULTS: ``rows()`` with the rule's source before its text."""
-        out = []
+        out: list[tuple[int, str, str, str, str, int, str, str, str]] = []
         for r in self.rules:
             if r.kind == "terminate" or r.count is None:
                 remaining = ""
