@@ -260,6 +260,18 @@ async def test_client_mode_disable_answers_n(guard, certs: Certs) -> None:
         await pq(g, sslmode="require")
 
 
+async def test_admin_console_over_tls(guard, certs: Certs) -> None:
+    g = await guard(guard_toml(certs, extra='[admin]\nusers = ["admin"]\nauth = "trust"\n'))
+    code, out, err = await psql(
+        g,
+        f"user=admin dbname=pgguard sslmode=verify-full sslrootcert={certs.ca}",
+        r"\conninfo",
+        "SHOW STATS",
+    )
+    assert code == 0, err
+    assert "SSL connection (protocol: TLSv1." in out and "admissions" in out
+
+
 # ---------------------------------------------------------------- client_mode = require
 
 
@@ -513,19 +525,31 @@ async def test_silent_client_after_s_is_closed_at_login_timeout(guard, certs: Ce
     await await_until(lambda: not g.server.clients, timeout=TIMEOUT, what="the client to be gone")
 
 
-async def test_cancel_from_a_tls_client(guard, certs: Certs) -> None:
-    """libpq 17+ sends its CancelRequest inside TLS too (SSLRequest first); both arrive."""
+async def test_cancel_from_a_tls_client(guard, pg, certs: Certs) -> None:
+    """libpq 17+ (PQcancelCreate) sends its CancelRequest inside TLS, after an SSLRequest."""
     g = await guard(guard_toml(certs))
+    closed: list[tuple[bool, bool]] = []  # (had TLS, sent a StartupMessage) per closed client
+    client_closed = g.server.client_closed
+
+    def record(client) -> None:
+        closed.append((client.client_tls is not None, client.startup is not None))
+        client_closed(client)
+
+    g.server.client_closed = record
     conn = await pq(g, sslmode="require")
     query = asyncio.create_task(conn.execute("SELECT pg_sleep(60)"))
-    await await_until(
-        lambda: any(c.bytes_in > 0 for c in g.server.clients.values()), timeout=TIMEOUT,
-        what="the query to reach pgguard",
-    )  # fmt: skip
+
+    async def sleeping() -> bool:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'"
+        return await asyncio.to_thread(pg.psql, sql) == "1"
+
+    await await_until(sleeping, timeout=TIMEOUT, what="the query to run on the server")
     await conn.cancel_safe(timeout=TIMEOUT)
     with pytest.raises(psycopg.errors.QueryCanceled):
         await asyncio.wait_for(query, TIMEOUT)
     assert g.server.stats.cancels_forwarded == 1
+    if LIBPQ_DIRECT_TLS:  # libpq 17+: the cancel connection was TLS too
+        assert (True, False) in closed
     await conn.close()
 
 
