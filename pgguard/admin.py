@@ -680,8 +680,12 @@ class AdminSession(asyncio.Protocol):
             return
         timeout = self.server.config.server.client_login_timeout
         self._timer = self.server.loop.call_later(timeout, self._login_timeout)
-        verifier = admin_verifier(admin) if allowed else None
-        self._auth.exchange = scram.ScramServer(self.user, verifier)
+        real = admin_verifier(admin)
+        self._auth.exchange = scram.ScramServer(
+            self.user,
+            real if allowed else None,
+            mock_iterations=real.iterations if real else scram.DEFAULT_ITERATIONS,
+        )
         mechanisms = scram.MECHANISM.encode() + b"\x00\x00"
         self._send(wire.build_message(b"R", _INT32.pack(_AUTH_SASL) + mechanisms))
         if early:
@@ -727,7 +731,7 @@ class AdminSession(asyncio.Protocol):
         try:
             while not self._closed:
                 message = self._reader.next_message()
-                if message is wire.NEED_DATA:
+                if not isinstance(message, tuple):  # NEED_DATA
                     return
                 tag, body = message
                 if not self.authenticated:

@@ -268,7 +268,7 @@ class MetricsServer:
             started = time.perf_counter()
             body, content_type = self.render(headers.get("accept", ""))
             log.debug("event=scrape seconds=%.4f bytes=%d", time.perf_counter() - started, len(body))
-            await _respond(writer, 200, b"" if parts[0] == "HEAD" else body, content_type)
+            await _respond(writer, 200, body, content_type, head_only=parts[0] == "HEAD")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
             pass
         finally:
@@ -280,12 +280,14 @@ class MetricsServer:
 _REASONS: Final = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}
 
 
-async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str) -> None:
+async def _respond(
+    writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str, *, head_only: bool = False
+) -> None:
     head = (
         f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
         f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     )
-    writer.write(head.encode("latin-1") + body)
+    writer.write(head.encode("latin-1") + (b"" if head_only else body))
     await writer.drain()

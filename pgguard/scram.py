@@ -146,20 +146,26 @@ def client_proof(password: str, salt: bytes, iterations: int, auth_message: byte
     return bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
 
 
-def mock_verifier(user: str) -> Verifier:
+def mock_verifier(user: str, iterations: int = DEFAULT_ITERATIONS) -> Verifier:
     """A stable fake verifier for ``user`` that no password matches."""
     salt = _hmac(_MOCK_SECRET, b"salt " + user.encode("utf-8", "surrogateescape"))[:SALT_LENGTH]
     key = _hmac(_MOCK_SECRET, b"key " + user.encode("utf-8", "surrogateescape"))
-    return Verifier(DEFAULT_ITERATIONS, salt, key, key)
+    return Verifier(iterations, salt, key, key)
 
 
 class ScramServer:
-    """One SCRAM-SHA-256 exchange. ``verifier`` None means: fail at the proof whatever is sent."""
+    """One SCRAM-SHA-256 exchange. ``verifier`` None means: fail at the proof whatever is sent.
 
-    def __init__(self, user: str, verifier: Verifier | None) -> None:
+    ``mock_iterations`` is the iteration count the mock exchange announces; pass the real
+    verifier's, so that the count does not tell real users from others either.
+    """
+
+    def __init__(
+        self, user: str, verifier: Verifier | None, *, mock_iterations: int = DEFAULT_ITERATIONS
+    ) -> None:
         self.user = user
         self._real = verifier is not None
-        self._verifier = verifier if verifier is not None else mock_verifier(user)
+        self._verifier = verifier if verifier is not None else mock_verifier(user, mock_iterations)
         self._client_first_bare = ""
         self._server_first = ""
         self._gs2_header = ""

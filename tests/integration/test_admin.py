@@ -295,6 +295,18 @@ async def test_psycopg_cursors_work_without_autocommit(guard) -> None:
             assert [d.name for d in cur.description][:3] == ["kind", "name", "limit"]
 
 
+async def test_asyncpg_with_its_statement_cache_uses_named_statements(guard) -> None:
+    g = await guard(ADMIN_TOML)
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=g.port, user="admin", database="pgguard", password=ADMIN_PASSWORD
+    )
+    for _ in range(3):  # prepared once as __asyncpg_stmt_N__, then re-bound
+        rows = await conn.fetch("SHOW STATS")
+        assert rows[0]["stat"] == "uptime_seconds"
+    assert await conn.fetchval("SHOW LIMITS") == "total"
+    await conn.close()
+
+
 # --- raw protocol: what no driver sends -----------------------------------------------------
 
 

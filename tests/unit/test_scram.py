@@ -125,3 +125,8 @@ def test_saslprep(password: str, prepared: bytes) -> None:
 def test_any_password_logs_in_with_its_own_verifier(password: str) -> None:
     v = scram.make_verifier(password, iterations=1)
     assert _login(scram.ScramServer("u", v), password).startswith(b"v=")
+
+
+def test_mock_exchange_announces_the_real_iteration_count() -> None:
+    first = scram.ScramServer("nobody", None, mock_iterations=10000).first(b"n,,n=,r=abc")
+    assert first.endswith(b",i=10000")
