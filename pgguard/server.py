@@ -524,8 +524,12 @@ class Server:
     def _control_reloaded(self, old: Config) -> None:
         new = self.config
         check_admin_config(new, log_event)
-        if new.metrics != old.metrics:
-            log_event(logging.WARNING, "reload_needs_restart", key="metrics.listen")
+        for key, changed in (
+            ("server.listen", new.server.listen != old.server.listen),
+            ("metrics.listen", new.metrics != old.metrics),
+        ):
+            if changed:  # bound sockets stay as they are until a restart
+                log_event(logging.WARNING, "reload_needs_restart", key=key)
 
         def mirror_keys(c: Config) -> tuple[object, ...]:
             return (c.limits.mirror_catalog, c.limits.mirror_interval, c.backend.monitor_dsn)

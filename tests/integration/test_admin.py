@@ -157,6 +157,22 @@ async def test_bad_file_on_reload_keeps_old_config_and_says_why(tmp_path, pg) ->
         await asyncio.gather(conn.close(), console.close())
 
 
+async def test_reload_of_listen_addresses_says_a_restart_is_needed(tmp_path, pg, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="pgguard")
+    path = write_config(tmp_path / "pgguard.toml", pg, ADMIN_TOML)
+    async with file_server(path) as server:
+        path.write_text(path.read_text().replace('"127.0.0.1:0"', '"127.0.0.1:1"') + METRICS_ON)
+        console = await admin_connect(server.port)
+        await console.execute("RELOAD")  # still reached on the old port
+        assert "event=reload_needs_restart key=server.listen" in caplog.text
+        assert "event=reload_needs_restart key=metrics.listen" in caplog.text
+        assert server.metrics is None
+        await console.close()
+
+
+METRICS_ON = '[metrics]\nlisten = "127.0.0.1:0"\n'
+
+
 async def test_set_commands_change_limits_and_policy(guard) -> None:
     g = await guard(ADMIN_TOML + '[limits]\npolicy = "reject"\n')
     console = await admin_connect(g.port)

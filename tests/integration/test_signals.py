@@ -143,6 +143,7 @@ async def test_sighup_reloads_and_a_bad_file_keeps_the_old_config(tmp_path, pg) 
             lambda: "event=reload_failed" in p.log_text, timeout=20, what="the failed reload's log"
         )
         assert f"file={p.path}" in p.log_text and "key=roles.app.max_connections" in p.log_text
+        assert "event=reload_needs_restart" not in p.log_text
         assert (await p.stats())["clients_waiting"] == "1"  # old config still in force
         p.path.write_text(text.replace("max_connections = 0", "max_connections = 1"))
         p.signal(signal.SIGHUP)
