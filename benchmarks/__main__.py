@@ -70,6 +70,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if args.strict and missed else 0
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    """Start the three targets and wait (for profiling by hand: py-spy, perf, pgbench)."""
+    import signal
+
+    with Stack(with_pgbouncer=not args.no_pgbouncer, log_level=args.log_level) as stack:
+        for t in stack.targets.values():
+            print(f"{t.name}: host=127.0.0.1 port={t.port} pid={t.pid or '-'} "
+                  f"(pgbench -h 127.0.0.1 -p {t.port} -U bench bench)", flush=True)
+        print("Ctrl-C or SIGTERM stops everything.", flush=True)
+
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pathlib import Path
 
@@ -86,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     run.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     run.set_defaults(func=cmd_run)
+    stack = sub.add_parser("stack", help="start PostgreSQL, PgBouncer and pgguard and wait (profiling)")
+    stack.add_argument("--no-pgbouncer", action="store_true")
+    stack.add_argument("--log-level", default="info")
+    stack.set_defaults(func=cmd_stack)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

@@ -50,6 +50,11 @@ WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 IDLE_SWEEP_MIN: Final = 0.05
 IDLE_SWEEP_MAX: Final = 5.0
 IDLE: Final = ord("I")  # ReadyForQuery status: idle, not in a transaction
+# Under a flood of rejections a log line per client costs more than the rejection itself
+# (a third of its CPU, measured) and floods the log: the first rejection per (role,
+# database, reason) in each window is logged in full, the rest are counted and logged as
+# one `reject_summary` line when the window ends.
+REJECT_LOG_WINDOW: Final = 1.0
 
 
 def log_event(level: int, event: str, **fields: object) -> None:
@@ -141,6 +146,9 @@ class Server:
         self.metrics: Any = None  # metrics.MetricsServer, imported only when configured
         self.mirror: Any = None  # mirror.CatalogMirror, likewise
         self._idle_sweep: asyncio.TimerHandle | None = None
+        # (role, database, reason) -> rejections not logged yet in this window (see _reject).
+        self._reject_counts: dict[tuple[str, str, str], int] = {}
+        self._reject_window: asyncio.TimerHandle | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -254,6 +262,9 @@ class Server:
         await self._stop_control()
         if self._queue_timer is not None:
             self._queue_timer.cancel()
+        if self._reject_window is not None:
+            self._reject_window.cancel()
+            self._end_reject_window()
         for listener in self._listeners:
             with contextlib.suppress(Exception):
                 await listener.wait_closed()
@@ -311,17 +322,44 @@ class Server:
         self.stats.rejections[rejection.cause] += 1
         if rejection.cause == "queue_timeout":
             self.stats.queue_timeouts += 1
-        log_event(
-            logging.INFO,
-            "reject",
-            role=client.role,
-            database=client.database,
-            limit=rejection.limit.value,
-            value=rejection.value,
-            reason=rejection.cause,
-            client=client.peer,
-        )
+        if log.isEnabledFor(logging.INFO):
+            key = (client.role, client.database, rejection.cause)
+            unlogged = self._reject_counts.get(key)
+            if unlogged is not None:
+                self._reject_counts[key] = unlogged + 1
+            else:
+                self._reject_counts[key] = 0
+                log_event(
+                    logging.INFO,
+                    "reject",
+                    role=client.role,
+                    database=client.database,
+                    limit=rejection.limit.value,
+                    value=rejection.value,
+                    reason=rejection.cause,
+                    client=client.peer,
+                )
+                if self._reject_window is None:
+                    self._reject_window = self.loop.call_later(
+                        REJECT_LOG_WINDOW, self._end_reject_window
+                    )
         client.reject(rejection.error(with_detail=self.config.errors.detail))
+
+    def _end_reject_window(self) -> None:
+        """Log how many rejections per (role, database, reason) went unlogged in the window."""
+        self._reject_window = None
+        counts, self._reject_counts = self._reject_counts, {}
+        for (role, database, reason), unlogged in counts.items():
+            if unlogged:
+                log_event(
+                    logging.INFO,
+                    "reject_summary",
+                    role=role,
+                    database=database,
+                    reason=reason,
+                    count=unlogged,
+                    seconds=REJECT_LOG_WINDOW,
+                )
 
     def release(self, ticket: Ticket) -> None:
         """A session's backend is gone: free its slots and admit whoever now fits."""
