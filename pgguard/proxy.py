@@ -259,7 +259,7 @@ class ClientConnection(asyncio.Protocol):
             raise
         except Exception as exc:  # the per-connection boundary: a failed handshake ends it
             self._handshake = None
-            log.debug("event=tls_handshake_failed client=%s error=%r", self.peer, exc)
+            log.info("event=tls_handshake_failed client=%s error=%r", self.peer, exc)
             raw.abort()
             self.client_lost()
             return
@@ -272,7 +272,7 @@ class ClientConnection(asyncio.Protocol):
             transport.abort()
             self.client_lost()
             return
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = transport
         self.client_tls = client_tls
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         if self._tls_early:

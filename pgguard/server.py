@@ -415,25 +415,24 @@ class Server:
         assert isinstance(answer, _SSLAnswer)
         try:
             raw.write(tls.SSL_REQUEST)
+            upgraded: asyncio.Transport | None = raw  # prefer, and the server said N: clear
             if tls.read_ssl_response(await answer.byte, backend_tls.sslmode):
-                transport = await self.loop.start_tls(
+                upgraded = await self.loop.start_tls(
                     raw,
                     answer,
                     backend_tls.context,
                     server_hostname=backend_tls.server_hostname,
                     ssl_handshake_timeout=cfg.connect_timeout,
                 )
-            else:
-                transport = raw  # prefer, and the server said N: on in clear
-            if transport.is_closing():
+            if upgraded is None or upgraded.is_closing():
                 raise ConnectionResetError("server closed the connection during SSL negotiation")
         except BaseException:
             raw.abort()
             raise
         proto = factory()
-        transport.set_protocol(proto)
-        proto.connection_made(transport)
-        return transport, proto
+        upgraded.set_protocol(proto)
+        proto.connection_made(upgraded)
+        return upgraded, proto
 
     def dial_failed(self, client: ClientConnection, reason: str) -> None:
         self.stats.dial_failures += 1

@@ -321,7 +321,8 @@ def client_context(config: Config) -> ClientTLS | None:
         raise ConfigError(
             config.path,
             "tls.key_file",
-            f"cannot use {cfg.key_file} with {cfg.cert_file}: {_why(exc)}",
+            f"cannot use {cfg.key_file} with {cfg.cert_file}: "
+            f"{_why(exc, 'not a PEM key, or a passphrase-protected one')}",
         ) from None
     return ClientTLS(context=ctx, certificate=certificate)
 
@@ -376,9 +377,10 @@ def _no_passphrase() -> str:
     return ""
 
 
-def _why(exc: OSError) -> str:
+def _why(exc: OSError, unknown: str = "not PEM") -> str:
+    """A short reason; OpenSSL leaves ``reason`` unset for some PEM errors, hence ``unknown``."""
     if isinstance(exc, ssl.SSLError):
-        return exc.reason or "not a PEM key, or a passphrase-protected one"
+        return exc.reason or unknown
     return exc.strerror or str(exc)
 
 

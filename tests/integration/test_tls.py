@@ -231,6 +231,28 @@ async def test_psql_psycopg_asyncpg_over_tls_with_verify_full_and_require(
     await g.wait_idle()
 
 
+async def test_copy_both_ways_through_tls_on_both_sides(guard, tls_pg, certs: Certs) -> None:
+    """About 8 MB each way: the pump and its flow control between two SSL transports."""
+    g = await guard(guard_toml(certs, backend=tls_pg, sslmode="require"))
+    conn = await pq(g, sslmode="require")
+    await conn.execute("CREATE TEMP TABLE sink (n int, pad text)")
+    rows = "SELECT g, repeat('x', 80) FROM generate_series(1, 100000) g"
+    received = 0
+    async with conn.cursor().copy(f"COPY ({rows}) TO STDOUT") as copy:
+        async for chunk in copy:
+            received += len(chunk)
+    assert received == sum(len(f"{n}\t{'x' * 80}\n") for n in range(1, 100001))
+    line = "x" * 80
+    async with conn.cursor().copy("COPY sink FROM STDIN") as copy:
+        for start in range(1, 100001, 1000):
+            await copy.write("".join(f"{n}\t{line}\n" for n in range(start, start + 1000)))
+    cur = await conn.execute("SELECT count(*), sum(length(pad)) FROM sink")
+    assert await cur.fetchone() == (100000, 8000000)
+    assert await server_ssl(conn)
+    await conn.close()
+    await g.wait_idle()
+
+
 async def test_psql_refuses_pgguard_certificate_from_an_unknown_ca(guard, certs: Certs) -> None:
     g = await guard(guard_toml(certs))
     code, _, err = await psql(
@@ -523,6 +545,38 @@ async def test_silent_client_after_s_is_closed_at_login_timeout(guard, certs: Ce
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # closed, no handshake
     writer.close()
     await await_until(lambda: not g.server.clients, timeout=TIMEOUT, what="the client to be gone")
+
+
+async def test_broken_handshakes_leave_nothing_behind(guard, certs: Certs, caplog) -> None:
+    g = await guard(guard_toml(certs))
+    hello = _client_hello_bytes()
+    attempts = [
+        (tls.SSL_REQUEST, b"GET / HTTP/1.1\r\n\r\n"),  # not TLS after S
+        (tls.SSL_REQUEST, hello[: len(hello) // 2]),  # leaves mid-ClientHello
+        (b"", hello[: len(hello) // 2]),  # direct TLS, leaves mid-ClientHello
+        (b"", b"\x16\x03\x01\x00\x02\x15\x00"),  # direct: a record that is no ClientHello
+    ]
+    for request, then in attempts:
+        reader, writer = await asyncio.open_connection("127.0.0.1", g.port)
+        if request:
+            writer.write(request)
+            assert await asyncio.wait_for(reader.readexactly(1), TIMEOUT) == b"S"
+        writer.write(then)
+        await writer.drain()
+        writer.close()
+    await await_until(lambda: not g.server.clients, timeout=TIMEOUT, what="every client to be gone")
+    assert g.server.gate.total_active == 0
+    assert "Traceback" not in caplog.text and "never retrieved" not in caplog.text
+
+
+def _client_hello_bytes() -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_alpn_protocols(["postgresql"])
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
 
 
 async def test_cancel_from_a_tls_client(guard, pg, certs: Certs) -> None:
