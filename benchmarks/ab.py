@@ -48,9 +48,12 @@ async def _measure(kind: str, target: Target, seconds: int) -> tuple[float, floa
     return ops, (u1 - u0) / n * 1e6, (s1 - s0) / n * 1e6
 
 
-def _start(stack: Stack, name: str, tree: Path) -> tuple[_Process, Target]:
+def _start(stack: Stack, name: str, tree: Path, unix: bool = False) -> tuple[_Process, Target]:
     conf = stack.workdir / f"{name}.toml"
-    conf.write_text(stack.pgguard_config())
+    text = stack.pgguard_config()
+    if unix:  # the server's Unix-domain socket directory instead of its TCP address
+        text = text.replace(f'host = "{stack.pg.host}"', f'host = "{stack.pg.socket_dir}"')
+    conf.write_text(text)
     env = clean_env()
     env["PYTHONPATH"] = str(tree)
     proc = _Process(name, [sys.executable, "-m", "pgguard", "run", "-c", str(conf)],
@@ -59,8 +62,10 @@ def _start(stack: Stack, name: str, tree: Path) -> tuple[_Process, Target]:
     return proc, Target(name, "127.0.0.1", stack.guard_port(proc), proc.pid)
 
 
-async def _main(stack: Stack, trees: dict[str, Path], kinds: list[str], rounds: int, seconds: int) -> None:
-    targets = {name: _start(stack, name, tree)[1] for name, tree in trees.items()}
+async def _main(
+    stack: Stack, trees: dict[str, Path], kinds: list[str], rounds: int, seconds: int, b_unix: bool
+) -> None:
+    targets = {name: _start(stack, name, tree, b_unix and name == "B")[1] for name, tree in trees.items()}
     for name, t in targets.items():
         exe = os.readlink(f"/proc/{t.pid}/cwd")
         print(f"{name}: pid {t.pid} port {t.port} cwd {exe}")
@@ -98,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--only", default="tps,latency,connect,reject")
+    parser.add_argument("--b-unix", action="store_true", help="B reaches the server by Unix socket")
     args = parser.parse_args(argv)
     with Stack(with_pgbouncer=False) as stack:
         stack.pg.execute(f"ALTER ROLE {REJECT_ROLE} CONNECTION LIMIT -1")
         asyncio.run(_main(stack, {"A": args.a.resolve(), "B": args.b.resolve()},
-                          args.only.split(","), args.rounds, args.seconds))
+                          args.only.split(","), args.rounds, args.seconds, args.b_unix))
     return 0
 
 
