@@ -37,10 +37,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, pgbench_s=args.seconds, reject_s=float(args.seconds))
     started = time.perf_counter()
     machine = machine_info()
-    print(f"pgguard benchmark, {'quick' if args.quick else 'full'} run, {machine['date']}")
+    print(f"pgguard benchmark, {'quick' if args.quick else 'full'} run, {machine['date']}, "
+          f"proxies reach PostgreSQL by {args.backend}")
     print(f"machine: {machine['nproc']} cores ({machine['cpu_model']}), Python {machine['python']}, "
           f"uvloop {machine['uvloop']}, {machine['postgresql']}, {machine['pgbouncer'] or 'no pgbouncer'}")
-    with Stack(with_pgbouncer=not args.no_pgbouncer, log_level=args.log_level) as stack:
+    with Stack(
+        with_pgbouncer=not args.no_pgbouncer, log_level=args.log_level, backend=args.backend
+    ) as stack:
         soft, hard = stack.nofile
         print(f"RLIMIT_NOFILE raised to {soft} (hard {hard}); targets: "
               + ", ".join(f"{t.name}=127.0.0.1:{t.port}" for t in stack.targets.values()), flush=True)
@@ -50,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         notes = list(stack.notes)
     elapsed = time.perf_counter() - started
     machine["elapsed_s"] = round(elapsed, 1)
+    machine["proxies_reach_server_by"] = args.backend
     machine["nofile"] = [soft, hard]
     print()
     print(report.table(rows))
@@ -74,7 +78,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
     """Start the three targets and wait (for profiling by hand: py-spy, perf, pgbench)."""
     import signal
 
-    with Stack(with_pgbouncer=not args.no_pgbouncer, log_level=args.log_level) as stack:
+    with Stack(
+        with_pgbouncer=not args.no_pgbouncer, log_level=args.log_level, backend=args.backend
+    ) as stack:
         for t in stack.targets.values():
             print(f"{t.name}: host=127.0.0.1 port={t.port} pid={t.pid or '-'} "
                   f"(pgbench -h 127.0.0.1 -p {t.port} -U bench bench)", flush=True)
@@ -102,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--reps", type=int, help="repetitions per target (default 3, quick 2)")
     run.add_argument("--seconds", type=int, help="pgbench / hammer duration per repetition")
     run.add_argument("--no-pgbouncer", action="store_true", help="skip the PgBouncer column")
+    run.add_argument("--backend", choices=["unix", "tcp"], default="unix",
+                     help="how both proxies reach PostgreSQL (default unix: the socket directory, "
+                          "as a proxy on the database host is deployed)")
     run.add_argument("--log-level", default="info", help="pgguard's --log-level (default info)")
     run.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
     run.add_argument("--markdown", action="store_true", help="also print the table as markdown")
@@ -110,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack = sub.add_parser("stack", help="start PostgreSQL, PgBouncer and pgguard and wait (profiling)")
     stack.add_argument("--no-pgbouncer", action="store_true")
     stack.add_argument("--log-level", default="info")
+    stack.add_argument("--backend", choices=["unix", "tcp"], default="unix")
     stack.set_defaults(func=cmd_stack)
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -15,6 +15,7 @@ import asyncio
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from .scenarios import LoadGen, pgbench, run_loadgen
@@ -41,18 +42,31 @@ async def _measure(kind: str, target: Target, seconds: int) -> tuple[float, floa
         spec = {"host": target.host, "port": target.port, "user": REJECT_ROLE, "database": "bench",
                 "workers": 32, "duration": seconds, "deadline": 30}
         ops = (await run_loadgen("hammer", spec, timeout=seconds + 60))["rejected_per_s"]
+    elif kind == "copy":
+        ops = await _copy_mb_per_s(target, 200)
     else:
         raise ValueError(kind)
     u1, s1 = _cpu_split(target.pid)
-    n = ops * seconds
+    n = ops * (1 if kind == "copy" else seconds)  # copy: per MB
     return ops, (u1 - u0) / n * 1e6, (s1 - s0) / n * 1e6
+
+
+async def _copy_mb_per_s(target: Target, mb: int) -> float:
+    sql = f"COPY (SELECT repeat('x', 999) FROM generate_series(1, {mb * 1000})) TO STDOUT"
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        "psql", "-X", "-q", "-h", target.host, "-p", str(target.port), "-U", "bench", "-d", "bench",
+        "-c", sql, env=clean_env(), stdout=asyncio.subprocess.DEVNULL,
+    )
+    await proc.wait()
+    return mb / (time.perf_counter() - t0)
 
 
 def _start(stack: Stack, name: str, tree: Path, unix: bool = False) -> tuple[_Process, Target]:
     conf = stack.workdir / f"{name}.toml"
     text = stack.pgguard_config()
     if unix:  # the server's Unix-domain socket directory instead of its TCP address
-        text = text.replace(f'host = "{stack.pg.host}"', f'host = "{stack.pg.socket_dir}"')
+        text = text.replace(f'host = "{stack.backend_host}"', f'host = "{stack.pg.socket_dir}"')
     conf.write_text(text)
     env = clean_env()
     env["PYTHONPATH"] = str(tree)
@@ -103,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--only", default="tps,latency,connect,reject")
-    parser.add_argument("--b-unix", action="store_true", help="B reaches the server by Unix socket")
+    parser.add_argument("--b-unix", action="store_true",
+                        help="B reaches the server by Unix socket (both use loopback TCP otherwise)")
     args = parser.parse_args(argv)
-    with Stack(with_pgbouncer=False) as stack:
+    with Stack(with_pgbouncer=False, backend="tcp") as stack:
         stack.pg.execute(f"ALTER ROLE {REJECT_ROLE} CONNECTION LIMIT -1")
         asyncio.run(_main(stack, {"A": args.a.resolve(), "B": args.b.resolve()},
                           args.only.split(","), args.rounds, args.seconds, args.b_unix))

@@ -135,7 +135,8 @@ def write_png(path: Path, machine: dict[str, Any], rows: Sequence[Row], notes: S
     ax.set_title(
         f"pgguard benchmark {machine.get('date', '')}: {machine.get('nproc')} cores "
         f"({machine.get('cpu_model', '')}), Python {machine.get('python')}, "
-        f"uvloop {machine.get('uvloop')}",
+        f"uvloop {machine.get('uvloop')}; proxies reach PostgreSQL by "
+        f"{machine.get('proxies_reach_server_by', 'tcp')}",
         fontsize=9,
     )
     tx.axis("off")

@@ -57,8 +57,8 @@ class Settings:
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
         if quick:
-            return cls(True, 2, 2, 2.0, 32, 2000, 2000, 300, 50)
-        return cls(False, 3, 5, 4.0, 32, 10_000, 10_000, 300, 200)
+            return cls(True, 2, 2, 2.0, 128, 2000, 2000, 300, 200)
+        return cls(False, 3, 5, 4.0, 128, 10_000, 10_000, 300, 200)
 
 
 @dataclass

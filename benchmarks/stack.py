@@ -199,9 +199,14 @@ class _Process:
 class Stack:
     """PostgreSQL + PgBouncer + pgguard on loopback, for one benchmark run."""
 
-    def __init__(self, *, with_pgbouncer: bool = True, log_level: str = "info") -> None:
+    def __init__(
+        self, *, with_pgbouncer: bool = True, log_level: str = "info", backend: str = "unix"
+    ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="pgguard-bench-", dir="/tmp"))
         self.log_level = log_level
+        # How both proxies reach the server: "unix" (its socket directory, as a proxy on the
+        # database host is deployed) or "tcp" (loopback, like the direct clients).
+        self.backend = backend
         self.pg = PostgresCluster(
             max_connections=PG_MAX_CONNECTIONS,
             # Each pgbench -C / storm session is a fork; logging them would cost more than the work.
@@ -260,6 +265,10 @@ class Stack:
         self.pg.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    @property
+    def backend_host(self) -> str:
+        return str(self.pg.socket_dir) if self.backend == "unix" else self.pg.host
+
     # --------------------------------------------------------------------- pgguard
 
     def pgguard_config(self) -> str:
@@ -270,7 +279,7 @@ client_login_timeout = 60.0
 shutdown_timeout = 2.0
 
 [backend]
-host = "{self.pg.host}"
+host = "{self.backend_host}"
 port = {self.pg.port}
 connect_timeout = 30.0
 
@@ -329,7 +338,7 @@ queue_timeout = 600.0
         ini = self.workdir / f"{name}.ini"
         ini.write_text(f"""\
 [databases]
-* = host={self.pg.host} port={self.pg.port}
+* = host={self.backend_host} port={self.pg.port}
 
 [users]
 {STORM_ROLE} = max_user_connections={STORM_LIMIT}
