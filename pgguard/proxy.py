@@ -87,6 +87,7 @@ class ClientConnection(asyncio.Protocol):
         # this client, 0 while a query runs; idle_timeout only closes waiting sessions.
         self.idle_status = 0
         self.backend_pid: int | None = None
+        self.backend_key = b""  # BackendKeyData secret, to cancel a query of a client that left
         self.bytes_in = 0  # from the client
         self.bytes_out = 0  # to the client
         self._reader: wire.StartupReader | None = wire.StartupReader()
@@ -430,6 +431,11 @@ class ClientConnection(asyncio.Protocol):
                 backend.write(wire.TERMINATE)
             except Exception:  # a transport already closing may refuse; it is going anyway
                 pass
+            if state is State.ACTIVE and self.idle_status == 0 and self.backend_pid is not None:
+                # A query is running: the server would not read the Terminate (nor count the
+                # session gone) until it ends, so cancel it, as the client could have.
+                cancel = wire.build_cancel_request(self.backend_pid, self.backend_key)
+                self.server.forward_cancel(wire.CancelRequest(self.backend_pid, self.backend_key, cancel))
             timeout = self.server.config.backend.close_timeout
             self._timer = self.server.loop.call_later(timeout, backend.abort)
         elif self._dial is None:
@@ -530,7 +536,7 @@ class _BackendAuth(asyncio.Protocol):
                     client.ready_for_query()
                     return
                 if tag == b"K":
-                    client.backend_pid = wire.parse_backend_key_data(body)[0]
+                    client.backend_pid, client.backend_key = wire.parse_backend_key_data(body)
                 elif tag == b"E":
                     fields = wire.parse_error_fields(body)
                     client.server.backend_error(client, fields)

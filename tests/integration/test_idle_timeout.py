@@ -63,3 +63,12 @@ async def test_role_idle_timeout_overrides_the_default(guard) -> None:
     assert [c.role for c in g.server.clients.values()] == ["app2"]
     await kept.close()
     closed.terminate()
+
+
+async def test_a_session_that_never_sent_a_query_is_idle(guard) -> None:
+    """The leak that matters most: connect, then forget the connection before any query."""
+    g = await guard(IDLE)
+    conn = await psycopg.AsyncConnection.connect(g.conninfo("app"), autocommit=True)
+    await await_until(lambda: g.server.stats.idle_timeouts == 1, what="the idle sweep to close it")
+    await g.wait_idle()
+    await conn.close()

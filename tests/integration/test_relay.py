@@ -160,6 +160,32 @@ async def test_query_cancel_psycopg(relay, direct) -> None:  # type: ignore[no-u
     await conn.close()
 
 
+async def test_client_leaving_mid_query_cancels_it_and_frees_the_slot(guard, direct) -> None:  # type: ignore[no-untyped-def]
+    """The server does not read the Terminate while a query runs: pgguard cancels the query,
+    so the session ends (and its slot frees) long before close_timeout."""
+    g = await guard("[backend]\nclose_timeout = 60\n[roles.app]\nmax_connections = 1")
+    conn = await asyncpg.connect(g.dsn("app"), timeout=30)
+    query = asyncio.create_task(conn.execute("select pg_sleep(30)"))
+    await await_until(lambda: _sleeping(direct), what="pg_sleep to run on the server")
+    start = time.monotonic()
+    conn.terminate()  # the client vanishes without a word
+    query.cancel()
+    await g.wait_idle(timeout=20)
+    assert time.monotonic() - start < 10
+    assert await _sleeping(direct) == 0
+    # and the slot really is free: the next client of the role gets in at once
+    again = await asyncpg.connect(g.dsn("app"), timeout=10)
+    assert await again.fetchval("select 1") == 1
+    await again.close()
+
+
+async def test_idle_client_leaving_sends_no_cancel(relay, app: asyncpg.Connection) -> None:  # type: ignore[no-untyped-def]
+    assert await app.fetchval("select 1") == 1
+    await app.close()
+    await relay.wait_idle()
+    assert relay.server.stats.cancels_forwarded == 0
+
+
 async def test_psql_sslmode_prefer_connects(relay) -> None:  # type: ignore[no-untyped-def]
     code, out, err = await run("psql", "-X", "-A", "-t", "-w", "-d", relay.conninfo("app", sslmode="prefer"),
                                "-c", "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()")  # fmt: skip
