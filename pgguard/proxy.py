@@ -588,7 +588,12 @@ class _Pump(asyncio.Protocol):
         session = self.session
         if self.from_client:
             session.bytes_in += len(data)
-            session.idle_status = 0
+            if not data.endswith(wire.TERMINATE):
+                # A query (or more) is on its way. A Terminate is not one: the server reads
+                # it at once, so a client that says goodbye and closes (libpq does) leaves an
+                # idle session, and client_lost sends no CancelRequest (each costs the server
+                # a process).
+                session.idle_status = 0
         else:
             session.bytes_out += len(data)
             session.idle_status = _idle_status(data, session.idle_status)
