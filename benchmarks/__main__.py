@@ -42,7 +42,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"machine: {machine['nproc']} cores ({machine['cpu_model']}), Python {machine['python']}, "
           f"uvloop {machine['uvloop']}, {machine['postgresql']}, {machine['pgbouncer'] or 'no pgbouncer'}")
     with Stack(
-        with_pgbouncer=not args.no_pgbouncer, log_level=args.log_level, backend=args.backend
+        with_pgbouncer=not args.no_pgbouncer,
+        log_level=args.log_level,
+        backend=args.backend,
+        pgguard_tree=args.pgguard_tree,
     ) as stack:
         soft, hard = stack.nofile
         print(f"RLIMIT_NOFILE raised to {soft} (hard {hard}); targets: "
@@ -54,6 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     machine["elapsed_s"] = round(elapsed, 1)
     machine["proxies_reach_server_by"] = args.backend
+    if args.pgguard_tree:
+        machine["pgguard_tree"] = str(args.pgguard_tree)
     machine["nofile"] = [soft, hard]
     print()
     print(report.table(rows))
@@ -113,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "as a proxy on the database host is deployed)")
     run.add_argument("--log-level", default="info", help="pgguard's --log-level (default info)")
     run.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
+    run.add_argument("--pgguard-tree", type=Path,
+                     help="run pgguard from this source tree (holding pgguard/), e.g. an older commit")
     run.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     run.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     run.set_defaults(func=cmd_run)

@@ -200,13 +200,20 @@ class Stack:
     """PostgreSQL + PgBouncer + pgguard on loopback, for one benchmark run."""
 
     def __init__(
-        self, *, with_pgbouncer: bool = True, log_level: str = "info", backend: str = "unix"
+        self,
+        *,
+        with_pgbouncer: bool = True,
+        log_level: str = "info",
+        backend: str = "unix",
+        pgguard_tree: Path | None = None,
     ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="pgguard-bench-", dir="/tmp"))
         self.log_level = log_level
         # How both proxies reach the server: "unix" (its socket directory, as a proxy on the
         # database host is deployed) or "tcp" (loopback, like the direct clients).
         self.backend = backend
+        # Another source tree holding a pgguard/ package (e.g. an older commit, for before/after).
+        self.pgguard_tree = pgguard_tree
         self.pg = PostgresCluster(
             max_connections=PG_MAX_CONNECTIONS,
             # Each pgbench -C / storm session is a fork; logging them would cost more than the work.
@@ -304,12 +311,15 @@ queue_timeout = 600.0
         """A pgguard in its own process (``python -m pgguard run``), as deployed."""
         conf = self.workdir / f"{name}.toml"
         conf.write_text(self.pgguard_config())
+        env = clean_env()
+        if self.pgguard_tree is not None:
+            env["PYTHONPATH"] = str(self.pgguard_tree)
         proc = _Process(
             name,
             [sys.executable, "-m", "pgguard", "run", "-c", str(conf), "--log-level", self.log_level],
             self.workdir / f"{name}.log",
-            cwd=str(REPO),
-            env=clean_env(),
+            cwd=str(self.pgguard_tree or REPO),
+            env=env,
         )
         if name != "pgguard":
             self._extra_guards.append(proc)
