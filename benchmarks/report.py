@@ -123,7 +123,7 @@ def write_png(path: Path, machine: dict[str, Any], rows: Sequence[Row], notes: S
     ax.barh(ys, scores, color=colours, height=0.55, left=0)
     for y, score, goal, r in zip(ys, scores, goals, charted, strict=True):
         ax.plot([goal, goal], [y - 0.4, y + 0.4], color="black", linewidth=2)
-        ax.text(score, y, f"  {score:.2f}x {_result(r)}", va="center", fontsize=8)
+        ax.text(max(score, goal) * 1.02, y, f"  {score:.2f}x {_result(r)}", va="center", fontsize=8)
     ax.set_yticks(ys, [f"{r.scenario}\n{r.target}" for r in charted], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
