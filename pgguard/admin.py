@@ -411,7 +411,7 @@ def _show_help(session: AdminSession, m: re.Match[str]) -> Result:
 def _set_role_limit(session: AdminSession, m: re.Match[str]) -> Result:
     name, value = parse_name(m["name"]), _limit_value(m["value"])
     server = session.server
-    server._admit_waiters(server.gate.set_role_limit(name, value))
+    server.admit_waiters(server.gate.set_role_limit(name, value))
     session.audit("set_limit", role=name, value=value)
     return Result("SET")
 
@@ -424,7 +424,7 @@ def _set_role_limit(session: AdminSession, m: re.Match[str]) -> Result:
 def _set_database_limit(session: AdminSession, m: re.Match[str]) -> Result:
     name, value = parse_name(m["name"]), _limit_value(m["value"])
     server = session.server
-    server._admit_waiters(server.gate.set_database_limit(name, value))
+    server.admit_waiters(server.gate.set_database_limit(name, value))
     session.audit("set_limit", database=name, value=value)
     return Result("SET")
 
@@ -437,7 +437,7 @@ def _set_database_limit(session: AdminSession, m: re.Match[str]) -> Result:
 def _set_total_limit(session: AdminSession, m: re.Match[str]) -> Result:
     value = _limit_value(m["value"])
     server = session.server
-    server._admit_waiters(server.gate.set_total_limit(value))
+    server.admit_waiters(server.gate.set_total_limit(value))
     session.audit("set_limit", total=value)
     return Result("SET")
 
@@ -454,7 +454,7 @@ def _set_role_policy(session: AdminSession, m: re.Match[str]) -> Result:
     except ValueError:
         raise AdminCommandError("22023", f'invalid policy "{text}": use queue or reject') from None
     server = session.server
-    server._admit_waiters(server.gate.set_role_policy(name, policy))
+    server.admit_waiters(server.gate.set_role_policy(name, policy))
     session.audit("set_policy", role=name, policy=policy.value)
     return Result("SET")
 
@@ -484,7 +484,7 @@ def _pause(session: AdminSession, m: re.Match[str]) -> Result:
 @command(r"RESUME", syntax="RESUME", help="admit again; waiters that fit are admitted at once")
 def _resume(session: AdminSession, m: re.Match[str]) -> Result:
     server = session.server
-    server._admit_waiters(server.gate.resume())
+    server.admit_waiters(server.gate.resume())
     session.audit("resume")
     return Result("RESUME")
 

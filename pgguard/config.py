@@ -35,6 +35,7 @@ __all__ = [
     "FaultsConfig",
     "load",
     "loads",
+    "from_dict",
     "parse_address",
     "DEFAULT_PATH",
 ]
@@ -318,6 +319,11 @@ def _env_name(table: Any, name: str) -> str:
             if key.lower() == name.lower():
                 return str(key)
     return name.lower()
+
+
+def from_dict(data: dict[str, Any], path: str = "<dict>") -> Config:
+    """Validate an already-parsed TOML document (e.g. the testing API's dict form)."""
+    return _build(data, path)
 
 
 def _build(data: dict[str, Any], path: str) -> Config:

@@ -105,7 +105,7 @@ class CatalogMirror:
         if roles != self.roles or databases != self.databases:
             self.roles, self.databases = roles, databases
             server = self.server
-            server._admit_waiters(server.gate.set_catalog_limits(roles, databases))
+            server.admit_waiters(server.gate.set_catalog_limits(roles, databases))
             log_event(
                 logging.INFO,
                 "mirror",

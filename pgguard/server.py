@@ -205,7 +205,7 @@ class Server:
         self.client_tls, self.backend_tls = client_tls, backend_tls
         old, self.config = self.config, new
         self.faults.configure(new.faults)
-        self._admit_waiters(self.gate.reconfigure(new.rules()))
+        self.admit_waiters(self.gate.reconfigure(new.rules()))
         log_event(logging.INFO, "reload", file=new.path, changed=",".join(changed) or "nothing")
         self.stats.reloads += 1
         self.reload_error = None
@@ -368,10 +368,12 @@ class Server:
 
     def release(self, ticket: Ticket) -> None:
         """A session's backend is gone: free its slots and admit whoever now fits."""
-        self._admit_waiters(self.gate.release(ticket))
+        self.admit_waiters(self.gate.release(ticket))
         self._check_idle()
 
-    def _admit_waiters(self, waiters: list[Waiter]) -> None:
+    def admit_waiters(self, waiters: list[Waiter]) -> None:
+        """Start the sessions of waiters the gate just admitted (every Gate call that can
+        admit returns them: release, set_*_limit, set_role_policy, resume, reconfigure)."""
         now = self.loop.time()
         for waiter in waiters:
             client = waiter.context
@@ -571,7 +573,7 @@ class Server:
         if mirror is not None:
             await mirror.close()
         if not self.config.limits.mirror_catalog:
-            self._admit_waiters(self.gate.set_catalog_limits({}, {}))
+            self.admit_waiters(self.gate.set_catalog_limits({}, {}))
         await self._start_mirror()
 
     def _control_reloaded(self, old: Config) -> None:

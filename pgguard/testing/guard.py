@@ -116,21 +116,21 @@ class _Handle:
     def set_limit(self, role: str, value: int) -> None:
         """Set role ``role``'s max_connections at run time (-1 unlimited, 0 nobody)."""
         s = self.server
-        self._call(lambda: s._admit_waiters(s.gate.set_role_limit(role, value)))
+        self._call(lambda: s.admit_waiters(s.gate.set_role_limit(role, value)))
 
     def set_database_limit(self, database: str, value: int) -> None:
         s = self.server
-        self._call(lambda: s._admit_waiters(s.gate.set_database_limit(database, value)))
+        self._call(lambda: s.admit_waiters(s.gate.set_database_limit(database, value)))
 
     def set_total_limit(self, value: int) -> None:
         s = self.server
-        self._call(lambda: s._admit_waiters(s.gate.set_total_limit(value)))
+        self._call(lambda: s.admit_waiters(s.gate.set_total_limit(value)))
 
     def set_policy(self, role: str, policy: str) -> None:
         """``queue`` or ``reject`` for ``role`` over its limit."""
         p = Policy(policy)
         s = self.server
-        self._call(lambda: s._admit_waiters(s.gate.set_role_policy(role, p)))
+        self._call(lambda: s.admit_waiters(s.gate.set_role_policy(role, p)))
 
     def pause(self) -> None:
         """Admit nobody new (they queue) until ``resume``."""
@@ -138,7 +138,7 @@ class _Handle:
 
     def resume(self) -> None:
         s = self.server
-        self._call(lambda: s._admit_waiters(s.gate.resume()))
+        self._call(lambda: s.admit_waiters(s.gate.resume()))
 
     # ---------------------------------------------------------------- faults
 
@@ -232,8 +232,8 @@ class _Handle:
             s.faults.totals.clear()
             s.faults.configure(s.config.faults)
             s.stats = type(s.stats)()
-            s._admit_waiters(s.gate.reconfigure(s.config.rules()))
-            s._admit_waiters(s.gate.resume())
+            s.admit_waiters(s.gate.reconfigure(s.config.rules()))
+            s.admit_waiters(s.gate.resume())
 
         self._call(do)
 
@@ -453,7 +453,7 @@ def _config(backend: Mapping[str, str], config: GuardConfig) -> config_mod.Confi
         else:
             data[section] = body
     # The same validation as a file gets (config.loads parses TOML, then builds from this shape).
-    return config_mod._build(data, "<guard config>")
+    return config_mod.from_dict(data, "<guard config>")
 
 
 def _plain(value: Any) -> Any:

@@ -209,7 +209,7 @@ async def test_clients_vanishing_while_queued_leave_nothing(guard) -> None:  # t
         await raw.close()
     await await_until(lambda: gate.total_waiting == 0, what="the queue to empty")
     assert gate.total_active == 0
-    g.server._admit_waiters(gate.set_role_limit("app", -1))
+    g.server.admit_waiters(gate.set_role_limit("app", -1))
     await settled(g)
 
 

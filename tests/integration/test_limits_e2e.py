@@ -178,7 +178,7 @@ async def test_max_queue_rejects_at_once(guard) -> None:  # type: ignore[no-unty
     await await_until(lambda: g.server.gate.total_waiting == 1, what="the first client to queue")
     with pytest.raises(asyncpg.TooManyConnectionsError, match=ROLE_MSG):
         await connect(g)
-    g.server._admit_waiters(g.server.gate.set_role_limit("app", 1))
+    g.server.admit_waiters(g.server.gate.set_role_limit("app", 1))
     conn = await asyncio.wait_for(waiting, 30)
     await conn.close()
     await g.wait_idle()
