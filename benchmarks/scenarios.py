@@ -1,4 +1,5 @@
-"""The seven scenarios of issue 4, each measured against every target in the same run, interleaved.
+"""The seven scenarios of issue 4 and the TLS row of issue 7, each measured against every target
+in the same run, interleaved.
 
 A scenario is an ``async def`` taking the running `Stack` and the run's `Settings` and
 returning `Row` objects: one figure per target (the median of the repetitions, all samples
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -121,15 +123,24 @@ async def _cpu_during(pid: int | None, work: Awaitable[Any]) -> tuple[Any, float
     return result, (cpu_seconds(pid) - c0) / wall
 
 
+def _libpq_env(sslmode: str | None) -> dict[str, str]:
+    """The clients' environment; ``sslmode`` None leaves libpq's default (prefer)."""
+    env = clean_env()
+    if sslmode is not None:
+        env["PGSSLMODE"] = sslmode
+    return env
+
+
 async def pgbench(
-    target: Target, args: Sequence[str], seconds: int, *, clients: int, jobs: int
+    target: Target, args: Sequence[str], seconds: int, *, clients: int, jobs: int,
+    sslmode: str | None = None,
 ) -> dict[str, float]:
     argv = [
         "pgbench", "-n", *args, "-c", str(clients), "-j", str(jobs), "-T", str(seconds),
         "-h", target.host, "-p", str(target.port), "-U", BENCH_ROLE, "bench",
     ]
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv, env=_libpq_env(sslmode), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         async with asyncio.timeout(seconds + _PGBENCH_GRACE_S):
@@ -241,18 +252,24 @@ async def wait_role_sessions(stack: Stack, role: str, expected: int, timeout: fl
 
 
 async def _pgbench_all(
-    stack: Stack, s: Settings, *, scenario: str, args: Sequence[str], clients: int, metric: str
+    stack: Stack, s: Settings, *, scenario: str, args: Sequence[str], clients: int, metric: str,
+    targets: Mapping[str, Target] | None = None, sslmode: str | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Run pgbench against every target ``reps`` times; return samples and the proxies' CPU share."""
-    names = _avail(stack, ["direct", "pgbouncer", "pgguard"])
+    """Run pgbench against every target ``reps`` times; return samples and the proxies' CPU share.
+
+    ``targets`` replaces the stack's own (keyed direct/pgbouncer/pgguard, as the table is).
+    """
+    targets = stack.targets if targets is None else targets
+    names = [n for n in ("direct", "pgbouncer", "pgguard") if n in targets]
     samples: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     jobs = min(clients, 2)
     for rep in range(s.reps):
         for name in order(names, rep):
-            target = stack.targets[name]
+            target = targets[name]
             result, share = await _cpu_during(
-                target.pid, pgbench(target, args, s.pgbench_s, clients=clients, jobs=jobs)
+                target.pid,
+                pgbench(target, args, s.pgbench_s, clients=clients, jobs=jobs, sslmode=sslmode),
             )
             samples[name].append(result[metric])
             if share is not None:
@@ -561,6 +578,72 @@ async def copy_out(stack: Stack, s: Settings) -> list[Row]:
     return [row]
 
 
+_SSL_CONNINFO: Final = re.compile(r"SSL connection \(protocol: ([^,]+), cipher: ([^,]+),")
+
+
+async def _tls_session(target: Target) -> str:
+    """What psql with ``sslmode=require`` negotiates with ``target`` ("TLSv1.3 TLS_AES_..."), via \\conninfo."""
+    proc = await asyncio.create_subprocess_exec(
+        "psql", "-X", "-h", target.host, "-p", str(target.port), "-U", BENCH_ROLE, "-d", "bench",
+        "-c", "\\conninfo", env=_libpq_env("require"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    match = _SSL_CONNINFO.search(out.decode())
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"no TLS session with {target.name}: {out.decode()} {err.decode()}")
+    return f"{match.group(1)} {match.group(2)}"
+
+
+async def tls_throughput(stack: Stack, s: Settings) -> list[Row]:
+    """``pgbench -S -c 8`` with ``PGSSLMODE=require``: every client session encrypted.
+
+    One certificate for all three: PostgreSQL direct with ``ssl = on`` (turned on in the
+    shared cluster for this scenario only, see ``Stack.server_tls``); a PgBouncer with
+    ``client_tls_sslmode = require``; a pgguard with ``[tls]`` and ``client_mode = "require"``.
+    Both proxies terminate TLS and reach the server in clear, as their clear-text
+    counterparts do (Unix socket by default). The proxies are processes of their own,
+    started here and stopped after.
+    """
+    clients = 8
+    name = f"pgbench -S -c {clients}, TLS"
+    started = []
+    try:
+        with stack.server_tls():
+            targets = {"direct": stack.targets["direct"]}
+            if stack.pgbouncer_path is not None:
+                bouncer, port = await asyncio.to_thread(stack.start_pgbouncer, "pgbouncer-tls", client_tls=True)
+                started.append(bouncer)
+                targets["pgbouncer"] = Target("pgbouncer-tls", "127.0.0.1", port, bouncer.pid)
+            guard = stack.start_pgguard("pgguard-tls", tls=True)
+            started.append(guard)
+            port = await asyncio.to_thread(stack.guard_port, guard)
+            targets["pgguard"] = Target("pgguard-tls", "127.0.0.1", port, guard.pid)
+            sessions = {n: await _tls_session(t) for n, t in targets.items()}
+            print("  tls sessions: " + ", ".join(f"{n} {v}" for n, v in sessions.items()), flush=True)
+            samples, cpu = await _pgbench_all(
+                stack, s, scenario=name, args=["-S"], clients=clients, metric="tps",
+                targets=targets, sslmode="require",
+            )
+    finally:
+        for proc in started:
+            proc.stop()
+    row = Row(name, "tps", "tps", "higher", target="pgguard >= 1.05x pgbouncer")
+    row.set_values(samples)
+    row.details["proxy_cpu_share"] = cpu
+    row.details["tls_session"] = sessions
+    row.details["note"] = "client TLS (sslmode=require) to each target; the proxies reach the server in clear"
+    if "pgbouncer" in samples:
+        ratio = row.ratio_to("pgbouncer")
+        row.passed = ratio is not None and ratio >= 1.05
+        row.score, row.goal = ratio, 1.05
+    else:
+        row.ratio_to("direct")
+        row.target += " (pgbouncer absent: ratio to direct, not judged)"
+    return [row]
+
+
 Scenario = Callable[[Stack, Settings], Awaitable[list[Row]]]
 # In the issue's order; the names are what ``--only`` takes.
 SCENARIOS: Final[dict[str, Scenario]] = {
@@ -571,4 +654,5 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "storm": storm,
     "memory": memory,
     "copy": copy_out,
+    "tls": tls_throughput,
 }

@@ -8,6 +8,14 @@ the file-descriptor limit, and /proc readers.
 PgBouncer refuses to run as root, so as root it runs as the ``postgres`` OS user (the same
 user the throwaway cluster runs as), started directly with setuid so it keeps our raised
 file-descriptor limit (``runuser`` would reset it through PAM).
+
+TLS (the ``tls`` scenario only): one throwaway certificate (``trustme``) serves all three
+targets. ``server_tls()`` turns ``ssl`` on in the shared cluster for the duration of that
+scenario and off again (``ssl`` is reloadable), so every other scenario meets the server
+exactly as before: with ``ssl`` off, libpq's default ``sslmode=prefer`` stays in clear. The
+proxies under TLS are extra processes started by the scenario (``start_pgguard(name,
+tls=True)``, ``start_pgbouncer(name, client_tls=True)``), terminating client TLS and reaching
+the server in clear, as the main ones do.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -225,6 +235,7 @@ class Stack:
         self.targets: dict[str, Target] = {}
         self.notes: list[str] = []
         self._extra_guards: list[_Process] = []
+        self._tls_files: tuple[Path, Path] | None = None
         # Every process here runs with the raised limit; each storm client is one descriptor
         # in the load generator and one in the proxy (plus one backend while admitted).
         self.nofile = raise_nofile()
@@ -278,7 +289,17 @@ class Stack:
 
     # --------------------------------------------------------------------- pgguard
 
-    def pgguard_config(self) -> str:
+    def pgguard_config(self, *, tls: bool = False) -> str:
+        # Only the TLS instance names the TLS keys, so --pgguard-tree still runs older trees.
+        tls_conf = ""
+        if tls:
+            cert, key = self.tls_files()
+            tls_conf = f'''
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+client_mode = "require"
+'''
         return f"""\
 [server]
 listen = "127.0.0.1:0"
@@ -289,6 +310,7 @@ shutdown_timeout = 2.0
 host = "{self.backend_host}"
 port = {self.pg.port}
 connect_timeout = 30.0
+{'sslmode = "disable"' if tls else ""}
 
 [limits]
 policy = "queue"
@@ -305,12 +327,16 @@ policy = "reject"
 [roles.{WAITER_ROLE}]
 max_connections = 0
 queue_timeout = 600.0
-"""
+{tls_conf}"""
 
-    def start_pgguard(self, name: str) -> _Process:
-        """A pgguard in its own process (``python -m pgguard run``), as deployed."""
+    def start_pgguard(self, name: str, *, tls: bool = False) -> _Process:
+        """A pgguard in its own process (``python -m pgguard run``), as deployed.
+
+        ``tls``: clients must use TLS (``[tls] client_mode = "require"``), the server is
+        reached in clear (``[backend] sslmode = "disable"``).
+        """
         conf = self.workdir / f"{name}.toml"
-        conf.write_text(self.pgguard_config())
+        conf.write_text(self.pgguard_config(tls=tls))
         env = clean_env()
         if self.pgguard_tree is not None:
             env["PYTHONPATH"] = str(self.pgguard_tree)
@@ -332,11 +358,20 @@ queue_timeout = 600.0
 
     # ------------------------------------------------------------------- pgbouncer
 
-    def start_pgbouncer(self, name: str) -> tuple[_Process, int]:
-        """A PgBouncer in session mode, trusting everyone on loopback; returns it and its port."""
+    def start_pgbouncer(self, name: str, *, client_tls: bool = False) -> tuple[_Process, int]:
+        """A PgBouncer in session mode, trusting everyone on loopback; returns it and its port.
+
+        ``client_tls``: clients must use TLS (``client_tls_sslmode = require``), the server
+        is reached in clear (``server_tls_sslmode = disable``).
+        """
         from pgguard.testing.cluster import free_port
 
         assert self.pgbouncer_path is not None
+        tls_ini = ""
+        if client_tls:
+            cert, key = self.tls_files()
+            tls_ini = (f"client_tls_sslmode = require\nclient_tls_cert_file = {cert}\n"
+                       f"client_tls_key_file = {key}\nserver_tls_sslmode = disable\n")
         run_as = None
         if os.geteuid() == 0:
             run_as = pwd.getpwnam("postgres")
@@ -370,7 +405,7 @@ log_pooler_errors = 1
 stats_period = 3600
 logfile =
 pidfile =
-""")
+{tls_ini}""")
         popen: dict[str, object] = {"env": clean_env(), "cwd": str(self.workdir)}
         if run_as is not None:
             for path in (userlist, ini):
@@ -393,3 +428,61 @@ pidfile =
                  "-d", "pgbouncer", "-c", command],
                 env=clean_env(), capture_output=True, check=True, timeout=30,
             )
+
+    # ------------------------------------------------------------------------- TLS
+
+    def tls_files(self) -> tuple[Path, Path]:
+        """The run's certificate and key (PEM, made once with ``trustme``), readable by the server.
+
+        PostgreSQL wants the key mode 0600 and owned by its OS user (PgBouncer runs as the
+        same user), so as root both files and the directories above them go to ``postgres``.
+        """
+        if self._tls_files is not None:
+            return self._tls_files
+        import trustme
+
+        leaf = trustme.CA().issue_cert("127.0.0.1", "localhost")
+        tls_dir = self.workdir / "tls"
+        tls_dir.mkdir(mode=0o700)
+        cert, key = tls_dir / "server.crt", tls_dir / "server.key"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        cert.chmod(0o644)
+        key.chmod(0o600)
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            for path in (self.workdir, tls_dir, cert, key):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        self._tls_files = (cert, key)
+        return self._tls_files
+
+    @contextmanager
+    def server_tls(self) -> Iterator[None]:
+        """``ssl = on`` in the cluster (the run's certificate) inside the block, off after it.
+
+        Checked by a ``sslmode=require`` session that pg_stat_ssl says is encrypted; a
+        certificate the server could not load raises with the server log's tail.
+        """
+        cert, key = self.tls_files()
+        pg = self.pg
+        for setting, value in (("ssl_cert_file", cert), ("ssl_key_file", key), ("ssl", "on")):
+            pg.execute(f"ALTER SYSTEM SET {setting} = '{value}'")
+        try:
+            pg.reload()
+            env = clean_env()
+            env["PGSSLMODE"] = "require"
+            done = subprocess.run(
+                ["psql", "-X", "-A", "-t", "-q", "-h", pg.host, "-p", str(pg.port), "-U", "postgres",
+                 "-c", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"],
+                env=env, capture_output=True, text=True, timeout=30, check=False,
+            )
+            if done.stdout.strip() != "t":
+                raise RuntimeError(
+                    f"PostgreSQL did not take ssl = on ({done.stderr.strip()}); log tail:\n"
+                    f"{pg.read_log()[-2000:]}"
+                )
+            yield
+        finally:
+            for setting in ("ssl", "ssl_cert_file", "ssl_key_file"):
+                pg.execute(f"ALTER SYSTEM RESET {setting}")
+            pg.reload()
