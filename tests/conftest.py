@@ -3,7 +3,7 @@
 ``pg`` is session-scoped (initdb once). ``guard`` is a factory: ``g = await guard('''[roles.app]
 max_connections = 1''')`` starts a ``Server`` on the test's event loop on a free port in front of
 ``pg`` and returns a ``Guard`` handle; every guard is closed after the test, and the test fails if
-a slot or a waiter was left behind once its clients are gone.
+a slot or a waiter is still held 10 s after its clients are gone.
 """
 
 from __future__ import annotations
@@ -132,8 +132,19 @@ async def guard(pg: PostgresCluster) -> AsyncIterator[GuardFactory]:
         return g
 
     yield start
+    leaks = []
     for g in started:
+        # Every client of the test is gone by now (their fixtures closed first): whatever the
+        # guard still holds once the server has closed those sessions is a leaked slot.
+        try:
+            if not g.server.draining:
+                await g.wait_idle(timeout=10)
+        except TimeoutError:
+            gate = g.server.gate
+            leaks.append(f"{gate.total_active} slot(s), {gate.total_waiting} waiter(s), clients {list(g.server.clients.values())}")
         await g.server.close()
+    if leaks:
+        pytest.fail("pgguard leaked after the test: " + "; ".join(leaks))
 
 
 @pytest.fixture(autouse=True)
