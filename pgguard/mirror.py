@@ -76,7 +76,7 @@ class CatalogMirror:
 
     async def refresh(self) -> bool:
         """Read the limits once and apply them; False (and the old limits kept) on failure."""
-        import asyncpg
+        import asyncpg  # type: ignore[import-untyped]
 
         from .server import log_event
 

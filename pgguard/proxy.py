@@ -131,7 +131,7 @@ class ClientConnection(asyncio.Protocol):
             self.peer = f"{addr[0]}:{addr[1]}"
         elif addr:
             self.peer = str(addr)
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         loop = self.server.loop
         self._timer = loop.call_later(
             self.server.config.server.client_login_timeout, self._login_timeout
@@ -522,7 +522,7 @@ class _BackendAuth(asyncio.Protocol):
         try:
             while True:
                 message = reader.next_message()
-                if message is wire.NEED_DATA:
+                if not isinstance(message, tuple):  # NEED_DATA
                     break
                 tag, body = message
                 if framed:
