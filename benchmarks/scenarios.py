@@ -287,13 +287,7 @@ async def throughput(stack: Stack, s: Settings) -> list[Row]:
         row = Row(name, "tps", "tps", "higher", target="pgguard >= 1.05x pgbouncer")
         row.set_values(samples)
         row.details["proxy_cpu_share"] = cpu
-        if "pgbouncer" in samples:
-            ratio = row.ratio_to("pgbouncer")
-            row.passed = ratio is not None and ratio >= 1.05
-            row.score, row.goal = ratio, 1.05
-        else:
-            row.ratio_to("direct")
-            row.target += " (pgbouncer absent: ratio to direct, not judged)"
+        _judge_against_pgbouncer(row, samples)
         rows.append(row)
     return rows
 
@@ -634,13 +628,7 @@ async def tls_throughput(stack: Stack, s: Settings) -> list[Row]:
     row.details["proxy_cpu_share"] = cpu
     row.details["tls_session"] = sessions
     row.details["note"] = "client TLS (sslmode=require) to each target; the proxies reach the server in clear"
-    if "pgbouncer" in samples:
-        ratio = row.ratio_to("pgbouncer")
-        row.passed = ratio is not None and ratio >= 1.05
-        row.score, row.goal = ratio, 1.05
-    else:
-        row.ratio_to("direct")
-        row.target += " (pgbouncer absent: ratio to direct, not judged)"
+    _judge_against_pgbouncer(row, samples)
     return [row]
 
 
@@ -656,3 +644,14 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "copy": copy_out,
     "tls": tls_throughput,
 }
+
+
+def _judge_against_pgbouncer(row: Row, samples: dict[str, list[float]]) -> None:
+    """The throughput target: pgguard >= 1.05x PgBouncer; without PgBouncer, a ratio to direct."""
+    if "pgbouncer" in samples:
+        ratio = row.ratio_to("pgbouncer")
+        row.passed = ratio is not None and ratio >= 1.05
+        row.score, row.goal = ratio, 1.05
+    else:
+        row.ratio_to("direct")
+        row.target += " (pgbouncer absent: ratio to direct, not judged)"
