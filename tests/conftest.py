@@ -9,15 +9,30 @@ a slot or a waiter is still held 10 s after its clients are gone.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from pgguard import config as config_mod
 from pgguard.server import Server
 from pgguard.testing.cluster import PostgresCluster
 from pgguard.testing.wait import await_until
+
+# Hypothesis on a busy machine (CI shares two cores with PostgreSQL and pgguard): no per-example
+# deadline, no too_slow/data health checks, and a fixed derandomised seed so a run is repeatable.
+# PGGUARD_HYPOTHESIS=dev turns randomness back on for local exploration.
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    print_blob=True,
+)
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("PGGUARD_HYPOTHESIS", "ci"))
 
 ROLES = ("app", "app2", "other", "boss")
 DATABASES = ("limdb", "otherdb")
