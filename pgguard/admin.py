@@ -79,6 +79,8 @@ from .errors import (
     ProtocolViolation,
 )
 from .limits import UNLIMITED, Policy
+from .log import display, log
+from .log import log_event as _log_event
 
 if TYPE_CHECKING:
     from .config import AdminConfig, Config
@@ -97,7 +99,8 @@ __all__ = [
     "add_parser",
 ]
 
-log = logging.getLogger("pgguard")
+# PostgreSQL's words for a frontend message it cannot parse (pqformat.c).
+INVALID_MESSAGE_FORMAT: Final = "invalid message format"
 
 ADMIN_DATABASE: Final = "pgguard"
 SERVER_VERSION: Final = "15.0 (pgguard)"  # libpq and asyncpg parse the leading "15.0"
@@ -238,7 +241,7 @@ def _limit_text(value: int) -> str:
 )
 def _show_limits(session: AdminSession, m: re.Match[str]) -> Result:
     rows = [
-        (r.kind, r.name, _limit_text(r.limit), str(r.active), str(r.waiting), r.policy, r.source)
+        (r.kind, display(r.name), _limit_text(r.limit), str(r.active), str(r.waiting), r.policy, r.source)
         for r in session.server.gate.limit_rows()
     ]
     return Result("SHOW", rows)
@@ -267,9 +270,9 @@ def _show_clients(session: AdminSession, m: re.Match[str]) -> Result:
                 (
                     str(client.id),
                     client.peer,
-                    client.role,
-                    client.database,
-                    startup.application_name if startup else "",
+                    display(client.role),
+                    display(client.database),
+                    display(startup.application_name) if startup else "",
                     client.state.value,
                     _ACTIVITY.get(client.idle_status, "active") if client.state.value == "active" else "",
                     _fmt_seconds(now - client.connected_at),
@@ -287,9 +290,9 @@ def _show_clients(session: AdminSession, m: re.Match[str]) -> Result:
                 (
                     str(admin.id),
                     admin.peer,
-                    admin.user,
+                    display(admin.user),
                     ADMIN_DATABASE,
-                    admin.startup.application_name,
+                    display(admin.startup.application_name),
                     "admin",
                     "",
                     _fmt_seconds(now - admin.connected_at),
@@ -328,14 +331,29 @@ def _show_queues(session: AdminSession, m: re.Match[str]) -> Result:
         q[1] = max(q[1], now - waiter.arrived)
         q[2] = min(q[2], waiter.deadline - now)
     rows = [
-        (role, db, str(int(n)), _fmt_seconds(oldest), _fmt_seconds(nxt), gate.role_policy(role).value)
+        (
+            display(role),
+            display(db),
+            str(int(n)),
+            _fmt_seconds(oldest),
+            _fmt_seconds(nxt),
+            gate.role_policy(role).value,
+        )
         for (role, db), (n, oldest, nxt) in sorted(queues.items())
     ]
     return Result("SHOW", rows)
 
 
 # Rejection reasons always listed, even at zero (others appear once counted).
-_REASONS: Final = ("limit", "max_queue", "queue_timeout", "shutdown", "fault")
+_REASONS: Final = (
+    "limit",
+    "max_queue",
+    "max_queue_total",
+    "max_client_connections",
+    "queue_timeout",
+    "shutdown",
+    "fault",
+)
 
 
 @command(
@@ -366,6 +384,7 @@ def _show_stats(session: AdminSession, m: re.Match[str]) -> Result:
     rows += [
         ("queue_timeouts", str(st.queue_timeouts)),
         ("dial_failures", str(st.dial_failures)),
+        ("fd_exhausted", str(st.fd_exhausted)),
         ("backend_errors", str(st.backend_errors)),
         ("idle_timeouts", str(st.idle_timeouts)),
         ("kills", str(st.kills)),
@@ -662,7 +681,7 @@ class AdminSession(asyncio.Protocol):
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<admin {self.id} {self.peer} {self.user}>"
+        return f"<admin {self.id} {self.peer} {display(self.user)}>"
 
     # -------------------------------------------------------------- lifecycle
 
@@ -741,7 +760,7 @@ class AdminSession(asyncio.Protocol):
         except PgGuardError as exc:  # a protocol violation: FATAL, as PostgreSQL does
             self.terminate(exc)
         except Exception:  # the per-connection boundary
-            log.exception("event=internal_error client=%s", self)
+            log.exception("event=internal_error client=%r", self)
             self.terminate(PgGuardError("pgguard internal error"))
 
     def _auth_message(self, tag: bytes, body: bytes) -> None:
@@ -844,7 +863,7 @@ class AdminSession(asyncio.Protocol):
         except PgGuardError as exc:
             raise AdminCommandError(exc.sqlstate, exc.message, detail=exc.detail) from None
         except Exception:
-            log.exception("event=admin_command_error client=%s command=%r", self, m.string)
+            log.exception("event=admin_command_error client=%r command=%r", self, m.string)
             raise AdminCommandError("XX000", "pgguard internal error running the command") from None
 
     # ---------------------------------------------------- extended protocol
@@ -873,8 +892,8 @@ class AdminSession(asyncio.Protocol):
             self._send_error(exc)
             self._skip_until_sync = True
         except (struct.error, IndexError, UnicodeDecodeError):
-            self._send_error(AdminCommandError("08P01", "malformed extended-protocol message"))
-            self._skip_until_sync = True
+            # PostgreSQL's answer to a message it cannot read: FATAL 08P01, session closed.
+            raise ProtocolViolation(INVALID_MESSAGE_FORMAT) from None
 
     def _parse(self, body: bytes) -> None:
         name, pos = _cstring(body, 0)
@@ -955,12 +974,6 @@ class AdminSession(asyncio.Protocol):
         self._send(_error_bytes(exc))
 
 
-def _log_event(level: int, event: str, **fields: object) -> None:
-    from .server import log_event  # server imports this module; resolve at call time
-
-    log_event(level, event, **fields)
-
-
 def _error_bytes(exc: PgGuardError) -> bytes:
     return wire.build_error_response(exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail)
 
@@ -973,8 +986,17 @@ def _command_complete(result: Result) -> bytes:
 
 
 def _cstring(body: bytes, pos: int) -> tuple[str, int]:
-    end = body.index(b"\x00", pos)
-    return body[pos:end].decode("utf-8"), end + 1
+    """The NUL-terminated UTF-8 string at ``pos`` and the position after it.
+
+    Raises ProtocolViolation (PostgreSQL's "invalid message format") when there is none.
+    """
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolViolation(INVALID_MESSAGE_FORMAT)
+    try:
+        return body[pos:end].decode("utf-8"), end + 1
+    except UnicodeDecodeError:
+        raise ProtocolViolation(INVALID_MESSAGE_FORMAT) from None
 
 
 # ----------------------------------------------------------------------- CLI

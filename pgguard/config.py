@@ -98,6 +98,10 @@ class ServerConfig:
     listen: tuple[str, ...] = field(default=("127.0.0.1:6432",), metadata=_check(_addresses))
     client_login_timeout: float = field(default=10.0, metadata=_check(_positive))
     shutdown_timeout: float = field(default=30.0, metadata=_check(_non_negative))
+    # Client sockets pgguard keeps open at once, in any state (startup, queued, live, console);
+    # past it a client gets 53300 "sorry, too many clients already" at once. 0: derived from
+    # the process's open-file limit, leaving room for each client's server socket.
+    max_client_connections: int = field(default=0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +125,9 @@ class LimitsConfig:
     policy: PolicyName = "queue"
     queue_timeout: float = field(default=30.0, metadata=_check(_positive))
     max_queue: int = field(default=1000, metadata=_check(_non_negative))
+    # Waiters across every role and database together (max_queue is per role, and role
+    # names come from clients): past it, 53300 at once.
+    max_queue_total: int = field(default=10000, metadata=_check(_non_negative))
     exempt_roles: tuple[str, ...] = ()
     idle_timeout: float = field(default=0.0, metadata=_check(_non_negative))  # 0: off
     mirror_catalog: bool = False
@@ -210,6 +217,7 @@ class Config:
             policy=Policy(lim.policy),
             queue_timeout=lim.queue_timeout,
             max_queue=lim.max_queue,
+            max_queue_total=lim.max_queue_total,
             exempt_roles=frozenset(lim.exempt_roles),
             roles={
                 name: RoleRule(

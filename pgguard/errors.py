@@ -95,6 +95,19 @@ class BackendUnavailable(PgGuardError):
         super().__init__(f"pgguard could not connect to the server: {reason}")
 
 
+class BackendLost(PgGuardError):
+    """The server closed the connection before the session started, without an ErrorResponse.
+
+    The client is told in libpq's own words (what it would print had it been connected
+    directly), so it never sees a bare end of file from pgguard.
+    """
+
+    sqlstate = "08006"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("server closed the connection unexpectedly", detail=f"pgguard: {reason}")
+
+
 class ShuttingDown(PgGuardError):
     """pgguard is draining: new and queued clients get PostgreSQL's shutdown error."""
 

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from .admin import AdminSession, Result, command
 from .errors import AdminCommandError, PgGuardError
+from .log import log_event
 
 if TYPE_CHECKING:
     from .config import FaultsConfig
@@ -508,8 +509,6 @@ class Faults:
 
 
 def _log(event: str, **fields: object) -> None:
-    from .server import log_event
-
     log_event(logging.INFO, event, **fields)
 
 

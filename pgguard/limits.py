@@ -54,6 +54,9 @@ __all__ = [
 ]
 
 UNLIMITED: Final = -1
+# Effective per-role settings are memoised; role names come from clients, so the memo is
+# cleared when it reaches this size instead of growing with every name ever presented.
+ROLE_CACHE_MAX: Final = 4096
 
 
 class Policy(StrEnum):
@@ -95,6 +98,7 @@ class Rules:
     policy: Policy = Policy.QUEUE
     queue_timeout: float = 30.0
     max_queue: int = 1000
+    max_queue_total: int = 10000  # waiters across every role and database
     exempt_roles: frozenset[str] = frozenset()
     roles: Mapping[str, RoleRule] = field(default_factory=dict)
     databases: Mapping[str, int] = field(default_factory=dict)
@@ -150,7 +154,7 @@ class Rejection:
     limit: Limit
     name: str  # the role or database name (empty for the total)
     value: int  # the limit's value when it was applied
-    cause: str  # "limit" (policy reject), "max_queue", "queue_timeout"
+    cause: str  # "limit" (policy reject), "max_queue", "max_queue_total", "queue_timeout"
     waited: float = 0.0
 
     @property
@@ -168,8 +172,8 @@ class Rejection:
         what = f"{self.limit.value}={self.value}"
         if self.cause == "queue_timeout":
             return f"pgguard: {what}; waited {self.waited:.1f}s in queue (queue_timeout)"
-        if self.cause == "max_queue":
-            return f"pgguard: {what}; wait queue is full (max_queue)"
+        if self.cause in ("max_queue", "max_queue_total"):
+            return f"pgguard: {what}; wait queue is full ({self.cause})"
         return f"pgguard: {what}; policy is reject"
 
     def error(self, *, with_detail: bool = False) -> TooManyConnections:
@@ -291,6 +295,8 @@ class Gate:
     def _role(self, role: str) -> _Effective:
         eff = self._role_cache.get(role)
         if eff is None:
+            if len(self._role_cache) >= ROLE_CACHE_MAX:
+                self._role_cache.clear()
             eff = self._role_cache[role] = self._compute_role(role)
         return eff
 
@@ -335,6 +341,24 @@ class Gate:
         if self._runtime_total is not None:
             return self._runtime_total, "runtime"
         return self._rules.max_connections, "config"
+
+    def configured_role(self, role: str) -> bool:
+        """True for a role named by config, a run-time SET or the catalog (not only by clients)."""
+        return (
+            role in self._rules.roles
+            or role in self._runtime_roles
+            or role in self._runtime_policies
+            or role in self._catalog_roles
+            or role in self._rules.exempt_roles
+        )
+
+    def configured_database(self, database: str) -> bool:
+        """True for a database named by config, a run-time SET or the catalog."""
+        return (
+            database in self._rules.databases
+            or database in self._runtime_databases
+            or database in self._catalog_databases
+        )
 
     def role_policy(self, role: str) -> Policy:
         return self._role(role).policy
@@ -381,6 +405,8 @@ class Gate:
             return Decision(Kind.REJECT, rejection=blocking)
         if self.role_waiting.get(role, 0) >= eff.max_queue:
             return Decision(Kind.REJECT, rejection=_with_cause(blocking, "max_queue"))
+        if self.total_waiting >= self._rules.max_queue_total:
+            return Decision(Kind.REJECT, rejection=_with_cause(blocking, "max_queue_total"))
         waiter = Waiter(role, database, next(self._seq), now, now + eff.queue_timeout, context)
         if queue is None:
             queue = self._queues[(role, database)] = deque()

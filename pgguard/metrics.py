@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import itertools
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client.core import (
@@ -29,12 +29,13 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .log import display, log
+
 if TYPE_CHECKING:
     from .server import Server
 
 __all__ = ["ServerCollector", "MetricsServer", "METRIC_NAMES"]
 
-log = logging.getLogger("pgguard")
 
 # A scrape request is a few hundred bytes; anything larger or slower is not Prometheus.
 MAX_REQUEST: Final = 16 * 1024
@@ -42,6 +43,11 @@ REQUEST_TIMEOUT: Final = 10.0
 
 # States whose sessions hold a slot (admitted, dialing or authenticating, or live).
 _HOLDING: Final = frozenset({"dialing", "authenticating", "active"})
+# Role and database names come from clients: a scrape labels at most this many names that
+# config, SET or the catalog do not name (those with the most clients); the rest are summed
+# under the label "other". Names are escaped (log.display) so every label is valid UTF-8.
+MAX_UNNAMED_LABELS: Final = 100
+OTHER: Final = "other"
 
 METRIC_NAMES: Final = (
     "pgguard_sessions_active",
@@ -56,6 +62,7 @@ METRIC_NAMES: Final = (
     "pgguard_rejections_total",
     "pgguard_queue_wait_seconds",
     "pgguard_backend_dial_failures_total",
+    "pgguard_fd_exhausted_total",
     "pgguard_backend_errors_total",
     "pgguard_cancels_forwarded_total",
     "pgguard_bytes_relayed_total",
@@ -90,7 +97,18 @@ class ServerCollector(Collector):
             if state in _HOLDING:
                 pairs[(client.role, client.database)] += 1
         connected["admin"] = len(server.admin_sessions)
-        for (role, database), n in sorted(pairs.items()):
+        queued = Counter((w.role, w.database) for w in gate.waiters())
+        role_label = _labeller(
+            (role for role, _ in pairs.elements()),
+            (role for role, _ in queued.elements()),
+            known=gate.configured_role,
+        )
+        database_label = _labeller(
+            (db for _, db in pairs.elements()),
+            (db for _, db in queued.elements()),
+            known=gate.configured_database,
+        )
+        for (role, database), n in _fold(pairs, role_label, database_label):
             active.add_metric([role, database], n)
         yield active
 
@@ -99,8 +117,7 @@ class ServerCollector(Collector):
             "Clients queued for a slot, by role and database.",
             labels=["role", "database"],
         )
-        queued = Counter((w.role, w.database) for w in gate.waiters())
-        for (role, database), n in sorted(queued.items()):
+        for (role, database), n in _fold(queued, role_label, database_label):
             waiting.add_metric([role, database], n)
         yield waiting
 
@@ -118,8 +135,18 @@ class ServerCollector(Collector):
             "Each limit's value in force (-1: unlimited), by kind (total, role, database).",
             labels=["kind", "name"],
         )
+        labelled: dict[tuple[str, str], int] = {}
         for row in gate.limit_rows():
-            limits.add_metric([row.kind, row.name], row.limit)
+            if row.kind == "role":
+                name = role_label(row.name)
+            elif row.kind == "database":
+                name = database_label(row.name)
+            else:
+                name = row.name
+            if name != OTHER:  # "other" stands for several names, with several limits
+                labelled[(row.kind, name)] = row.limit
+        for (kind, name), value in labelled.items():
+            limits.add_metric([kind, name], value)
         yield limits
 
         yield GaugeMetricFamily("pgguard_paused", "1 while PAUSE is in force.", value=int(gate.paused))
@@ -142,7 +169,15 @@ class ServerCollector(Collector):
             "shutdown: draining; fault: an injected fault rule).",
             labels=["reason"],
         )
-        reasons = {"limit": 0, "max_queue": 0, "queue_timeout": 0, "shutdown": 0, "fault": 0}
+        reasons = {
+            "limit": 0,
+            "max_queue": 0,
+            "max_queue_total": 0,
+            "max_client_connections": 0,
+            "queue_timeout": 0,
+            "shutdown": 0,
+            "fault": 0,
+        }
         reasons.update(st.rejections)
         for reason, n in sorted(reasons.items()):
             rejections.add_metric([reason], n)
@@ -166,6 +201,12 @@ class ServerCollector(Collector):
             "pgguard_backend_dial_failures",
             "Backend connections that could not be opened (refused, timed out).",
             value=st.dial_failures,
+        )
+        yield CounterMetricFamily(
+            "pgguard_fd_exhausted",
+            "Accepts or backend dials that failed because pgguard ran out of file descriptors "
+            "(EMFILE/ENFILE).",
+            value=st.fd_exhausted,
         )
         yield CounterMetricFamily(
             "pgguard_backend_errors",
@@ -204,6 +245,31 @@ class ServerCollector(Collector):
         mirror.add_metric(["ok"], st.mirror_refreshes)
         mirror.add_metric(["failed"], st.mirror_failures)
         yield mirror
+
+
+def _labeller(*names: Iterable[str], known: Callable[[str], bool]) -> Callable[[str], str]:
+    """Map each name to its label: itself (escaped), or "other" past MAX_UNNAMED_LABELS.
+
+    ``names`` yield one name per client; the unnamed names with the most clients keep theirs.
+    """
+    counts = Counter(itertools.chain(*names))
+    unnamed = [name for name, _ in counts.most_common() if not known(name)]
+    folded = frozenset(unnamed[MAX_UNNAMED_LABELS:])
+
+    def label(name: str) -> str:
+        return OTHER if name in folded else display(name)
+
+    return label
+
+
+def _fold(
+    counts: Counter[tuple[str, str]], role: Callable[[str], str], database: Callable[[str], str]
+) -> list[tuple[tuple[str, str], int]]:
+    """Counts per (role, database) re-keyed by label, summed where labels meet, sorted."""
+    out = Counter[tuple[str, str]]()
+    for (r, d), n in counts.items():
+        out[(role(r), database(d))] += n
+    return sorted(out.items())
 
 
 def _bound_text(bound: float) -> str:

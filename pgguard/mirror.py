@@ -20,6 +20,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
+from .log import log_event
+
 if TYPE_CHECKING:
     from .server import Server
 
@@ -77,8 +79,6 @@ class CatalogMirror:
     async def refresh(self) -> bool:
         """Read the limits once and apply them; False (and the old limits kept) on failure."""
         import asyncpg  # type: ignore[import-untyped]
-
-        from .server import log_event
 
         stats = self.server.stats
         timeout = self.server.config.backend.connect_timeout

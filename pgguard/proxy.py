@@ -28,21 +28,27 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Final, cast
 
 from . import tls, wire
-from .errors import BackendUnavailable, EncryptionRequired, PgGuardError, ProtocolViolation
+from .errors import (
+    BackendLost,
+    BackendUnavailable,
+    EncryptionRequired,
+    PgGuardError,
+    ProtocolViolation,
+)
 from .limits import Ticket, Waiter
+from .log import display, log, log_event
 
 if TYPE_CHECKING:
     from .server import Server
 
 __all__ = ["ClientConnection", "State"]
-
-log = logging.getLogger("pgguard")
 
 # A client should send nothing between its StartupMessage and the server's first reply;
 # whatever it does send before the backend is connected is kept, up to this bound.
@@ -104,7 +110,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_tls: tls.ClientTLS | None = None
         self._handshake: asyncio.Task[None] | None = None
         self._tls_early = bytearray()
-        self._hello: bytearray | None = None
+        self._hello: tls.ClientHelloReader | None = None
         self._client_gone = False
         self._backend_gone = False
 
@@ -119,7 +125,8 @@ class ClientConnection(asyncio.Protocol):
         return self.startup.database if self.startup else ""
 
     def __repr__(self) -> str:
-        return f"<client {self.id} {self.peer} {self.role}@{self.database} {self.state.value}>"
+        who = f"{display(self.role)}@{display(self.database)}"
+        return f"<client {self.id} {self.peer} {who} {self.state.value}>"
 
     # ----------------------------------------------------------------- startup
 
@@ -132,11 +139,12 @@ class ClientConnection(asyncio.Protocol):
         elif addr:
             self.peer = str(addr)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if not self.server.client_opened(self):
+            return  # refused: over max_client_connections
         loop = self.server.loop
         self._timer = loop.call_later(
             self.server.config.server.client_login_timeout, self._login_timeout
         )
-        self.server.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -158,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
         except PgGuardError as exc:
             self.fail(exc)
         except Exception:  # the per-connection boundary: log, answer, release
-            log.exception("event=internal_error client=%s", self)
+            log.exception("event=internal_error client=%r", self)
             self.fail(PgGuardError("pgguard internal error"))
 
     def _startup_data(self, data: bytes) -> None:
@@ -211,21 +219,22 @@ class ClientConnection(asyncio.Protocol):
 
     def _direct_tls(self, data: bytes) -> None:
         """PostgreSQL 17 direct TLS: collect the ClientHello, check its ALPN offer, upgrade."""
-        hello_bytes = self._hello = (self._hello or bytearray()) + data
-        hello = tls.parse_client_hello(hello_bytes)  # ProtocolViolation(silent) on garbage
+        if self._hello is None:
+            self._hello = tls.ClientHelloReader()
+        hello = self._hello.feed(data)  # ProtocolViolation(silent) on garbage
         if hello is wire.NEED_DATA:
             return
         assert isinstance(hello, tls.ClientHello)
         refusal = tls.direct_tls_refusal(hello)
         if refusal is not None:
             reason, reply = refusal
-            log.info("event=tls_refused client=%s reason=%r", self.peer, reason)
+            log_event(logging.INFO, "tls_refused", client=self.peer, reason=reason)
             if reply:
                 self._write(reply)
             self._close()
             return
-        self._hello = None
-        self._start_tls(bytes(hello_bytes))
+        raw, self._hello = bytes(self._hello.raw), None
+        self._start_tls(raw)
 
     def _start_tls(self, initial: bytes) -> None:
         """Run the TLS handshake on the client socket; ``initial``: TLS bytes already read."""
@@ -244,6 +253,12 @@ class ClientConnection(asyncio.Protocol):
 
     async def _tls_handshake(self, raw: asyncio.Transport, client_tls: tls.ClientTLS) -> None:
         loop = self.server.loop
+        if self._client_gone or raw.is_closing():
+            # The client left (a reset right after its SSLRequest) before this task ran:
+            # start_tls on a dead transport would wait forever, holding the task and its buffers.
+            self._handshake = None
+            raw.abort()
+            return
         try:
             transport = await loop.start_tls(
                 raw,
@@ -260,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
             raise
         except Exception as exc:  # the per-connection boundary: a failed handshake ends it
             self._handshake = None
-            log.info("event=tls_handshake_failed client=%s error=%r", self.peer, exc)
+            log_event(logging.INFO, "tls_handshake_failed", client=self.peer, error=repr(exc))
             raw.abort()
             self.client_lost()
             return
@@ -304,7 +319,7 @@ class ClientConnection(asyncio.Protocol):
     def _login_timeout(self) -> None:
         self._timer = None
         if self.state is State.STARTUP:
-            log.debug("event=login_timeout client=%s", self)
+            log_event(logging.DEBUG, "login_timeout", client=self.peer)
             self._close()
 
     def _cancel_timer(self) -> None:
@@ -334,6 +349,15 @@ class ClientConnection(asyncio.Protocol):
         """Answer a client still in startup with a FATAL ErrorResponse and close."""
         self.fail(exc)
 
+    def refuse(self, exc: PgGuardError) -> None:
+        """Answer a socket the server will not take at all (no startup read) and close it."""
+        self.state = State.CLOSED
+        if self.transport is not None:
+            data = wire.build_error_response(exc.sqlstate, exc.message, severity=exc.severity)
+            self.bytes_out += len(data)
+            self.transport.write(data)
+            self.transport.close()
+
     async def _connect_backend(self) -> None:
         cfg = self.server.config.backend
         try:
@@ -344,12 +368,14 @@ class ClientConnection(asyncio.Protocol):
             raise
         except (OSError, TimeoutError, PgGuardError) as exc:
             reason = "timeout expired" if isinstance(exc, TimeoutError) else _reason(exc)
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.server.fd_exhausted("dial", exc)
             self.server.dial_failed(self, reason)
             self._release()
             self.fail(BackendUnavailable(reason))
             return
         except Exception:  # the per-connection boundary: log, answer, release
-            log.exception("event=internal_error client=%s", self)
+            log.exception("event=internal_error client=%r", self)
             self._release()
             self.fail(PgGuardError("pgguard internal error"))
             return
@@ -419,6 +445,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._client_gone = True
         self._cancel_timer()
+        handshake = self._handshake
+        if handshake is not None and handshake is not asyncio.current_task():
+            handshake.cancel()  # every task a connection starts ends when it ends
         state, self.state = self.state, State.CLOSED
         if state is State.QUEUED and self.waiter is not None:
             self.server.gate.cancel(self.waiter)
@@ -431,6 +460,11 @@ class ClientConnection(asyncio.Protocol):
                 backend.write(wire.TERMINATE)
             except Exception:  # a transport already closing may refuse; it is going anyway
                 pass
+            if not backend.is_closing():
+                # The client may have stopped reading before it left, so the pump paused
+                # reading from the server: read (and drop) what the server still sends, or it
+                # stays blocked in send() and never sees the cancel nor the Terminate.
+                backend.resume_reading()
             if state is State.ACTIVE and self.idle_status == 0 and self.backend_pid is not None:
                 # A query is running: the server would not read the Terminate (nor count the
                 # session gone) until it ends, so cancel it, as the client could have.
@@ -450,6 +484,18 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         self._release()
         if not self._client_gone and self.transport is not None:
+            proto = self._backend_proto
+            if self.state in (State.DIALING, State.AUTH) and (proto is None or proto.silent_close()):
+                # The server closed before the session started and said nothing (a fast
+                # shutdown, a crash, a proxy in front of it): the client still waits for a
+                # message, so it gets one instead of a bare end of file.
+                self.server.backend_closed_early(self)
+                exc = BackendLost("the server closed the connection before the session started")
+                self._write(
+                    wire.build_error_response(
+                        exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
+                    )
+                )
             self.state = State.CLOSED
             self.transport.close()
 
@@ -508,6 +554,14 @@ class _BackendAuth(asyncio.Protocol):
         self.client = client
         self.reader = wire.MessageReader()
         self.strip_channel_binding = False
+        self.error_seen = False  # the server already told the client why (an ErrorResponse)
+
+    def silent_close(self) -> bool:
+        """True when the server's close leaves the client with no message to say why.
+
+        Only then may pgguard write one: nothing from the server is pending mid-message.
+        """
+        return not self.error_seen and self.reader.buffered == 0
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -538,10 +592,11 @@ class _BackendAuth(asyncio.Protocol):
                 if tag == b"K":
                     client.backend_pid, client.backend_key = wire.parse_backend_key_data(body)
                 elif tag == b"E":
+                    self.error_seen = True
                     fields = wire.parse_error_fields(body)
                     client.server.backend_error(client, fields)
         except ProtocolViolation as exc:
-            log.warning("event=backend_protocol_error client=%s error=%r", client, exc.message)
+            log_event(logging.WARNING, "backend_protocol_error", client=client.peer, error=exc.message)
             client.fail(exc)
             return
         if out:
@@ -584,7 +639,12 @@ class _Pump(asyncio.Protocol):
         self.paused = False
 
     def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
+        peer = self.peer
+        if peer.is_closing():
+            # The other side is gone (or closing after a FATAL): its bytes have nowhere to go.
+            # Reading on keeps the server unblocked until it sees the cancel and Terminate.
+            return
+        peer.write(data)
         session = self.session
         if self.from_client:
             session.bytes_in += len(data)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import errno
 import logging
+import resource
 import signal
 import time
 from collections import Counter, deque
@@ -31,14 +33,14 @@ from .errors import (
     IdleSessionTimeout,
     PgGuardError,
     ShuttingDown,
+    TooManyConnections,
 )
 from .faults import Faults
 from .limits import Gate, Kind, Rejection, Ticket, Waiter
+from .log import RateLimitedLog, log, log_event
 from .proxy import ClientConnection, State
 
 __all__ = ["Server", "Stats", "run", "new_event_loop", "log_event"]
-
-log = logging.getLogger("pgguard")
 
 # Admission waits kept for percentiles (a sliding window, newest kept).
 WAIT_SAMPLES: Final = 10000
@@ -55,18 +57,37 @@ IDLE: Final = ord("I")  # ReadyForQuery status: idle, not in a transaction
 # database, reason) in each window is logged in full, the rest are counted and logged as
 # one `reject_summary` line when the window ends.
 REJECT_LOG_WINDOW: Final = 1.0
+# The fields that name a rate-limited log's key, per event (see _log_limited).
+_LOG_KEYS: Final = {"reject": ("role", "database", "reason"), "refuse": ("reason",)}
+# File descriptors kept for what is not a client or its server socket (listeners, metrics,
+# console, catalog mirror, forwarded cancels, log files) when max_client_connections is
+# derived from the open-file limit.
+FD_RESERVE: Final = 64
+# PostgreSQL's words when it has no room for another connection at all (proc.c, InitProcess).
+TOO_MANY_CLIENTS: Final = "sorry, too many clients already"
 
 
-def log_event(level: int, event: str, **fields: object) -> None:
-    """One structured key=value log line per event that matters."""
-    if log.isEnabledFor(level):
-        parts = [f"event={event}"]
-        for key, value in fields.items():
-            text = str(value)
-            if not text or any(c in text for c in ' "='):
-                text = '"' + text.replace('"', '\\"') + '"'
-            parts.append(f"{key}={text}")
-        log.log(level, " ".join(parts))
+def client_cap(configured: int) -> int:
+    """``[server] max_client_connections``, or (0) what the open-file limit leaves room for.
+
+    Each client may need two descriptors (its own socket and its server's), so the derived
+    cap is half of what remains of ``RLIMIT_NOFILE`` after ``FD_RESERVE``.
+    """
+    if configured > 0:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, (soft - FD_RESERVE) // 2)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-file limit to the hard one (as servers do); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def unix_socket_path(directory: str, port: int) -> str:
@@ -102,6 +123,7 @@ class Stats:
     reload_failures: int = 0
     mirror_refreshes: int = 0
     mirror_failures: int = 0
+    fd_exhausted: int = 0  # accepts or dials that failed with EMFILE/ENFILE
     # Cumulative wait histogram for metrics: counts per WAIT_BUCKETS bound, the last for +Inf.
     wait_bounds: tuple[float, ...] = WAIT_BUCKETS
     wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
@@ -135,6 +157,7 @@ class Server:
         self.stats = Stats()
         self.faults = Faults(self, config.faults)
         self.clients: dict[int, ClientConnection] = {}
+        self.max_clients = client_cap(config.server.max_client_connections)
         self.addresses: list[tuple[str, int]] = []
         self.draining = False
         self.started_at = time.time()
@@ -151,14 +174,17 @@ class Server:
         self.metrics: Any = None  # metrics.MetricsServer, imported only when configured
         self.mirror: Any = None  # mirror.CatalogMirror, likewise
         self._idle_sweep: asyncio.TimerHandle | None = None
-        # (role, database, reason) -> rejections not logged yet in this window (see _reject).
-        self._reject_counts: dict[tuple[str, str, str], int] = {}
-        self._reject_window: asyncio.TimerHandle | None = None
+        # Floods are logged as one line per key per window plus a summary (see _log_limited):
+        # rejections by (role, database, reason), refused sockets and fd exhaustion by reason.
+        self._reject_log = RateLimitedLog("reject", REJECT_LOG_WINDOW, overflow=("", "", "other"))
+        self._refuse_log = RateLimitedLog("refuse", REJECT_LOG_WINDOW, overflow=("other",))
+        self._log_windows: dict[RateLimitedLog, asyncio.TimerHandle] = {}
 
     # -------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Bind every ``[server] listen`` address; port 0 picks a free one (see ``addresses``)."""
+        self.loop.set_exception_handler(self._loop_exception)
         for item in self.config.server.listen:
             host, port = config_mod.parse_address(item)
             listener = await self.loop.create_server(
@@ -173,6 +199,7 @@ class Server:
             "start",
             listen=",".join(f"{h}:{p}" for h, p in self.addresses),
             backend=f"{self.config.backend.host}:{self.config.backend.port}",
+            max_client_connections=self.max_clients,
         )
         await self._start_control()
 
@@ -204,6 +231,7 @@ class Server:
             return False
         self.client_tls, self.backend_tls = client_tls, backend_tls
         old, self.config = self.config, new
+        self.max_clients = client_cap(new.server.max_client_connections)
         self.faults.configure(new.faults)
         self.admit_waiters(self.gate.reconfigure(new.rules()))
         log_event(logging.INFO, "reload", file=new.path, changed=",".join(changed) or "nothing")
@@ -265,11 +293,13 @@ class Server:
             if task is not current:  # close() itself may run as one (a second signal)
                 task.cancel()
         await self._stop_control()
+        if self.loop.get_exception_handler() == self._loop_exception:
+            self.loop.set_exception_handler(None)
         if self._queue_timer is not None:
             self._queue_timer.cancel()
-        if self._reject_window is not None:
-            self._reject_window.cancel()
-            self._end_reject_window()
+        for limiter, timer in list(self._log_windows.items()):
+            timer.cancel()
+            self._end_log_window(limiter)
         for listener in self._listeners:
             with contextlib.suppress(Exception):
                 await listener.wait_closed()
@@ -280,9 +310,35 @@ class Server:
 
     # --------------------------------------------------------------- clients
 
-    def client_opened(self, client: ClientConnection) -> None:
+    def client_opened(self, client: ClientConnection) -> bool:
+        """Count a new client socket; False (and 53300 sent) past ``max_client_connections``."""
+        if len(self.clients) + len(self.admin_sessions) >= self.max_clients:
+            self.refuse(client, "max_client_connections", limit=self.max_clients)
+            return False
         self.clients[client.id] = client
         self._idle.clear()
+        return True
+
+    def refuse(self, client: ClientConnection, reason: str, **fields: object) -> None:
+        """Turn away a socket before its startup packet: PostgreSQL's "too many clients"."""
+        self.stats.rejections[reason] += 1
+        self._log_limited(self._refuse_log, (reason,), reason=reason, client=client.peer, **fields)
+        client.refuse(TooManyConnections(TOO_MANY_CLIENTS))
+
+    def fd_exhausted(self, where: str, exc: OSError) -> None:
+        """The process ran out of file descriptors (EMFILE/ENFILE): count it, log it (limited)."""
+        self.stats.fd_exhausted += 1
+        self._log_limited(
+            self._refuse_log, (where,), reason=where, error=exc.strerror or str(exc)
+        )
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Loop-level errors: fd exhaustion on accept is counted and logged without a traceback."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.fd_exhausted("accept", exc)
+            return
+        loop.default_exception_handler(context)
 
     def client_closed(self, client: ClientConnection) -> None:
         self.stats.bytes_in += client.bytes_in
@@ -328,43 +384,31 @@ class Server:
         if rejection.cause == "queue_timeout":
             self.stats.queue_timeouts += 1
         if log.isEnabledFor(logging.INFO):
-            key = (client.role, client.database, rejection.cause)
-            unlogged = self._reject_counts.get(key)
-            if unlogged is not None:
-                self._reject_counts[key] = unlogged + 1
-            else:
-                self._reject_counts[key] = 0
-                log_event(
-                    logging.INFO,
-                    "reject",
-                    role=client.role,
-                    database=client.database,
-                    limit=rejection.limit.value,
-                    value=rejection.value,
-                    reason=rejection.cause,
-                    client=client.peer,
-                )
-                if self._reject_window is None:
-                    self._reject_window = self.loop.call_later(
-                        REJECT_LOG_WINDOW, self._end_reject_window
-                    )
+            self._log_limited(
+                self._reject_log,
+                (client.role, client.database, rejection.cause),
+                role=client.role,
+                database=client.database,
+                limit=rejection.limit.value,
+                value=rejection.value,
+                reason=rejection.cause,
+                client=client.peer,
+            )
         client.reject(rejection.error(with_detail=self.config.errors.detail))
 
-    def _end_reject_window(self) -> None:
-        """Log how many rejections per (role, database, reason) went unlogged in the window."""
-        self._reject_window = None
-        counts, self._reject_counts = self._reject_counts, {}
-        for (role, database, reason), unlogged in counts.items():
-            if unlogged:
-                log_event(
-                    logging.INFO,
-                    "reject_summary",
-                    role=role,
-                    database=database,
-                    reason=reason,
-                    count=unlogged,
-                    seconds=REJECT_LOG_WINDOW,
+    def _log_limited(self, limiter: RateLimitedLog, key: tuple[object, ...], **fields: object) -> None:
+        """Log ``fields`` unless ``key`` was logged in this window (then it is only counted)."""
+        if limiter.event_now(key):
+            log_event(logging.INFO, limiter.event, **fields)
+            if limiter not in self._log_windows:
+                self._log_windows[limiter] = self.loop.call_later(
+                    limiter.window, self._end_log_window, limiter
                 )
+
+    def _end_log_window(self, limiter: RateLimitedLog) -> None:
+        """Log how many events per key went unlogged in the window that just ended."""
+        self._log_windows.pop(limiter, None)
+        limiter.flush(_LOG_KEYS[limiter.event])
 
     def release(self, ticket: Ticket) -> None:
         """A session's backend is gone: free its slots and admit whoever now fits."""
@@ -457,6 +501,18 @@ class Server:
             reason=reason,
             role=client.role,
             client=client.peer,
+        )
+
+    def backend_closed_early(self, client: ClientConnection) -> None:
+        """The server closed a session before it started, without an ErrorResponse."""
+        self.stats.backend_errors += 1
+        log_event(
+            logging.WARNING,
+            "backend_closed",
+            role=client.role,
+            database=client.database,
+            client=client.peer,
+            reason="server closed the connection before the session started",
         )
 
     def backend_error(self, client: ClientConnection, fields: dict[str, str]) -> None:
@@ -701,6 +757,7 @@ async def serve(config: Config) -> int:
 
 def run(config: Config) -> int:
     """Run pgguard in this process on a fresh (uv)loop until it is drained."""
+    raise_fd_limit()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:

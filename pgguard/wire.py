@@ -249,6 +249,11 @@ class MessageReader:
             self._pos = 0
         self._buf += data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes fed but not yet returned as a message (0: at a message boundary)."""
+        return len(self._buf) - self._pos
+
     def take_rest(self) -> bytes:
         rest = bytes(self._buf[self._pos :])
         self._buf.clear()
