@@ -9,6 +9,7 @@ a slot or a waiter is still held 10 s after its clients are gone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -160,6 +161,52 @@ async def guard(pg: PostgresCluster) -> AsyncIterator[GuardFactory]:
         await g.server.close()
     if leaks:
         pytest.fail("pgguard leaked after the test: " + "; ".join(leaks))
+
+
+class _LogScan(logging.Handler):
+    """Collects every ERROR (or worse) and every traceback pgguard or asyncio logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def _no_errors_logged(request: pytest.FixtureRequest) -> Iterator[_LogScan]:
+    """Fail a test during which pgguard (or its event loop) logged an error or a traceback.
+
+    A traceback in pgguard's log is a bug, whatever a peer did. A test that provokes an error
+    on purpose (a bad config on reload) says which with ``@pytest.mark.log_errors("event=...")``:
+    records containing one of those strings are allowed, and nothing else is.
+    """
+    scan = _LogScan()
+    loggers = [logging.getLogger("pgguard"), logging.getLogger("asyncio")]
+    for logger in loggers:
+        logger.addHandler(scan)
+    try:
+        yield scan
+    finally:
+        for logger in loggers:
+            logger.removeHandler(scan)
+    marker = request.node.get_closest_marker("log_errors")
+    allowed = tuple(marker.args) if marker else ()
+    unexpected = [
+        r for r in scan.records if not any(a in r.getMessage() for a in allowed)
+    ]
+    if unexpected:
+        lines = []
+        for r in unexpected[:5]:
+            text = f"{r.name} {r.levelname}: {r.getMessage()}"
+            if r.exc_info and r.exc_info[1] is not None:
+                text += f" ({type(r.exc_info[1]).__name__}: {r.exc_info[1]})"
+            lines.append(text)
+        pytest.fail(
+            f"{len(unexpected)} unexpected error(s)/traceback(s) logged:\n" + "\n".join(lines)
+        )
 
 
 @pytest.fixture(autouse=True)

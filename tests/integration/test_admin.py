@@ -138,6 +138,7 @@ async def test_set_limit_admits_waiter_at_once_and_reload_goes_back_to_file(tmp_
         await asyncio.gather(first.close(), second_conn.close(), console.close())
 
 
+@pytest.mark.log_errors("event=reload_failed")
 async def test_bad_file_on_reload_keeps_old_config_and_says_why(tmp_path, pg) -> None:
     path = write_config(tmp_path / "pgguard.toml", pg, ADMIN_TOML + "[roles.app]\nmax_connections = 0\n")
     async with file_server(path) as server:

@@ -624,6 +624,7 @@ def _der(path: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(path.read_text())
 
 
+@pytest.mark.log_errors("event=reload_failed")
 async def test_reload_picks_up_a_renewed_certificate_and_keeps_it_on_a_bad_one(
     guard, certs: Certs, tmp_path: Path
 ) -> None:
