@@ -389,6 +389,7 @@ def _show_stats(session: AdminSession, m: re.Match[str]) -> Result:
         ("idle_timeouts", str(st.idle_timeouts)),
         ("kills", str(st.kills)),
         ("cancels_forwarded", str(st.cancels_forwarded)),
+        ("cancels_dropped", str(st.cancels_dropped)),
         ("bytes_in", str(bytes_in)),
         ("bytes_out", str(bytes_out)),
         ("reloads", str(st.reloads)),

@@ -17,10 +17,8 @@ __all__ = ["log", "log_event", "display", "logfmt_value", "RateLimitedLog"]
 
 log = logging.getLogger("pgguard")
 
-# Characters that cannot stand in a log line or a label as they are: C0 and C1 controls,
-# DEL, backslash (the escape character itself), and the surrogates that stand for bytes that
-# were not valid UTF-8 (wire decodes with surrogateescape).
-_UNSAFE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\\\u2028\u2029\ud800-\udfff]")
+# How an unprintable character is written (anything else: \xNN or \uNNNN). A backslash is
+# escaped too, so an escaped name never reads the same as another name.
 _NAMED: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 # A value that needs quotes in a logfmt line (besides an empty one).
 _QUOTE: Final = re.compile(r'[\s"=]')
@@ -29,27 +27,30 @@ _QUOTE: Final = re.compile(r'[\s"=]')
 MAX_DISPLAY: Final = 256
 
 
-def _escape_char(m: re.Match[str]) -> str:
-    c = m.group()
+def _escape_char(c: str) -> str:
     named = _NAMED.get(c)
     if named is not None:
         return named
     code = ord(c)
     if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the raw byte it stands for
         return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def display(text: str, limit: int = MAX_DISPLAY) -> str:
     """``text`` as one printable, valid-UTF-8 line: controls and undecodable bytes escaped.
 
-    Longer than ``limit`` characters, it is cut and ends with ``...``.
+    Every character Python does not call printable (controls, line and paragraph separators,
+    format characters, the surrogates that stand for bytes that were not UTF-8) and the
+    backslash are escaped. Longer than ``limit`` characters, it is cut and ends with ``...``.
     """
     if len(text) > limit:
         text = text[:limit] + "..."
-    if _UNSAFE.search(text) is None:
+    if text.isprintable() and "\\" not in text:
         return text
-    return _UNSAFE.sub(_escape_char, text)
+    return "".join(c if c.isprintable() and c != "\\" else _escape_char(c) for c in text)
 
 
 def logfmt_value(value: object) -> str:

@@ -65,6 +65,7 @@ METRIC_NAMES: Final = (
     "pgguard_fd_exhausted_total",
     "pgguard_backend_errors_total",
     "pgguard_cancels_forwarded_total",
+    "pgguard_cancels_dropped_total",
     "pgguard_bytes_relayed_total",
     "pgguard_idle_timeouts_total",
     "pgguard_admin_kills_total",
@@ -215,6 +216,11 @@ class ServerCollector(Collector):
         )
         yield CounterMetricFamily(
             "pgguard_cancels_forwarded", "CancelRequests forwarded.", value=st.cancels_forwarded
+        )
+        yield CounterMetricFamily(
+            "pgguard_cancels_dropped",
+            "CancelRequests matching no session here, dropped under a flood of them.",
+            value=st.cancels_dropped,
         )
         relayed = CounterMetricFamily(
             "pgguard_bytes_relayed", "Bytes relayed, by direction.", labels=["direction"]

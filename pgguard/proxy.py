@@ -591,6 +591,7 @@ class _BackendAuth(asyncio.Protocol):
                     return
                 if tag == b"K":
                     client.backend_pid, client.backend_key = wire.parse_backend_key_data(body)
+                    client.server.session_key(client)
                 elif tag == b"E":
                     self.error_seen = True
                     fields = wire.parse_error_fields(body)

@@ -13,6 +13,7 @@ import asyncio
 import bisect
 import contextlib
 import errno
+import hmac
 import logging
 import resource
 import signal
@@ -63,6 +64,9 @@ _LOG_KEYS: Final = {"reject": ("role", "database", "reason"), "refuse": ("reason
 # console, catalog mirror, forwarded cancels, log files) when max_client_connections is
 # derived from the open-file limit.
 FD_RESERVE: Final = 64
+# CancelRequests matching no session of this process that may be in flight to the server at
+# once (see forward_cancel); a flood of forged ones is dropped instead of passed on.
+MAX_UNMATCHED_CANCELS: Final = 16
 # PostgreSQL's words when it has no room for another connection at all (proc.c, InitProcess).
 TOO_MANY_CLIENTS: Final = "sorry, too many clients already"
 
@@ -115,6 +119,7 @@ class Stats:
     dial_failures: int = 0
     backend_errors: int = 0
     cancels_forwarded: int = 0
+    cancels_dropped: int = 0  # unmatched CancelRequests past MAX_UNMATCHED_CANCELS in flight
     bytes_in: int = 0
     bytes_out: int = 0
     idle_timeouts: int = 0
@@ -158,6 +163,9 @@ class Server:
         self.faults = Faults(self, config.faults)
         self.clients: dict[int, ClientConnection] = {}
         self.max_clients = client_cap(config.server.max_client_connections)
+        # Server process id -> the session it serves, to tell known CancelRequests from others.
+        self.backend_keys: dict[int, ClientConnection] = {}
+        self._unmatched_cancels = 0
         self.addresses: list[tuple[str, int]] = []
         self.draining = False
         self.started_at = time.time()
@@ -341,6 +349,8 @@ class Server:
         loop.default_exception_handler(context)
 
     def client_closed(self, client: ClientConnection) -> None:
+        if client.backend_pid is not None and self.backend_keys.get(client.backend_pid) is client:
+            del self.backend_keys[client.backend_pid]
         self.stats.bytes_in += client.bytes_in
         self.stats.bytes_out += client.bytes_out
         self.clients.pop(client.id, None)
@@ -532,13 +542,33 @@ class Server:
         client.last_active = time.monotonic()  # idle time counts from here, not from arrival
         client.idle_status = IDLE  # the first ReadyForQuery is always 'I'
 
-    def forward_cancel(self, packet: wire.CancelRequest) -> None:
-        """Send a CancelRequest to the server at once; it is never counted or queued."""
-        self.stats.cancels_forwarded += 1
-        self._spawn(self._send_cancel(packet.raw))
+    def session_key(self, client: ClientConnection) -> None:
+        """The server sent ``client`` its BackendKeyData: cancels naming it are known ones."""
+        if client.backend_pid is not None:
+            self.backend_keys[client.backend_pid] = client
 
-    async def _send_cancel(self, raw: bytes) -> None:
+    def forward_cancel(self, packet: wire.CancelRequest) -> None:
+        """Send a CancelRequest to the server at once; it is never counted or queued.
+
+        A cancel whose key matches a session pgguard relays always goes through. Others (a
+        session of another pgguard process behind the same port, or a forged key) go through
+        at most MAX_UNMATCHED_CANCELS at a time: each costs the server a connection, so a
+        flood of them is dropped here (counted, logged once a second), not passed on.
+        """
+        client = self.backend_keys.get(packet.pid)
+        matched = client is not None and hmac.compare_digest(client.backend_key, packet.key)
+        if not matched:
+            if self._unmatched_cancels >= MAX_UNMATCHED_CANCELS:
+                self.stats.cancels_dropped += 1
+                self._log_limited(self._refuse_log, ("cancel_flood",), reason="cancel_flood")
+                return
+            self._unmatched_cancels += 1
+        self.stats.cancels_forwarded += 1
+        self._spawn(self._send_cancel(packet.raw, matched))
+
+    async def _send_cancel(self, raw: bytes, matched: bool) -> None:
         cfg = self.config.backend
+        writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(cfg.connect_timeout):
                 if cfg.host.startswith("/"):
@@ -550,9 +580,13 @@ class Server:
                 await writer.drain()
                 # The server closes after reading it; wait for that so the cancel is delivered.
                 await reader.read(1)
-                writer.close()
         except (OSError, TimeoutError) as exc:
             log_event(logging.WARNING, "cancel_failed", reason=str(exc) or type(exc).__name__)
+        finally:
+            if writer is not None:
+                writer.close()
+            if not matched:
+                self._unmatched_cancels -= 1
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)

@@ -40,6 +40,20 @@ DATABASES = ("limdb", "otherdb")
 
 
 @pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """Tests run pgguard on uvloop, the loop `pgguard run` uses (PGGUARD_TEST_LOOP=asyncio: asyncio's).
+
+    The two differ where it matters here (uvloop raises on a write into a closed transport,
+    asyncio only counts it), so the suite must see what production sees.
+    """
+    if os.environ.get("PGGUARD_TEST_LOOP") == "asyncio":
+        return asyncio.DefaultEventLoopPolicy()
+    import uvloop
+
+    return uvloop.EventLoopPolicy()
+
+
+@pytest.fixture(scope="session")
 def pg() -> Iterator[PostgresCluster]:
     with PostgresCluster(settings={"max_connections": 400}) as cluster:
         for role in ROLES:
