@@ -30,11 +30,18 @@ import asyncio
 import enum
 import itertools
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Final, cast
 
 from . import tls, wire
-from .errors import BackendUnavailable, EncryptionRequired, PgGuardError, ProtocolViolation
+from .errors import (
+    BackendUnavailable,
+    BackendUnreachable,
+    EncryptionRequired,
+    PgGuardError,
+    ProtocolViolation,
+)
 from .limits import Ticket, Waiter
 
 if TYPE_CHECKING:
@@ -346,7 +353,12 @@ class ClientConnection(asyncio.Protocol):
             reason = "timeout expired" if isinstance(exc, TimeoutError) else _reason(exc)
             self.server.dial_failed(self, reason)
             self._release()
-            self.fail(BackendUnavailable(reason))
+            # Not reached (refused, timeout): 57P03, so pg_isready says "rejecting". A TLS
+            # failure means a server that answered: 08006, as libpq reports it.
+            unreachable = isinstance(exc, TimeoutError) or (
+                isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
+            )
+            self.fail(BackendUnreachable(reason) if unreachable else BackendUnavailable(reason))
             return
         except Exception:  # the per-connection boundary: log, answer, release
             log.exception("event=internal_error client=%s", self)
@@ -384,10 +396,14 @@ class ClientConnection(asyncio.Protocol):
         if self.state is not State.AUTH or self._client_gone:
             return
         self.server.dial_failed(self, "timeout expired")
-        exc = BackendUnavailable("timeout expired")
+        exc = BackendUnreachable("timeout expired")
         # Nothing came from the server yet, so the client is still waiting for its first
         # reply: answer like a failed dial (fail() writes nothing once in AUTH).
-        self._write(wire.build_error_response(exc.sqlstate, exc.message, severity=exc.severity))
+        self._write(
+            wire.build_error_response(
+                exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
+            )
+        )
         self.fail(exc)  # closes both sides; the backend's connection_lost releases the slot
 
     # ------------------------------------------------------------------- relay
