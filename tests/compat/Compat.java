@@ -48,7 +48,9 @@ public class Compat {
         BufferedReader in = new BufferedReader(new InputStreamReader(System.in));
 
         // Query, prepared statement (twice), transaction rolled back.
-        try (Connection c = connect("app"); Statement st = c.createStatement()) {
+        // Role "other" has no limit here (a closed session frees its slot only once the
+        // server has closed it, so the limited roles below start from a clean slate).
+        try (Connection c = connect("other"); Statement st = c.createStatement()) {
             int query = one(st, "SELECT 1 + 1");
             int[] prepared = new int[2];
             try (PreparedStatement ps = c.prepareStatement("SELECT ?::int + 1")) {

@@ -11,7 +11,9 @@ async function main() {
   const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 
   // Query, named prepared statement (run twice: parse once, bind twice), transaction.
-  const c = client("app");
+  // Role "other" has no limit here: closing a session frees its slot only once the server
+  // has closed it, so the limited roles below start from a clean slate.
+  const c = client("other");
   await c.connect();
   const query = (await c.query("SELECT 1 + 1 AS n")).rows[0].n;
   const stmt = { name: "plus_one", text: "SELECT $1::int + 1 AS n", values: [41] };

@@ -1,7 +1,7 @@
 """Drives a compatibility program (node-postgres, pgjdbc) against a pgguard and checks what it saw.
 
 Every program runs the same scenario (compat.js, Compat.java) and prints one JSON line per
-step: ``basic`` (a query, a named prepared statement run twice, a transaction rolled back),
+step: ``basic`` (role ``other``: a query, a named prepared statement run twice, a transaction rolled back),
 ``reject`` (the second session of role ``app``, limit 1, policy reject: the client's own
 error fields), ``holding`` (role ``app2``, limit 1, policy queue: one session held, a second
 connecting), then, after the test has seen that second client queue at pgguard and said so
