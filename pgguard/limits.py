@@ -107,13 +107,15 @@ class Rules:
 class Ticket:
     """One admitted session's hold on its slots. Released exactly once through ``Gate.release``."""
 
-    __slots__ = ("role", "database", "exempt", "released")
+    __slots__ = ("role", "database", "exempt", "released", "counted")
 
-    def __init__(self, role: str, database: str, exempt: bool) -> None:
+    def __init__(self, role: str, database: str, exempt: bool, counted: bool = True) -> None:
         self.role = role
         self.database = database
         self.exempt = exempt
         self.released = False
+        # False for a replication (walsender) session: it holds no slot on any limit.
+        self.counted = counted
 
     def __repr__(self) -> str:
         return f"Ticket({self.role!r}, {self.database!r}, released={self.released})"
@@ -385,9 +387,16 @@ class Gate:
         return Ticket(role, database, exempt)
 
     def arrive(
-        self, role: str, database: str, now: float, context: object = None
+        self, role: str, database: str, now: float, context: object = None, *, replication: bool = False
     ) -> Decision:
-        """Decide for a new client: admit (with a Ticket), queue (a Waiter) or reject."""
+        """Decide for a new client: admit (with a Ticket), queue (a Waiter) or reject.
+
+        A ``replication`` (walsender) session is admitted and counted on no limit: PostgreSQL
+        counts walsenders against ``max_wal_senders``, not against max_connections or a
+        role's or database's CONNECTION LIMIT.
+        """
+        if replication:
+            return Decision(Kind.ADMIT, ticket=Ticket(role, database, True, counted=False))
         eff = self._role(role)
         if eff.exempt:
             return Decision(Kind.ADMIT, ticket=self._take(role, database, True))
@@ -422,6 +431,8 @@ class Gate:
         if ticket.released:
             return []
         ticket.released = True
+        if not ticket.counted:
+            return []
         self.total_active -= 1
         _decrement(self.role_active, ticket.role)
         _decrement(self.database_active, ticket.database)

@@ -7,7 +7,10 @@ so the collector sees a consistent state without locks. Each scrape costs one pa
 connected clients and the waiters.
 
 Endpoints: ``GET /metrics`` (text format 0.0.4, or OpenMetrics when the scraper asks for
-it); anything else is 404. One request per connection.
+it); ``GET /healthz`` (200 while the process serves: a liveness probe); ``GET /readyz``
+(200 while the server behind pgguard accepts a TCP connection and pgguard is not draining,
+else 503 with the reason: a readiness probe for load balancers and Kubernetes); anything
+else is 404. One request per connection.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ __all__ = ["ServerCollector", "MetricsServer", "METRIC_NAMES"]
 # A scrape request is a few hundred bytes; anything larger or slower is not Prometheus.
 MAX_REQUEST: Final = 16 * 1024
 REQUEST_TIMEOUT: Final = 10.0
+
+# /readyz dials the server: under Kubernetes' default probe timeout (1 s), so a slow server
+# reads as not ready rather than as a probe that timed out.
+READY_PROBE_TIMEOUT: Final = 0.8
+# Probe answers are reused this long, so a flood of probes does not fork a backend each.
+READY_CACHE: Final = 1.0
 
 # States whose sessions hold a slot (admitted, dialing or authenticating, or live).
 _HOLDING: Final = frozenset({"dialing", "authenticating", "active"})
@@ -288,6 +297,8 @@ class MetricsServer:
     def __init__(self, server: Server, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServerCollector(server))
+        self._server = server
+        self._ready: tuple[float, str | None] | None = None  # (when, reason not ready or None)
         self.host = host
         self.port = port
         self.address: tuple[str, int] | None = None
@@ -316,6 +327,36 @@ class MetricsServer:
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
+    async def not_ready(self) -> str | None:
+        """Why pgguard is not ready (draining, or the server cannot be dialled), or None.
+
+        A TCP (or Unix-socket) connect to ``[backend]`` bounded by ``READY_PROBE_TIMEOUT``,
+        closed at once (PostgreSQL logs nothing for a connection that sends no byte); the
+        answer is reused for ``READY_CACHE`` seconds.
+        """
+        if self._server.draining:
+            return "draining"
+        now = time.monotonic()
+        if self._ready is not None and now - self._ready[0] < READY_CACHE:
+            return self._ready[1]
+        cfg = self._server.config.backend
+        reason: str | None = None
+        try:
+            async with asyncio.timeout(READY_PROBE_TIMEOUT):
+                if cfg.host.startswith("/"):
+                    # libpq's socket name in a directory, as server.unix_socket_path builds it.
+                    path = f"{cfg.host.rstrip('/') or '/'}/.s.PGSQL.{cfg.port}"
+                    _, writer = await asyncio.open_unix_connection(path)
+                else:
+                    _, writer = await asyncio.open_connection(cfg.host, cfg.port)
+            writer.close()
+        except TimeoutError:
+            reason = f"server {cfg.host}:{cfg.port}: timeout expired"
+        except OSError as exc:
+            reason = f"server {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+        self._ready = (time.monotonic(), reason)
+        return reason
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -334,13 +375,23 @@ class MetricsServer:
                 await _respond(writer, 405, b"method not allowed\n", "text/plain")
                 return
             path = parts[1].split("?", 1)[0]
+            head_only = parts[0] == "HEAD"
+            if path == "/healthz":
+                await _respond(writer, 200, b"ok\n", "text/plain", head_only=head_only)
+                return
+            if path == "/readyz":
+                reason = await self.not_ready()
+                status, text = (200, "ready") if reason is None else (503, f"not ready: {reason}")
+                body = text.encode("utf-8", "replace") + b"\n"
+                await _respond(writer, status, body, "text/plain", head_only=head_only)
+                return
             if path != "/metrics":
                 await _respond(writer, 404, b"not found; try /metrics\n", "text/plain")
                 return
             started = time.perf_counter()
             body, content_type = self.render(headers.get("accept", ""))
             log.debug("event=scrape seconds=%.4f bytes=%d", time.perf_counter() - started, len(body))
-            await _respond(writer, 200, body, content_type, head_only=parts[0] == "HEAD")
+            await _respond(writer, 200, body, content_type, head_only=head_only)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
             pass
         finally:
@@ -349,7 +400,12 @@ class MetricsServer:
             writer.close()
 
 
-_REASONS: Final = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS: Final = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
 async def _respond(

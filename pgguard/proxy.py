@@ -31,6 +31,7 @@ import enum
 import errno
 import itertools
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Final, cast
 
@@ -38,6 +39,7 @@ from . import tls, wire
 from .errors import (
     BackendLost,
     BackendUnavailable,
+    BackendUnreachable,
     EncryptionRequired,
     PgGuardError,
     ProtocolViolation,
@@ -372,7 +374,12 @@ class ClientConnection(asyncio.Protocol):
                 self.server.fd_exhausted("dial", exc)
             self.server.dial_failed(self, reason)
             self._release()
-            self.fail(BackendUnavailable(reason))
+            # Not reached (refused, timeout): 57P03, so pg_isready says "rejecting". A TLS
+            # failure means a server that answered: 08006, as libpq reports it.
+            unreachable = isinstance(exc, TimeoutError) or (
+                isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
+            )
+            self.fail(BackendUnreachable(reason) if unreachable else BackendUnavailable(reason))
             return
         except Exception:  # the per-connection boundary: log, answer, release
             log.exception("event=internal_error client=%r", self)
@@ -410,10 +417,14 @@ class ClientConnection(asyncio.Protocol):
         if self.state is not State.AUTH or self._client_gone:
             return
         self.server.dial_failed(self, "timeout expired")
-        exc = BackendUnavailable("timeout expired")
+        exc = BackendUnreachable("timeout expired")
         # Nothing came from the server yet, so the client is still waiting for its first
         # reply: answer like a failed dial (fail() writes nothing once in AUTH).
-        self._write(wire.build_error_response(exc.sqlstate, exc.message, severity=exc.severity))
+        self._write(
+            wire.build_error_response(
+                exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
+            )
+        )
         self.fail(exc)  # closes both sides; the backend's connection_lost releases the slot
 
     # ------------------------------------------------------------------- relay

@@ -374,7 +374,10 @@ class Server:
             client.reject(ShuttingDown())
             return
         now = self.loop.time()
-        decision = self.gate.arrive(client.role, client.database, now, client)
+        replication = client.startup is not None and client.startup.is_replication
+        decision = self.gate.arrive(
+            client.role, client.database, now, client, replication=replication
+        )
         if decision.kind is Kind.ADMIT:
             assert decision.ticket is not None
             self.stats.admissions += 1

@@ -111,7 +111,28 @@ class StartupMessage:
 
     @property
     def is_replication(self) -> bool:
-        return "replication" in self.params
+        """True for a walsender connection: ``replication`` is "database" or a true boolean.
+
+        As PostgreSQL reads the parameter (backend_startup.c: "database" exactly, else
+        parse_bool: a case-insensitive prefix of true/yes, "on", or "1"). Any other value is
+        not replication here; the server refuses it with FATAL.
+        """
+        value = self.params.get("replication")
+        if value is None:
+            return False
+        return value == "database" or _parse_bool(value) is True
+
+
+def _parse_bool(value: str) -> bool | None:
+    """PostgreSQL's parse_bool (utils/adt/bool.c): True, False, or None when not a boolean."""
+    v = value.lower()
+    if not v:
+        return None
+    if "true".startswith(v) or "yes".startswith(v) or v == "1" or v == "on":
+        return True
+    if "false".startswith(v) or "no".startswith(v) or v == "0" or v in ("of", "off"):
+        return False
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,15 +213,18 @@ async def test_pgbench_through_pgguard_has_no_failures(guard, pg) -> None:  # ty
 # -------------------------------------------------------------- backend failures
 
 
-async def test_closed_backend_port_gives_08006_and_frees_the_slot(guard) -> None:  # type: ignore[no-untyped-def]
+async def test_closed_backend_port_gives_57p03_and_frees_the_slot(guard) -> None:  # type: ignore[no-untyped-def]
+    """An unreachable server is answered as PostgreSQL answers when it cannot take
+    connections (57P03), the reason in DETAIL, so health checks read "rejecting"."""
     g = await guard(f'[backend]\nport = {free_port()}\n[roles.app]\nmax_connections = 1\npolicy = "reject"')
     for _ in range(2):  # the slot is free again each time
-        with pytest.raises(asyncpg.PostgresError) as info:
+        with pytest.raises(asyncpg.CannotConnectNowError) as info:
             await asyncpg.connect(g.dsn("app"), timeout=30)
-        assert info.value.sqlstate == "08006"
-        assert str(info.value).startswith("pgguard could not connect to the server: ")
+        assert info.value.sqlstate == "57P03"
+        assert info.value.message == "the database system is not accepting connections"
+        assert info.value.detail.startswith("pgguard could not connect to the server: ")
         await g.wait_idle()
-    with pytest.raises(psycopg.OperationalError, match="pgguard could not connect to the server"):
+    with pytest.raises(psycopg.OperationalError, match="the database system is not accepting connections"):
         await psycopg.AsyncConnection.connect(g.conninfo("app"), connect_timeout=20)
     await g.wait_idle()
     assert g.server.stats.dial_failures == 3
@@ -247,21 +250,21 @@ def full_backlog() -> AsyncIterator[int]:  # type: ignore[misc]
     lsock.close()
 
 
-async def test_backend_dial_timeout_gives_08006(guard, full_backlog: int) -> None:  # type: ignore[no-untyped-def]
+async def test_backend_dial_timeout_gives_57p03(guard, full_backlog: int) -> None:  # type: ignore[no-untyped-def]
     g = await guard(f"[backend]\nport = {full_backlog}\nconnect_timeout = 0.5\n[roles.app]\nmax_connections = 1")
     start = time.monotonic()
     with pytest.raises(asyncpg.PostgresError) as info:
         await asyncpg.connect(g.dsn("app"), timeout=30)
-    assert info.value.sqlstate == "08006"
-    assert str(info.value) == "pgguard could not connect to the server: timeout expired"
+    assert info.value.sqlstate == "57P03"
+    assert info.value.detail == "pgguard could not connect to the server: timeout expired"
     assert 0.4 < time.monotonic() - start < 10
     await g.wait_idle()
 
 
-async def test_backend_that_accepts_and_never_answers_gives_08006(guard) -> None:  # type: ignore[no-untyped-def]
+async def test_backend_that_accepts_and_never_answers_gives_57p03(guard) -> None:  # type: ignore[no-untyped-def]
     """A fake backend: accepts the TCP connection, reads the startup packet, never replies
     (a real PostgreSQL cannot be made to hang like this). connect_timeout covers the wait for
-    the server's first reply, so the client gets 08006 and the slot comes back."""
+    the server's first reply, so the client gets 57P03 and the slot comes back."""
     accepted: list[asyncio.StreamWriter] = []
 
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -275,8 +278,8 @@ async def test_backend_that_accepts_and_never_answers_gives_08006(guard) -> None
         start = time.monotonic()
         with pytest.raises(asyncpg.PostgresError) as info:
             await asyncpg.connect(g.dsn("app"), timeout=30)
-        assert info.value.sqlstate == "08006"
-        assert str(info.value) == "pgguard could not connect to the server: timeout expired"
+        assert info.value.sqlstate == "57P03"
+        assert info.value.detail == "pgguard could not connect to the server: timeout expired"
         assert 0.4 < time.monotonic() - start < 10
         assert len(accepted) == 1
         await g.wait_idle()
