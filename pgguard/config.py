@@ -19,6 +19,7 @@ from typing import Any, Final, Literal, get_args, get_origin
 
 from .errors import ConfigError
 from .limits import Policy, RoleRule, Rules
+from .rules import FaultSpecError, parse_rule
 from .scram import is_verifier, parse_verifier
 
 __all__ = [
@@ -174,9 +175,6 @@ class TLSConfig:
 
 
 def _fault_rules(value: tuple[str, ...]) -> str | None:
-    # faults.py's rule parser is pure (no asyncio), so the core may use it to validate.
-    from .faults import FaultSpecError, parse_rule
-
     for text in value:
         try:
             parse_rule(text)

@@ -24,6 +24,9 @@ Invariants (checked by hypothesis stateful tests):
 Exempt roles are counted (so they show up) but never limited, like PostgreSQL superusers
 are not bound by ``rolconnlimit``. Time is always passed in; this module keeps no clock.
 The shell owns the futures and timers that act on the decisions.
+
+Size: about 620 lines, one job: the admission decision, its override layers and its
+reports; splitting them would put the invariants above in two places.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final
+from typing import Final, TypeVar
 
 from .errors import TooManyConnections
 
@@ -43,6 +46,7 @@ __all__ = [
     "Policy",
     "Limit",
     "Kind",
+    "RejectReason",
     "RoleRule",
     "Rules",
     "Ticket",
@@ -54,6 +58,7 @@ __all__ = [
 ]
 
 UNLIMITED: Final = -1
+K = TypeVar("K")
 # Effective per-role settings are memoised; role names come from clients, so the memo is
 # cleared when it reaches this size instead of growing with every name ever presented.
 ROLE_CACHE_MAX: Final = 4096
@@ -70,6 +75,21 @@ class Limit(StrEnum):
     TOTAL = "max_connections"
     ROLE = "role_max_connections"
     DATABASE = "database_max_connections"
+
+
+class RejectReason(StrEnum):
+    """Why a client was turned away; values are the ``reason`` of logs, metrics and SHOW STATS.
+
+    The gate gives the first four; the shell the others.
+    """
+
+    LIMIT = "limit"  # a full limit, policy reject
+    MAX_QUEUE = "max_queue"  # the role's queue is full
+    MAX_QUEUE_TOTAL = "max_queue_total"  # every queue together is full
+    QUEUE_TIMEOUT = "queue_timeout"
+    MAX_CLIENT_CONNECTIONS = "max_client_connections"  # too many client sockets at all
+    SHUTDOWN = "shutdown"  # draining
+    FAULT = "fault"  # an injected fault rule
 
 
 class Kind(StrEnum):
@@ -156,7 +176,7 @@ class Rejection:
     limit: Limit
     name: str  # the role or database name (empty for the total)
     value: int  # the limit's value when it was applied
-    cause: str  # "limit" (policy reject), "max_queue", "max_queue_total", "queue_timeout"
+    cause: RejectReason
     waited: float = 0.0
 
     @property
@@ -172,9 +192,9 @@ class Rejection:
     def detail(self) -> str:
         """The optional DETAIL (``[errors] detail``): which limit, its value, the wait."""
         what = f"{self.limit.value}={self.value}"
-        if self.cause == "queue_timeout":
+        if self.cause is RejectReason.QUEUE_TIMEOUT:
             return f"pgguard: {what}; waited {self.waited:.1f}s in queue (queue_timeout)"
-        if self.cause in ("max_queue", "max_queue_total"):
+        if self.cause in (RejectReason.MAX_QUEUE, RejectReason.MAX_QUEUE_TOTAL):
             return f"pgguard: {what}; wait queue is full ({self.cause})"
         return f"pgguard: {what}; policy is reject"
 
@@ -230,6 +250,7 @@ class Gate:
         self.total_active = 0
         self.role_active: dict[str, int] = {}
         self.database_active: dict[str, int] = {}
+        self.pair_active: dict[tuple[str, str], int] = {}  # per (role, database), for metrics
         self.role_waiting: dict[str, int] = {}
         self.database_waiting: dict[str, int] = {}
         self.total_waiting = 0
@@ -371,19 +392,21 @@ class Gate:
         """The first full limit for (role, database), in PostgreSQL's check order, or None."""
         total, _ = self.total_limit()
         if total != UNLIMITED and self.total_active >= total:
-            return Rejection(Limit.TOTAL, "", total, "limit")
+            return Rejection(Limit.TOTAL, "", total, RejectReason.LIMIT)
         limit = self._role(role).max_connections
         if limit != UNLIMITED and self.role_active.get(role, 0) >= limit:
-            return Rejection(Limit.ROLE, role, limit, "limit")
+            return Rejection(Limit.ROLE, role, limit, RejectReason.LIMIT)
         limit, _ = self.database_limit(database)
         if limit != UNLIMITED and self.database_active.get(database, 0) >= limit:
-            return Rejection(Limit.DATABASE, database, limit, "limit")
+            return Rejection(Limit.DATABASE, database, limit, RejectReason.LIMIT)
         return None
 
     def _take(self, role: str, database: str, exempt: bool) -> Ticket:
         self.total_active += 1
         self.role_active[role] = self.role_active.get(role, 0) + 1
         self.database_active[database] = self.database_active.get(database, 0) + 1
+        pair = (role, database)
+        self.pair_active[pair] = self.pair_active.get(pair, 0) + 1
         return Ticket(role, database, exempt)
 
     def arrive(
@@ -408,14 +431,14 @@ class Gate:
                 return Decision(Kind.ADMIT, ticket=self._take(role, database, False))
         if blocking is None:  # paused, or others of the same (role, database) are ahead
             blocking = self._blocking(role, database) or Rejection(
-                Limit.ROLE, role, eff.max_connections, "limit"
+                Limit.ROLE, role, eff.max_connections, RejectReason.LIMIT
             )
         if eff.policy is Policy.REJECT and not self.paused:
             return Decision(Kind.REJECT, rejection=blocking)
         if self.role_waiting.get(role, 0) >= eff.max_queue:
-            return Decision(Kind.REJECT, rejection=_with_cause(blocking, "max_queue"))
+            return Decision(Kind.REJECT, rejection=_with_cause(blocking, RejectReason.MAX_QUEUE))
         if self.total_waiting >= self._rules.max_queue_total:
-            return Decision(Kind.REJECT, rejection=_with_cause(blocking, "max_queue_total"))
+            return Decision(Kind.REJECT, rejection=_with_cause(blocking, RejectReason.MAX_QUEUE_TOTAL))
         waiter = Waiter(role, database, next(self._seq), now, now + eff.queue_timeout, context)
         if queue is None:
             queue = self._queues[(role, database)] = deque()
@@ -436,6 +459,7 @@ class Gate:
         self.total_active -= 1
         _decrement(self.role_active, ticket.role)
         _decrement(self.database_active, ticket.database)
+        _decrement(self.pair_active, (ticket.role, ticket.database))
         return self._drain()
 
     def _unqueue(self, waiter: Waiter, state: Kind) -> None:
@@ -481,11 +505,11 @@ class Gate:
             if not waiter.waiting:
                 continue
             blocking = self._blocking(waiter.role, waiter.database) or Rejection(
-                Limit.ROLE, waiter.role, self._role(waiter.role).max_connections, "limit"
+                Limit.ROLE, waiter.role, self._role(waiter.role).max_connections, RejectReason.LIMIT
             )
             self._unqueue(waiter, Kind.REJECT)
             self._trim((waiter.role, waiter.database))
-            out.append((waiter, _with_cause(blocking, "queue_timeout", now - waiter.arrived)))
+            out.append((waiter, _with_cause(blocking, RejectReason.QUEUE_TIMEOUT, now - waiter.arrived)))
         return out
 
     def clear_queues(self) -> list[Waiter]:
@@ -583,11 +607,11 @@ class Gate:
         return rows
 
 
-def _with_cause(rejection: Rejection, cause: str, waited: float = 0.0) -> Rejection:
+def _with_cause(rejection: Rejection, cause: RejectReason, waited: float = 0.0) -> Rejection:
     return Rejection(rejection.limit, rejection.name, rejection.value, cause, waited)
 
 
-def _decrement(counts: dict[str, int], key: str) -> None:
+def _decrement(counts: dict[K, int], key: K) -> None:
     left = counts[key] - 1
     if left:
         counts[key] = left

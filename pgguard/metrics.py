@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from .log import display, log
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .control import Control
 
 __all__ = ["ServerCollector", "MetricsServer", "METRIC_NAMES"]
 
@@ -50,8 +50,6 @@ READY_PROBE_TIMEOUT: Final = 0.8
 # Probe answers are reused this long, so a flood of probes does not fork a backend each.
 READY_CACHE: Final = 1.0
 
-# States whose sessions hold a slot (admitted, dialing or authenticating, or live).
-_HOLDING: Final = frozenset({"dialing", "authenticating", "active"})
 # Role and database names come from clients: a scrape labels at most this many names that
 # config, SET or the catalog do not name (those with the most clients); the rest are summed
 # under the label "other". Names are escaped (log.display) so every label is valid UTF-8.
@@ -84,39 +82,37 @@ METRIC_NAMES: Final = (
 
 
 class ServerCollector(Collector):
-    """Reads a ``Server`` at scrape time; call only from the server's event loop."""
+    """Reads the control layer's snapshots at scrape time; call only from its event loop.
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    The same snapshots answer SHOW STATS and SHOW LIMITS, so the two cannot disagree: a
+    session whose client left still holds its slot (and is counted in
+    ``pgguard_sessions_active``) until the server has closed it.
+    """
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        gate = server.gate
-        st = server.stats
+        control = self.control
+        st = control.stats
+        counts = control.counts()
 
         active = GaugeMetricFamily(
             "pgguard_sessions_active",
             "Admitted sessions (dialing, authenticating or live), by role and database.",
             labels=["role", "database"],
         )
-        connected = Counter[str]()
-        pairs = Counter[tuple[str, str]]()
-        for client in server.clients.values():
-            state = client.state.value
-            connected[state] += 1
-            if state in _HOLDING:
-                pairs[(client.role, client.database)] += 1
-        connected["admin"] = len(server.admin_sessions)
-        queued = Counter((w.role, w.database) for w in gate.waiters())
+        connected = control.state_counts()
+        pairs, queued = control.pair_counts()
         role_label = _labeller(
             (role for role, _ in pairs.elements()),
             (role for role, _ in queued.elements()),
-            known=gate.configured_role,
+            known=control.configured_role,
         )
         database_label = _labeller(
             (db for _, db in pairs.elements()),
             (db for _, db in queued.elements()),
-            known=gate.configured_database,
+            known=control.configured_database,
         )
         for (role, database), n in _fold(pairs, role_label, database_label):
             active.add_metric([role, database], n)
@@ -146,7 +142,7 @@ class ServerCollector(Collector):
             labels=["kind", "name"],
         )
         labelled: dict[tuple[str, str], int] = {}
-        for row in gate.limit_rows():
+        for row in control.limit_rows():
             if row.kind == "role":
                 name = role_label(row.name)
             elif row.kind == "database":
@@ -159,12 +155,12 @@ class ServerCollector(Collector):
             limits.add_metric([kind, name], value)
         yield limits
 
-        yield GaugeMetricFamily("pgguard_paused", "1 while PAUSE is in force.", value=int(gate.paused))
+        yield GaugeMetricFamily("pgguard_paused", "1 while PAUSE is in force.", value=int(counts.paused))
         yield GaugeMetricFamily(
-            "pgguard_draining", "1 while shutting down.", value=int(server.draining)
+            "pgguard_draining", "1 while shutting down.", value=int(counts.draining)
         )
         yield GaugeMetricFamily(
-            "pgguard_start_time_seconds", "Start time, seconds since the epoch.", value=server.started_at
+            "pgguard_start_time_seconds", "Start time, seconds since the epoch.", value=control.started_at
         )
         yield CounterMetricFamily(
             "pgguard_admissions", "Clients admitted (at once or after queueing).", value=st.admissions
@@ -234,7 +230,7 @@ class ServerCollector(Collector):
         relayed = CounterMetricFamily(
             "pgguard_bytes_relayed", "Bytes relayed, by direction.", labels=["direction"]
         )
-        bytes_in, bytes_out = server.bytes_relayed()
+        bytes_in, bytes_out = control.bytes_relayed()
         relayed.add_metric(["client_to_server"], bytes_in)
         relayed.add_metric(["server_to_client"], bytes_out)
         yield relayed
@@ -294,10 +290,10 @@ def _bound_text(bound: float) -> str:
 class MetricsServer:
     """A minimal HTTP/1.x server on the event loop, answering ``GET /metrics``."""
 
-    def __init__(self, server: Server, host: str, port: int) -> None:
+    def __init__(self, control: Control, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ServerCollector(server))
-        self._server = server
+        self.registry.register(ServerCollector(control))
+        self._control = control
         self._ready: tuple[float, str | None] | None = None  # (when, reason not ready or None)
         self.host = host
         self.port = port
@@ -334,26 +330,12 @@ class MetricsServer:
         closed at once (PostgreSQL logs nothing for a connection that sends no byte); the
         answer is reused for ``READY_CACHE`` seconds.
         """
-        if self._server.draining:
+        if self._control.draining:
             return "draining"
         now = time.monotonic()
         if self._ready is not None and now - self._ready[0] < READY_CACHE:
             return self._ready[1]
-        cfg = self._server.config.backend
-        reason: str | None = None
-        try:
-            async with asyncio.timeout(READY_PROBE_TIMEOUT):
-                if cfg.host.startswith("/"):
-                    # libpq's socket name in a directory, as server.unix_socket_path builds it.
-                    path = f"{cfg.host.rstrip('/') or '/'}/.s.PGSQL.{cfg.port}"
-                    _, writer = await asyncio.open_unix_connection(path)
-                else:
-                    _, writer = await asyncio.open_connection(cfg.host, cfg.port)
-            writer.close()
-        except TimeoutError:
-            reason = f"server {cfg.host}:{cfg.port}: timeout expired"
-        except OSError as exc:
-            reason = f"server {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+        reason = await self._control.backend.probe(READY_PROBE_TIMEOUT)
         self._ready = (time.monotonic(), reason)
         return reason
 

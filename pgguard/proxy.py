@@ -17,11 +17,21 @@ back exactly once, through ``_release``, when the backend socket is gone (or nev
 PostgreSQL removes a backend from its own counts before it closes the socket, so the next
 waiter can never make ``pg_stat_activity`` show one more than the limit.
 
-AUTH relays bytes both ways unchanged while framing the server's messages to notice
-BackendKeyData, ErrorResponse and the first ReadyForQuery. Then both transports are handed
-to ``_Pump`` protocols that do nothing but write each chunk into the peer's transport,
-with aiohttp-style flow control: when one side's write buffer is full, reading from the
-other side pauses until it drains. No per-message parsing after ReadyForQuery.
+Every move is checked against ``_MOVES`` in one place (``_move``). Three timers, each for
+one deadline: ``client_login_timeout`` (STARTUP), the server's first reply within
+``connect_timeout`` (AUTH), and ``close_timeout`` for the server to close after the client left.
+
+AUTH relays bytes both ways unchanged while ``pump.BackendAuth`` frames the server's
+messages to notice BackendKeyData, ErrorResponse and the first ReadyForQuery. Then both
+transports are handed to ``pump.Pump`` protocols that do nothing but write each chunk into
+the peer's transport, with flow control. No per-message parsing after ReadyForQuery.
+
+The session's ``server`` is its ``Host``: the control layer (``control.Control``), which this
+module knows only through that protocol.
+
+Size: about 670 lines, one job: the life of one client socket from accept to close (TLS
+negotiation included, since it decides what the startup bytes mean); the relays are in
+``pump.py``.
 """
 
 from __future__ import annotations
@@ -33,9 +43,11 @@ import itertools
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING, Final, cast
+from collections.abc import Callable
+from typing import Final, Protocol, cast
 
 from . import tls, wire
+from .config import Config
 from .errors import (
     BackendLost,
     BackendUnavailable,
@@ -46,11 +58,9 @@ from .errors import (
 )
 from .limits import Ticket, Waiter
 from .log import display, log, log_event
+from .pump import BackendAuth, Pump
 
-if TYPE_CHECKING:
-    from .server import Server
-
-__all__ = ["ClientConnection", "State"]
+__all__ = ["ClientConnection", "Host", "State"]
 
 # A client should send nothing between its StartupMessage and the server's first reply;
 # whatever it does send before the backend is connected is kept, up to this bound.
@@ -75,10 +85,62 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# The moves a session may make; _move checks each one (a session only goes forward).
+_MOVES: Final = {
+    State.STARTUP: frozenset({State.ADMITTING, State.CLOSED}),
+    State.ADMITTING: frozenset({State.QUEUED, State.DIALING, State.CLOSED}),
+    State.QUEUED: frozenset({State.DIALING, State.CLOSED}),
+    State.DIALING: frozenset({State.AUTH, State.CLOSED}),
+    State.AUTH: frozenset({State.ACTIVE, State.CLOSED}),
+    State.ACTIVE: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset({State.CLOSED}),
+}
+
+
+class Host(Protocol):
+    """What a session needs from the layer that runs it (``control.Control``)."""
+
+    config: Config
+    loop: asyncio.AbstractEventLoop
+    client_tls: tls.ClientTLS | None
+
+    def client_opened(self, client: ClientConnection) -> bool: ...
+
+    def client_closed(self, client: ClientConnection) -> None: ...
+
+    def wants_admin(self, packet: wire.StartupMessage) -> bool: ...
+
+    def open_admin(self, client: ClientConnection, early: bytes) -> None: ...
+
+    def admit(self, client: ClientConnection) -> None: ...
+
+    def leave_queue(self, waiter: Waiter) -> None: ...
+
+    def release(self, ticket: Ticket) -> None: ...
+
+    async def open_backend(
+        self, factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]: ...
+
+    def dial_failed(self, client: ClientConnection, reason: str) -> None: ...
+
+    def fd_exhausted(self, where: str, exc: OSError) -> None: ...
+
+    def session_key(self, client: ClientConnection) -> None: ...
+
+    def session_started(self, client: ClientConnection) -> None: ...
+
+    def backend_error(self, client: ClientConnection, fields: dict[str, str]) -> None: ...
+
+    def backend_closed_early(self, client: ClientConnection) -> None: ...
+
+    def forward_cancel(self, packet: wire.CancelRequest) -> None: ...
+
+
 class ClientConnection(asyncio.Protocol):
     """The client side of one session, and the owner of its backend connection and ticket."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.id = next(_ids)
         self.state = State.STARTUP
@@ -100,9 +162,11 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = 0  # to the client
         self._reader: wire.StartupReader | None = wire.StartupReader()
         self._early = bytearray()
-        self._timer: asyncio.TimerHandle | None = None
+        self._login_timer: asyncio.TimerHandle | None = None  # client_login_timeout
+        self._reply_timer: asyncio.TimerHandle | None = None  # the server's first reply
+        self._close_timer: asyncio.TimerHandle | None = None  # the server's close, client gone
         self._dial: asyncio.Task[None] | None = None
-        self._backend_proto: _BackendAuth | None = None
+        self._backend_proto: BackendAuth | None = None
         self._ssl_asked = False
         self._gss_asked = False
         # TLS (see tls.py): client_tls is what this client negotiated (None: clear). While
@@ -130,6 +194,15 @@ class ClientConnection(asyncio.Protocol):
         who = f"{display(self.role)}@{display(self.database)}"
         return f"<client {self.id} {self.peer} {who} {self.state.value}>"
 
+    @property
+    def client_gone(self) -> bool:
+        return self._client_gone
+
+    def _move(self, new: State) -> None:
+        """The one place ``state`` changes: only the moves in ``_MOVES``."""
+        assert new in _MOVES[self.state], f"{self!r}: {self.state.name} -> {new.name}"
+        self.state = new
+
     # ----------------------------------------------------------------- startup
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -143,8 +216,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         if not self.server.client_opened(self):
             return  # refused: over max_client_connections
-        loop = self.server.loop
-        self._timer = loop.call_later(
+        self._login_timer = self.server.loop.call_later(
             self.server.config.server.client_login_timeout, self._login_timeout
         )
 
@@ -298,7 +370,8 @@ class ClientConnection(asyncio.Protocol):
             self.data_received(early)
 
     def _startup_message(self, packet: wire.StartupMessage) -> None:
-        self._cancel_timer()
+        _cancel(self._login_timer)
+        self._login_timer = None
         self.startup = packet
         reader = self._reader
         assert reader is not None
@@ -311,29 +384,38 @@ class ClientConnection(asyncio.Protocol):
         if self.server.wants_admin(packet):
             # The admin console takes the socket over (transport.set_protocol); this object
             # is done and holds nothing.
-            self.state = State.CLOSED
+            self._move(State.CLOSED)
             early, self._early = bytes(self._early), bytearray()
             self.server.open_admin(self, early)
             return
-        self.state = State.ADMITTING
+        self._move(State.ADMITTING)
         self.server.admit(self)
 
     def _login_timeout(self) -> None:
-        self._timer = None
+        self._login_timer = None
         if self.state is State.STARTUP:
             log_event(logging.DEBUG, "login_timeout", client=self.peer)
             self._close()
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def key_received(self, pid: int, key: bytes) -> None:
+        """BackendKeyData: what a cancel for this session must name."""
+        self.backend_pid, self.backend_key = pid, key
+        self.server.session_key(self)
+
+    def startup_error(self, fields: dict[str, str]) -> None:
+        """An ErrorResponse before the session started (wrong password, no database)."""
+        self.server.backend_error(self, fields)
+
+    def server_answered(self) -> None:
+        """The server sent its first bytes: connect_timeout no longer applies."""
+        _cancel(self._reply_timer)
+        self._reply_timer = None
 
     # -------------------------------------------------------------- admission
 
     def queued(self, waiter: Waiter) -> None:
         if self.state is State.ADMITTING:
-            self.state = State.QUEUED
+            self._move(State.QUEUED)
             self.waiter = waiter
 
     def admitted(self, ticket: Ticket) -> None:
@@ -344,7 +426,7 @@ class ClientConnection(asyncio.Protocol):
         if self._client_gone or self.state is State.CLOSED:
             self._release()
             return
-        self.state = State.DIALING
+        self._move(State.DIALING)
         self._dial = self.server.loop.create_task(self._connect_backend())
 
     def reject(self, exc: PgGuardError) -> None:
@@ -353,18 +435,15 @@ class ClientConnection(asyncio.Protocol):
 
     def refuse(self, exc: PgGuardError) -> None:
         """Answer a socket the server will not take at all (no startup read) and close it."""
-        self.state = State.CLOSED
-        if self.transport is not None:
-            data = wire.build_error_response(exc.sqlstate, exc.message, severity=exc.severity)
-            self.bytes_out += len(data)
-            self.transport.write(data)
-            self.transport.close()
+        self._move(State.CLOSED)
+        self._write(wire.build_error(exc))
+        self._close()
 
     async def _connect_backend(self) -> None:
         cfg = self.server.config.backend
         try:
             async with asyncio.timeout(cfg.connect_timeout):
-                transport, proto = await self.server.open_backend(lambda: _BackendAuth(self))
+                transport, proto = await self.server.open_backend(lambda: BackendAuth(self))
         except asyncio.CancelledError:
             self._release()
             raise
@@ -388,7 +467,7 @@ class ClientConnection(asyncio.Protocol):
             return
         finally:
             self._dial = None
-        assert isinstance(proto, _BackendAuth)
+        assert isinstance(proto, BackendAuth)
         if self._client_gone or self.state is State.CLOSED:
             transport.close()  # its connection_lost releases the ticket
             return
@@ -401,7 +480,7 @@ class ClientConnection(asyncio.Protocol):
                 ssl_object.getpeercert(binary_form=True),
             )
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.state = State.AUTH
+        self._move(State.AUTH)
         assert self.startup is not None
         transport.write(self.startup.raw)
         if self._early:
@@ -410,10 +489,10 @@ class ClientConnection(asyncio.Protocol):
             self._early.clear()
         # A server that accepts the TCP connection but never answers is as unreachable as
         # one that refuses it: connect_timeout also bounds the wait for its first reply.
-        self._timer = self.server.loop.call_later(cfg.connect_timeout, self._backend_silent)
+        self._reply_timer = self.server.loop.call_later(cfg.connect_timeout, self._backend_silent)
 
     def _backend_silent(self) -> None:
-        self._timer = None
+        self._reply_timer = None
         if self.state is not State.AUTH or self._client_gone:
             return
         self.server.dial_failed(self, "timeout expired")
@@ -421,9 +500,7 @@ class ClientConnection(asyncio.Protocol):
         # Nothing came from the server yet, so the client is still waiting for its first
         # reply: answer like a failed dial (fail() writes nothing once in AUTH).
         self._write(
-            wire.build_error_response(
-                exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
-            )
+            wire.build_error(exc)
         )
         self.fail(exc)  # closes both sides; the backend's connection_lost releases the slot
 
@@ -432,10 +509,10 @@ class ClientConnection(asyncio.Protocol):
     def ready_for_query(self) -> None:
         """First ReadyForQuery: hand both transports to raw pumps."""
         assert self.transport is not None and self.backend is not None
-        self.state = State.ACTIVE
+        self._move(State.ACTIVE)
         self._backend_proto = None
-        client_side = _Pump(self, self.backend, from_client=True)
-        backend_side = _Pump(self, self.transport, from_client=False)
+        client_side = Pump(self, self.backend, from_client=True)
+        backend_side = Pump(self, self.transport, from_client=False)
         client_side.other = backend_side
         backend_side.other = client_side
         self.transport.set_protocol(client_side)
@@ -455,13 +532,16 @@ class ClientConnection(asyncio.Protocol):
         if self._client_gone:
             return
         self._client_gone = True
-        self._cancel_timer()
+        for timer in (self._login_timer, self._reply_timer):
+            _cancel(timer)
+        self._login_timer = self._reply_timer = None
         handshake = self._handshake
         if handshake is not None and handshake is not asyncio.current_task():
             handshake.cancel()  # every task a connection starts ends when it ends
-        state, self.state = self.state, State.CLOSED
+        state = self.state
+        self._move(State.CLOSED)
         if state is State.QUEUED and self.waiter is not None:
-            self.server.gate.cancel(self.waiter)
+            self.server.leave_queue(self.waiter)
             self.waiter = None
         backend = self.backend
         if backend is not None and not self._backend_gone:
@@ -482,7 +562,7 @@ class ClientConnection(asyncio.Protocol):
                 cancel = wire.build_cancel_request(self.backend_pid, self.backend_key)
                 self.server.forward_cancel(wire.CancelRequest(self.backend_pid, self.backend_key, cancel))
             timeout = self.server.config.backend.close_timeout
-            self._timer = self.server.loop.call_later(timeout, backend.abort)
+            self._close_timer = self.server.loop.call_later(timeout, backend.abort)
         elif self._dial is None:
             self._release()
         self.server.client_closed(self)
@@ -492,7 +572,9 @@ class ClientConnection(asyncio.Protocol):
         if self._backend_gone:
             return
         self._backend_gone = True
-        self._cancel_timer()
+        for timer in (self._reply_timer, self._close_timer):
+            _cancel(timer)
+        self._reply_timer = self._close_timer = None
         self._release()
         if not self._client_gone and self.transport is not None:
             proto = self._backend_proto
@@ -502,12 +584,8 @@ class ClientConnection(asyncio.Protocol):
                 # message, so it gets one instead of a bare end of file.
                 self.server.backend_closed_early(self)
                 exc = BackendLost("the server closed the connection before the session started")
-                self._write(
-                    wire.build_error_response(
-                        exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
-                    )
-                )
-            self.state = State.CLOSED
+                self._write(wire.build_error(exc))
+            self._move(State.CLOSED)
             self.transport.close()
 
     def _release(self) -> None:
@@ -520,12 +598,10 @@ class ClientConnection(asyncio.Protocol):
         if self.state in (State.STARTUP, State.ADMITTING, State.QUEUED, State.DIALING):
             if not (isinstance(exc, ProtocolViolation) and exc.silent):
                 self._write(
-                    wire.build_error_response(
-                        exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
-                    )
+                    wire.build_error(exc)
                 )
         if self.state is State.QUEUED and self.waiter is not None:
-            self.server.gate.cancel(self.waiter)
+            self.server.leave_queue(self.waiter)
             self.waiter = None
         self._close()
         if self.backend is not None and not self._backend_gone:
@@ -535,9 +611,7 @@ class ClientConnection(asyncio.Protocol):
         """Close a live session with a FATAL ErrorResponse (admin kill, idle timeout, faults)."""
         if self.transport is not None and not self._client_gone:
             self._write(
-                wire.build_error_response(
-                    exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
-                )
+                wire.build_error(exc)
             )
         self._close()
 
@@ -552,145 +626,12 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-
-class _BackendAuth(asyncio.Protocol):
-    """The backend side until the first ReadyForQuery: relay unchanged, frame to watch.
-
-    With ``strip_channel_binding`` set (a TLS server whose SASL list the client must not
-    see whole, see tls.py) the framed messages are forwarded instead of the raw chunks,
-    AuthenticationSASL rewritten, until ReadyForQuery; the common path stays raw.
-    """
-
-    def __init__(self, client: ClientConnection) -> None:
-        self.client = client
-        self.reader = wire.MessageReader()
-        self.strip_channel_binding = False
-        self.error_seen = False  # the server already told the client why (an ErrorResponse)
-
-    def silent_close(self) -> bool:
-        """True when the server's close leaves the client with no message to say why.
-
-        Only then may pgguard write one: nothing from the server is pending mid-message.
-        """
-        return not self.error_seen and self.reader.buffered == 0
-
-    def data_received(self, data: bytes) -> None:
-        client = self.client
-        if client.state is State.AUTH and not client._client_gone:
-            client._cancel_timer()  # the server answered: connect_timeout no longer applies
-        framed = self.strip_channel_binding
-        if not framed:
-            self._forward(data)
-        reader = self.reader
-        reader.feed(data)
-        out: list[bytes] = []
-        try:
-            while True:
-                message = reader.next_message()
-                if not isinstance(message, tuple):  # NEED_DATA
-                    break
-                tag, body = message
-                if framed:
-                    if tag == b"R":
-                        body = tls.strip_channel_binding(body)
-                    out.append(wire.build_message(tag, body))
-                if tag == b"Z":
-                    if framed:
-                        out.append(reader.take_rest())
-                        self._forward(b"".join(out))
-                    client.ready_for_query()
-                    return
-                if tag == b"K":
-                    client.backend_pid, client.backend_key = wire.parse_backend_key_data(body)
-                    client.server.session_key(client)
-                elif tag == b"E":
-                    self.error_seen = True
-                    fields = wire.parse_error_fields(body)
-                    client.server.backend_error(client, fields)
-        except ProtocolViolation as exc:
-            log_event(logging.WARNING, "backend_protocol_error", client=client.peer, error=exc.message)
-            client.fail(exc)
-            return
-        if out:
-            self._forward(b"".join(out))
-
-    def _forward(self, data: bytes) -> None:
-        client = self.client
-        if client.transport is not None and not client._client_gone:
-            client.bytes_out += len(data)
-            client.transport.write(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client.backend_lost()
-
-    def pause_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.client.transport is not None and not self.client._client_gone:
-            self.client.transport.resume_reading()
-
-
-class _Pump(asyncio.Protocol):
-    """One direction of an established session: every chunk goes straight to the peer.
-
-    ``pause_writing`` fires on the protocol whose *own* transport's write buffer is full,
-    so it pauses reading on the peer (which is what fills that buffer).
-    """
-
-    __slots__ = ("session", "peer", "other", "from_client", "paused")
-
-    def __init__(
-        self, session: ClientConnection, peer: asyncio.Transport, *, from_client: bool
-    ) -> None:
-        self.session = session
-        self.peer = peer  # the transport this side's data is written to
-        self.other: _Pump | None = None
-        self.from_client = from_client
-        self.paused = False
-
-    def data_received(self, data: bytes) -> None:
-        peer = self.peer
-        if peer.is_closing():
-            # The other side is gone (or closing after a FATAL): its bytes have nowhere to go.
-            # Reading on keeps the server unblocked until it sees the cancel and Terminate.
-            return
-        peer.write(data)
-        session = self.session
-        if self.from_client:
-            session.bytes_in += len(data)
-            if not data.endswith(wire.TERMINATE):
-                # A query (or more) is on its way. A Terminate is not one: the server reads
-                # it at once, so a client that says goodbye and closes (libpq does) leaves an
-                # idle session, and client_lost sends no CancelRequest (each costs the server
-                # a process).
-                session.idle_status = 0
-        else:
-            session.bytes_out += len(data)
-            session.idle_status = _idle_status(data, session.idle_status)
-        session.last_active = time.monotonic()
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def pause_writing(self) -> None:
-        # Our transport is full: stop reading from the peer that feeds it.
-        if not self.paused:
-            self.paused = True
-            self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        # Also reached after the AUTH-phase protocol paused the peer (paused is False then).
-        self.paused = False
-        if not self.peer.is_closing():
-            self.peer.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.from_client:
-            self.session.client_lost()
-        else:
-            self.session.backend_lost()
+    def abort(self) -> None:
+        """Drop both sockets at once (a stop without drain); their connection_lost clean up."""
+        if self.transport is not None:
+            self.transport.abort()
+        if self.backend is not None:
+            self.backend.abort()
 
 
 def _replay(transport: asyncio.Transport, before: asyncio.BaseProtocol, data: bytes) -> None:
@@ -716,25 +657,10 @@ def _replay(transport: asyncio.Transport, before: asyncio.BaseProtocol, data: by
         view = view[n:]
 
 
-# ReadyForQuery: 'Z', Int32 5, then the transaction status byte.
-_READY_HEADER: Final = b"Z\x00\x00\x00\x05"
-# What a server may send unasked while idle: NotificationResponse, NoticeResponse, ParameterStatus.
-_ASYNC_TYPES: Final = b"ANS"
 
-
-def _idle_status(data: bytes, previous: int) -> int:
-    """The session's idle status after a chunk from the server (see ``idle_status``).
-
-    A chunk ending in a ReadyForQuery leaves the server waiting for the client. The chunk
-    after it starts on a message boundary: an asynchronous message keeps the session idle,
-    anything else is the reply to a pipelined query. A ReadyForQuery split across chunks
-    reads as busy, which only errs on the side of not closing a session.
-    """
-    if data[-6:-1] == _READY_HEADER:
-        return data[-1]
-    if previous and data[0] in _ASYNC_TYPES:
-        return previous
-    return 0
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 def _reason(exc: BaseException) -> str:

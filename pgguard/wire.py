@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import NoUserName, ProtocolViolation, UnsupportedProtocol
+from .errors import NoUserName, PgGuardError, ProtocolViolation, UnsupportedProtocol
 
 __all__ = [
     "NEED_DATA",
@@ -316,6 +316,11 @@ def parse_backend_key_data(body: bytes) -> tuple[int, bytes]:
 def build_message(tag: bytes, body: bytes = b"") -> bytes:
     """One typed message: tag, Int32 length (counting itself), body."""
     return tag + _UINT32.pack(len(body) + 4) + body
+
+
+def build_error(exc: PgGuardError) -> bytes:
+    """The ErrorResponse for ``exc``: its SQLSTATE, severity, message and DETAIL."""
+    return build_error_response(exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail)
 
 
 def build_error_response(

@@ -90,11 +90,24 @@ class Guard:
         parts = {"host": "127.0.0.1", "port": str(self.port), "user": user, "dbname": database, **extra}
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
+    def role_active(self, role: str) -> int:
+        """Slots ``role`` holds now (SHOW LIMITS' view)."""
+        return self._role_row(role)[0]
+
+    def role_waiting(self, role: str) -> int:
+        return self._role_row(role)[1]
+
+    def _role_row(self, role: str) -> tuple[int, int]:
+        for row in self.server.control.limit_rows():
+            if row.kind == "role" and row.name == role:
+                return row.active, row.waiting
+        return 0, 0
+
     async def wait_idle(self, timeout: float = 15.0) -> None:
         """Wait until no slot is held and nobody waits (every session fully gone)."""
-        gate = self.server.gate
+        control = self.server.control
         await await_until(
-            lambda: gate.total_active == 0 and gate.total_waiting == 0,
+            lambda: control.counts().sessions_active == 0 and control.counts().clients_waiting == 0,
             timeout=timeout,
             what="pgguard to hold no slots and no waiters",
         )
@@ -170,8 +183,8 @@ async def guard(pg: PostgresCluster) -> AsyncIterator[GuardFactory]:
             if not g.server.draining:
                 await g.wait_idle(timeout=10)
         except TimeoutError:
-            gate = g.server.gate
-            leaks.append(f"{gate.total_active} slot(s), {gate.total_waiting} waiter(s), clients {list(g.server.clients.values())}")
+            control = g.server.control
+            leaks.append(f"{control.counts().sessions_active} slot(s), {control.counts().clients_waiting} waiter(s), clients {list(g.server.clients.values())}")
         await g.server.close()
     if leaks:
         pytest.fail("pgguard leaked after the test: " + "; ".join(leaks))

@@ -47,6 +47,9 @@ any later backend, and each backend inherits both from it.
 
 Speed: fsync, synchronous_commit and full_page_writes are off and initdb does not sync; the
 cluster is disposable, so durability buys nothing.
+
+Size: under 1,000 lines, one job: finding server programs (explicit, system, embedded)
+and running one throwaway cluster with them, as the postgres OS user when root.
 """
 
 from __future__ import annotations

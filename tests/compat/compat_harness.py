@@ -42,7 +42,6 @@ async def run_scenario(g: Any, argv: Sequence[str], env: Mapping[str, str] | Non
     )  # fmt: skip
     assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
     steps: dict[str, dict[str, Any]] = {}
-    gate = g.server.gate
     try:
         while True:
             line = await asyncio.wait_for(proc.stdout.readline(), STEP_TIMEOUT)
@@ -52,7 +51,7 @@ async def run_scenario(g: Any, argv: Sequence[str], env: Mapping[str, str] | Non
             steps[step["step"]] = step
             if step["step"] == "holding":
                 await await_until(
-                    lambda: gate.role_waiting.get("app2", 0) == 1,
+                    lambda: g.role_waiting("app2") == 1,
                     timeout=STEP_TIMEOUT,
                     what="the second app2 client to queue at pgguard",
                 )

@@ -82,8 +82,6 @@ async def test_tls_request_then_reset_leaves_no_handshake_task(guard, tmp_path: 
 
 async def test_distinct_refused_names_leave_no_state(guard) -> None:  # type: ignore[no-untyped-def]
     """Thousands of refused, distinct 1,000-byte role names: nothing per name outlives its client."""
-    from pgguard.limits import ROLE_CACHE_MAX
-
     g = await guard("[limits]\nrole_max_connections = 0\npolicy = \"reject\"\n")
     n = 2000
     for i in range(n):
@@ -94,9 +92,8 @@ async def test_distinct_refused_names_leave_no_state(guard) -> None:  # type: ig
         await raw.close()
     await g.wait_idle()
     # The public view keeps no name that only a client ever presented.
-    assert [r for r in g.server.gate.limit_rows() if r.kind == "role"] == []
+    assert [r for r in g.server.control.limit_rows() if r.kind == "role"] == []
     assert g.server.stats.rejections["limit"] == n
-    assert len(g.server.gate._role_cache) <= ROLE_CACHE_MAX
 
 
 async def test_waiters_across_roles_are_capped_by_max_queue_total(guard) -> None:  # type: ignore[no-untyped-def]
@@ -106,7 +103,7 @@ async def test_waiters_across_roles_are_capped_by_max_queue_total(guard) -> None
         raw = await Raw.open(g)
         raw.send(_raw_startup(b"queued%d" % i))
         raws.append(raw)
-    await await_until(lambda: g.server.gate.total_waiting == 3, what="three waiters")
+    await await_until(lambda: g.server.control.counts().clients_waiting == 3, what="three waiters")
     over = await Raw.open(g)
     over.send(_raw_startup(b"yet_another_role"))
     tag, body = await over.read_message()
@@ -211,7 +208,7 @@ async def test_metrics_survive_invalid_utf8_and_fold_unnamed_roles(guard) -> Non
         raw.send(_raw_startup(b"many%03d" % i))
         raws.append(raw)
     await await_until(
-        lambda: g.server.gate.total_waiting == len(raws), what="every client queued"
+        lambda: g.server.control.counts().clients_waiting == len(raws), what="every client queued"
     )
     samples = await scrape(address)
     waiting = {
@@ -247,7 +244,7 @@ async def test_show_clients_escapes_client_text(guard) -> None:  # type: ignore[
     g = await guard(ADMIN_TOML + "[limits]\nrole_max_connections = 0\nqueue_timeout = 60\n")
     raw = await Raw.open(g)
     raw.send(_raw_startup(b"evil\n\xff", application_name=b"tab\there"))
-    await await_until(lambda: g.server.gate.total_waiting == 1, what="the client queued")
+    await await_until(lambda: g.server.control.counts().clients_waiting == 1, what="the client queued")
     admin = await admin_connect(g.port)
     rows = await fetch(admin, "SHOW CLIENTS")
     row = by(rows, state="queued")
@@ -362,7 +359,7 @@ async def test_console_answers_malformed_messages_with_08p01(guard, message: byt
     )
     assert await raw.read_to_eof() == b""
     await raw.close()
-    await await_until(lambda: not g.server.admin_sessions, what="the console session to close")
+    await await_until(lambda: not g.server.control.consoles, what="the console session to close")
 
 
 # ------------------------------------------------------- metrics agree
@@ -400,4 +397,4 @@ async def test_a_flood_of_unknown_cancel_keys_is_not_passed_on(guard) -> None:  
         lambda: stats.cancels_forwarded + stats.cancels_dropped == n, what="every cancel handled"
     )
     assert stats.cancels_dropped > 0
-    await await_until(lambda: not g.server._tasks, what="the forwarded cancels to finish")
+    await await_until(lambda: not g.server.control._tasks, what="the forwarded cancels to finish")

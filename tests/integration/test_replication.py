@@ -96,7 +96,7 @@ async def test_pg_basebackup_through_pgguard_with_the_role_limit_full(
             "-d", g.conninfo(ROLE, replication="database"), "-c", "IDENTIFY_SYSTEM",
         )  # fmt: skip
         assert code == 0, out
-        assert g.server.gate.role_active.get(ROLE, 0) == 1
+        assert g.role_active(ROLE) == 1
     finally:
         await held.close()
 
@@ -111,7 +111,7 @@ async def test_mirror_mode_does_not_count_walsenders_either(
         f'[backend]\nmonitor_dsn = "{pg.dsn()}"\n'
         "[limits]\nmirror_catalog = true\nmirror_interval = 0.2\npolicy = \"reject\"\n"
     )
-    assert g.server.gate.role_limit(ROLE) == (1, "catalog")
+    assert g.server.control.role_limit(ROLE) == (1, "catalog")
     held = await asyncpg.connect(g.dsn(ROLE), timeout=30)
     try:
         code, out = await basebackup(pg, pg.port, tmp_path / "direct")

@@ -56,7 +56,7 @@ async def test_a_pool_larger_than_the_limit_gets_53300_after_queue_timeout(guard
             assert 'too many connections for role "app"' in str(exc.orig)
         assert g.server.stats.queue_timeouts == 10 - LIMIT
         # The five that got in are idle in the pool now, and still hold every slot.
-        assert g.server.gate.role_active.get("app") == LIMIT
+        assert g.role_active("app") == LIMIT
     finally:
         await asyncio.to_thread(engine.dispose)
 

@@ -568,7 +568,7 @@ async def test_broken_handshakes_leave_nothing_behind(guard, certs: Certs, caplo
         await writer.drain()
         writer.close()
     await await_until(lambda: not g.server.clients, timeout=TIMEOUT, what="every client to be gone")
-    assert g.server.gate.total_active == 0
+    assert g.server.control.counts().sessions_active == 0
     assert "Traceback" not in caplog.text and "never retrieved" not in caplog.text
 
 
@@ -586,13 +586,13 @@ async def test_cancel_from_a_tls_client(guard, pg, certs: Certs) -> None:
     """libpq 17+ (PQcancelCreate) sends its CancelRequest inside TLS, after an SSLRequest."""
     g = await guard(guard_toml(certs))
     closed: list[tuple[bool, bool]] = []  # (had TLS, sent a StartupMessage) per closed client
-    client_closed = g.server.client_closed
+    client_closed = g.server.control.client_closed
 
     def record(client) -> None:
         closed.append((client.client_tls is not None, client.startup is not None))
         client_closed(client)
 
-    g.server.client_closed = record
+    g.server.control.client_closed = record  # type: ignore[method-assign]
     conn = await pq(g, sslmode="require")
     query = asyncio.create_task(conn.execute("SELECT pg_sleep(60)"))
 
