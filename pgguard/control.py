@@ -303,18 +303,18 @@ class Control:
         if log.isEnabledFor(logging.INFO):
             self._log_limited(
                 self._reject_log,
-                (client.role, client.database, rejection.cause.value),
+                (client.role, client.database, rejection.cause),
                 role=client.role,
                 database=client.database,
                 limit=rejection.limit.value,
                 value=rejection.value,
-                reason=rejection.cause.value,
+                reason=rejection.cause,
                 client=client.peer,
             )
         client.reject(rejection.error(with_detail=self.config.errors.detail))
 
     def _count_rejection(self, reason: RejectReason) -> None:
-        self.stats.rejections[reason.value] += 1
+        self.stats.rejections[reason] += 1  # a StrEnum: the same key as its value
 
     def count_rejection(self, reason: str) -> None:
         """A fault rule turned a client away (FaultHost)."""
