@@ -72,6 +72,10 @@ __all__ = [
 
 # PostgreSQL's words for a frontend message it cannot parse (pqformat.c).
 INVALID_MESSAGE_FORMAT: Final = "invalid message format"
+# Longest message the console reads before the login (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH,
+# auth.c) and after it (a console statement is a line of text).
+AUTH_MESSAGE_MAX: Final = 65535
+CONSOLE_MESSAGE_MAX: Final = 1024 * 1024
 
 SERVER_VERSION: Final = "15.0 (pgguard)"  # libpq and asyncpg parse the leading "15.0"
 # Sent after AuthenticationOk, as PostgreSQL does; client libraries read these.
@@ -188,7 +192,7 @@ class AdminSession(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.authenticated = False
-        self._reader = wire.MessageReader()
+        self._reader = wire.MessageReader(max_length=AUTH_MESSAGE_MAX)
         self._auth = _Auth()
         self._timer: asyncio.TimerHandle | None = None
         self._statements: dict[str, _Prepared] = {}
@@ -322,6 +326,7 @@ class AdminSession(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.authenticated = True
+        self._reader.max_length = CONSOLE_MESSAGE_MAX
         self._auth = _Auth()
         out = [wire.build_authentication_ok()]
         out += [wire.build_parameter_status(k, v) for k, v in PARAMETERS if k != "application_name"]

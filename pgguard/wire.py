@@ -258,11 +258,14 @@ class MessageReader:
     ``NEED_DATA``. A length below 4 or absurdly large raises ``ProtocolViolation``.
     """
 
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("_buf", "_pos", "max_length")
 
-    def __init__(self) -> None:
+    def __init__(self, max_length: int = MAX_MESSAGE_LENGTH) -> None:
         self._buf = bytearray()
         self._pos = 0
+        # A peer that is not trusted yet (a console client before its login) gets a small
+        # bound, so a claimed length cannot make pgguard buffer more than that.
+        self.max_length = max_length
 
     def feed(self, data: bytes) -> None:
         if self._pos:
@@ -286,7 +289,7 @@ class MessageReader:
         if len(buf) - pos < 5:
             return NEED_DATA
         tag, length = _HEADER.unpack_from(buf, pos)
-        if length < 4 or length > MAX_MESSAGE_LENGTH:
+        if length < 4 or length > self.max_length:
             raise ProtocolViolation(f"invalid message length {length} for message type {tag!r}")
         end = pos + 1 + length
         if len(buf) < end:

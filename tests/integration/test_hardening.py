@@ -398,3 +398,18 @@ async def test_a_flood_of_unknown_cancel_keys_is_not_passed_on(guard) -> None:  
     )
     assert stats.cancels_dropped > 0
     await await_until(lambda: not g.server.control._tasks, what="the forwarded cancels to finish")
+
+
+async def test_console_login_refuses_a_huge_claimed_message(guard) -> None:  # type: ignore[no-untyped-def]
+    """Before its login a console client cannot make pgguard buffer a 1 GB message."""
+    g = await guard('[admin]\nusers = ["admin"]\npassword = "secret"\n')
+    raw = await Raw.open(g)
+    raw.send(_startup({"user": "admin", "database": "pgguard"}))
+    tag, _ = await raw.read_message()  # AuthenticationSASL
+    assert tag == b"R"
+    raw.send(b"p" + struct.pack("!i", 1 << 30) + b"x" * 1000)
+    tag, body = await raw.read_message()
+    fields = wire.parse_error_fields(body)
+    assert (tag, fields["C"]) == (b"E", "08P01")
+    assert await raw.read_to_eof() == b""
+    await raw.close()
