@@ -70,8 +70,6 @@ __all__ = [
     "check_admin_config",
 ]
 
-# PostgreSQL's words for a frontend message it cannot parse (pqformat.c).
-INVALID_MESSAGE_FORMAT: Final = "invalid message format"
 # Longest message the console reads before the login (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH,
 # auth.c) and after it (a console statement is a line of text).
 AUTH_MESSAGE_MAX: Final = 65535
@@ -90,12 +88,6 @@ PARAMETERS: Final = (
     ("application_name", ""),
 )
 
-# Authentication request codes (protocol-message-formats: AuthenticationSASL & co.).
-_AUTH_SASL: Final = 10
-_AUTH_SASL_CONTINUE: Final = 11
-_AUTH_SASL_FINAL: Final = 12
-_INT16 = struct.Struct("!h")
-_INT32 = struct.Struct("!i")
 _ID: Final = r'(?:"(?:[^"]|"")+"|[^\s=;"]+)'  # an identifier, plain or double-quoted
 _INT: Final = r"[+-]?\d+"
 
@@ -225,8 +217,7 @@ class AdminSession(asyncio.Protocol):
             real if allowed else None,
             mock_iterations=real.iterations if real else scram.DEFAULT_ITERATIONS,
         )
-        mechanisms = scram.MECHANISM.encode() + b"\x00\x00"
-        self._send(wire.build_message(b"R", _INT32.pack(_AUTH_SASL) + mechanisms))
+        self._send(wire.build_authentication_sasl([scram.MECHANISM]))
         if early:
             self.data_received(early)
 
@@ -294,21 +285,14 @@ class AdminSession(asyncio.Protocol):
                 f"expected SASL response, got message type {tag.decode('latin-1')!r}"
             )
         if self._auth.step == 0:
-            mech_end = body.find(b"\x00")
-            if mech_end < 0 or len(body) < mech_end + 5:
-                raise ProtocolViolation("malformed SASLInitialResponse message")
-            mechanism = body[:mech_end].decode("utf-8", "replace")
+            mechanism, data = wire.parse_sasl_initial_response(body)
             if mechanism != scram.MECHANISM:
                 raise ProtocolViolation(
                     "client selected an invalid SASL authentication mechanism"
                 )
-            (length,) = _INT32.unpack_from(body, mech_end + 1)
-            data = body[mech_end + 5 :]
-            if length != len(data):
-                raise ProtocolViolation("malformed SASLInitialResponse message")
             server_first = exchange.first(data)
             self._auth.step = 1
-            self._send(wire.build_message(b"R", _INT32.pack(_AUTH_SASL_CONTINUE) + server_first))
+            self._send(wire.build_authentication_sasl_continue(server_first))
             return
         try:
             server_final = exchange.final(body)
@@ -318,7 +302,7 @@ class AdminSession(asyncio.Protocol):
             )
             self._login_failed(reason)
             return
-        self._send(wire.build_message(b"R", _INT32.pack(_AUTH_SASL_FINAL) + server_final))
+        self._send(wire.build_authentication_sasl_final(server_final))
         self._login_ok()
 
     def _login_ok(self) -> None:
@@ -346,7 +330,7 @@ class AdminSession(asyncio.Protocol):
 
     def _message(self, tag: bytes, body: bytes) -> None:
         if tag == b"Q":
-            self._simple_query(_cstring(body, 0)[0])
+            self._simple_query(wire.read_cstring(body, 0)[0])
         elif tag == b"X":
             self._close()
         elif tag in b"PBDECSH" and len(tag) == 1:
@@ -410,7 +394,7 @@ class AdminSession(asyncio.Protocol):
             elif tag == b"E":
                 self._execute(body)
             elif tag == b"C":
-                kind, name = body[:1], _cstring(body, 1)[0]
+                kind, name = body[:1], wire.read_cstring(body, 1)[0]
                 (self._statements if kind == b"S" else self._portals).pop(name, None)
                 self._send(wire.build_message(b"3"))
         except AdminCommandError as exc:
@@ -418,11 +402,11 @@ class AdminSession(asyncio.Protocol):
             self._skip_until_sync = True
         except (struct.error, IndexError, UnicodeDecodeError):
             # PostgreSQL's answer to a message it cannot read: FATAL 08P01, session closed.
-            raise ProtocolViolation(INVALID_MESSAGE_FORMAT) from None
+            raise ProtocolViolation(wire.INVALID_MESSAGE_FORMAT) from None
 
     def _parse(self, body: bytes) -> None:
-        name, pos = _cstring(body, 0)
-        query, pos = _cstring(body, pos)
+        name, pos = wire.read_cstring(body, 0)
+        query, pos = wire.read_cstring(body, pos)
         statements = split_statements(query)
         if len(statements) > 1:
             raise AdminCommandError("42601", "cannot insert multiple commands into a prepared statement")
@@ -435,11 +419,7 @@ class AdminSession(asyncio.Protocol):
         self._send(wire.build_message(b"1"))
 
     def _bind(self, body: bytes) -> None:
-        portal, pos = _cstring(body, 0)
-        name, pos = _cstring(body, pos)
-        (nformats,) = _INT16.unpack_from(body, pos)
-        pos += 2 + 2 * nformats
-        (nparams,) = _INT16.unpack_from(body, pos)
+        portal, name, nparams = wire.parse_bind(body)
         prepared = self._statements.get(name)
         if prepared is None:
             raise AdminCommandError("26000", f'prepared statement "{name}" does not exist')
@@ -454,12 +434,12 @@ class AdminSession(asyncio.Protocol):
         self._send(wire.build_message(b"2"))
 
     def _describe(self, body: bytes) -> None:
-        kind, name = body[:1], _cstring(body, 1)[0]
+        kind, name = body[:1], wire.read_cstring(body, 1)[0]
         if kind == b"S":
             prepared = self._statements.get(name)
             if prepared is None:
                 raise AdminCommandError("26000", f'prepared statement "{name}" does not exist')
-            self._send(wire.build_message(b"t", _INT16.pack(0)))
+            self._send(wire.build_parameter_description(0))
         else:
             prepared = self._portals.get(name)
             if prepared is None:
@@ -470,7 +450,7 @@ class AdminSession(asyncio.Protocol):
             self._send(wire.build_message(b"n"))  # NoData
 
     def _execute(self, body: bytes) -> None:
-        name = _cstring(body, 0)[0]
+        name = wire.read_cstring(body, 0)[0]
         prepared = self._portals.get(name)
         if prepared is None:
             raise AdminCommandError("34000", f'portal "{name}" does not exist')
@@ -508,17 +488,3 @@ def _command_complete(result: Result) -> bytes:
     if tag == "SHOW" and result.rows:
         tag = f"SHOW {len(result.rows)}"
     return wire.build_command_complete(tag)
-
-
-def _cstring(body: bytes, pos: int) -> tuple[str, int]:
-    """The NUL-terminated UTF-8 string at ``pos`` and the position after it.
-
-    Raises ProtocolViolation (PostgreSQL's "invalid message format") when there is none.
-    """
-    end = body.find(b"\x00", pos)
-    if end < 0:
-        raise ProtocolViolation(INVALID_MESSAGE_FORMAT)
-    try:
-        return body[pos:end].decode("utf-8"), end + 1
-    except UnicodeDecodeError:
-        raise ProtocolViolation(INVALID_MESSAGE_FORMAT) from None

@@ -402,3 +402,71 @@ def build_command_complete(tag: str) -> bytes:
 
 def build_empty_query_response() -> bytes:
     return build_message(b"I")
+
+
+# Authentication request codes (protocol-message-formats: AuthenticationSASL and its steps).
+AUTH_SASL: Final = 10
+AUTH_SASL_CONTINUE: Final = 11
+AUTH_SASL_FINAL: Final = 12
+# PostgreSQL's words for a frontend message it cannot parse (pqformat.c).
+INVALID_MESSAGE_FORMAT: Final = "invalid message format"
+_INT16 = struct.Struct("!h")
+
+
+def build_authentication_sasl(mechanisms: Sequence[str]) -> bytes:
+    """AuthenticationSASL: the mechanisms offered, each NUL-terminated, then an empty one."""
+    names = b"".join(m.encode() + b"\x00" for m in mechanisms) + b"\x00"
+    return build_message(b"R", _INT32.pack(AUTH_SASL) + names)
+
+
+def build_authentication_sasl_continue(data: bytes) -> bytes:
+    return build_message(b"R", _INT32.pack(AUTH_SASL_CONTINUE) + data)
+
+
+def build_authentication_sasl_final(data: bytes) -> bytes:
+    return build_message(b"R", _INT32.pack(AUTH_SASL_FINAL) + data)
+
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
+    """SASLInitialResponse: (mechanism, initial data). Raises ProtocolViolation when malformed."""
+    mech_end = body.find(b"\x00")
+    if mech_end < 0 or len(body) < mech_end + 5:
+        raise ProtocolViolation("malformed SASLInitialResponse message")
+    mechanism = body[:mech_end].decode("utf-8", "replace")
+    (length,) = _INT32.unpack_from(body, mech_end + 1)
+    data = body[mech_end + 5 :]
+    if length != len(data):
+        raise ProtocolViolation("malformed SASLInitialResponse message")
+    return mechanism, data
+
+
+def read_cstring(body: bytes, pos: int) -> tuple[str, int]:
+    """The NUL-terminated UTF-8 string at ``pos`` and the position after it.
+
+    Raises ProtocolViolation (PostgreSQL's "invalid message format") when there is none.
+    """
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolViolation(INVALID_MESSAGE_FORMAT)
+    try:
+        return body[pos:end].decode("utf-8"), end + 1
+    except UnicodeDecodeError:
+        raise ProtocolViolation(INVALID_MESSAGE_FORMAT) from None
+
+
+def parse_bind(body: bytes) -> tuple[str, str, int]:
+    """Bind: (portal, statement, number of parameters). Raises ProtocolViolation when malformed."""
+    portal, pos = read_cstring(body, 0)
+    statement, pos = read_cstring(body, pos)
+    try:
+        (nformats,) = _INT16.unpack_from(body, pos)
+        pos += 2 + 2 * max(nformats, 0)
+        (nparams,) = _INT16.unpack_from(body, pos)
+    except struct.error:
+        raise ProtocolViolation(INVALID_MESSAGE_FORMAT) from None
+    return portal, statement, nparams
+
+
+def build_parameter_description(count: int = 0) -> bytes:
+    """ParameterDescription for a statement with ``count`` parameters, all of unspecified type."""
+    return build_message(b"t", _INT16.pack(count) + b"\x00\x00\x00\x00" * count)
