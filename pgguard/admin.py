@@ -355,7 +355,7 @@ class AdminSession(asyncio.Protocol):
                 cmd, m = find(statement)
                 result = self._run(cmd, m)
             except AdminCommandError as exc:
-                out.append(_error_bytes(exc))
+                out.append(wire.build_error(exc))
                 break  # like PostgreSQL: an error ends the query string
             if cmd.columns:
                 out.append(wire.build_row_description(cmd.columns))
@@ -476,11 +476,7 @@ class AdminSession(asyncio.Protocol):
             self.transport.write(data)
 
     def _send_error(self, exc: PgGuardError) -> None:
-        self._send(_error_bytes(exc))
-
-
-def _error_bytes(exc: PgGuardError) -> bytes:
-    return wire.build_error_response(exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail)
+        self._send(wire.build_error(exc))
 
 
 def _command_complete(result: Result) -> bytes:
