@@ -45,6 +45,8 @@ ENV_PREFIX: Final = "PGGUARD_"
 
 PolicyName = Literal["queue", "reject"]
 SSLMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+RelayName = Literal["auto", "native", "python"]
+RELAY_ENV: Final = "PGGUARD_RELAY"  # the default of [server] relay (CI runs the suite on each relay)
 
 
 def _positive(value: float) -> str | None:
@@ -98,6 +100,19 @@ class ServerConfig:
     listen: tuple[str, ...] = field(default=("127.0.0.1:6432",), metadata=_check(_addresses))
     client_login_timeout: float = field(default=10.0, metadata=_check(_positive))
     shutdown_timeout: float = field(default=30.0, metadata=_check(_non_negative))
+    # Who relays a session's bytes after its first ReadyForQuery: the native relay
+    # (pgguard._relay, a C extension) when it is built ("auto"), always ("native": a warning
+    # and the Python relay when it is missing), or never ("python").
+    relay: RelayName = field(default_factory=lambda: _relay_default(os.environ))
+
+
+def _relay_default(env: Mapping[str, str]) -> RelayName:
+    value = env.get(RELAY_ENV, "auto")
+    choices = get_args(RelayName)
+    if value not in choices:
+        raise ConfigError(f"environment {RELAY_ENV}", "server.relay",
+                          f"must be one of {', '.join(choices)} (got {value!r})")
+    return typing.cast(RelayName, value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -31,9 +31,9 @@ import enum
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
-from . import tls, wire
+from . import relay, tls, wire
 from .errors import BackendUnavailable, EncryptionRequired, PgGuardError, ProtocolViolation
 from .limits import Ticket, Waiter
 
@@ -393,17 +393,22 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------- relay
 
     def ready_for_query(self) -> None:
-        """First ReadyForQuery: hand both transports to raw pumps."""
+        """First ReadyForQuery: hand both sockets to the native relay, or both transports to raw pumps."""
         assert self.transport is not None and self.backend is not None
         self.state = State.ACTIVE
-        self._backend_proto = None
+        auth, self._backend_proto = self._backend_proto, None
+        self.server.session_started(self)
+        native = relay.hand_over(self, None if auth is None else auth.reader)
+        if native is not None:  # relay.py: the transports are NativeEnd objects now
+            self._native = native
+            self.__class__ = _Relayed
+            return
         client_side = _Pump(self, self.backend, from_client=True)
         backend_side = _Pump(self, self.transport, from_client=False)
         client_side.other = backend_side
         backend_side.other = client_side
         self.transport.set_protocol(client_side)
         self.backend.set_protocol(backend_side)
-        self.server.session_started(self)
 
     # ------------------------------------------------------------------ close
 
@@ -494,6 +499,49 @@ class ClientConnection(asyncio.Protocol):
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+class _Relayed(ClientConnection):
+    """A session whose bytes the native relay moves (relay.py): the counters are the relay's.
+
+    ``ready_for_query`` switches a handed-over session to this class, so the Python pump
+    keeps updating plain attributes at no cost while these properties (which shadow the
+    instance's attributes, kept as the counts from before the hand-over) read the relay's.
+    """
+
+    _native: Any  # the relay's session: bytes_in, bytes_out, last_active, status
+
+    @property
+    def bytes_in(self) -> int:
+        return int(self.__dict__["bytes_in"] + self._native.bytes_in)
+
+    @bytes_in.setter
+    def bytes_in(self, value: int) -> None:
+        self.__dict__["bytes_in"] = value - self._native.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return int(self.__dict__["bytes_out"] + self._native.bytes_out)
+
+    @bytes_out.setter
+    def bytes_out(self, value: int) -> None:
+        self.__dict__["bytes_out"] = value - self._native.bytes_out
+
+    @property
+    def last_active(self) -> float:
+        return max(float(self.__dict__["last_active"]), float(self._native.last_active))
+
+    @last_active.setter
+    def last_active(self, value: float) -> None:
+        self.__dict__["last_active"] = value
+
+    @property
+    def idle_status(self) -> int:
+        return int(self._native.status)
+
+    @idle_status.setter
+    def idle_status(self, value: int) -> None:
+        pass  # the relay tracks it from the server's messages
 
 
 class _BackendAuth(asyncio.Protocol):
