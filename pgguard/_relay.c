@@ -14,9 +14,12 @@
  *   - drains events (one side closed: end of file, an errno, or on request) after the
  *     thread writes to the notification eventfd that the asyncio loop watches.
  *
- * Each direction has one output buffer of at most ``bufsize`` bytes (allocated only while
- * bytes are pending, so an idle session holds none). A side is read only while the peer's
- * buffer has room: back-pressure by not reading, as PgBouncer does.
+ * Each direction has one output buffer (allocated only while bytes are pending, so an idle
+ * session holds none). A side is read, up to ``bufsize`` bytes at a time, only when the
+ * peer's buffer is empty: what one read brings either goes straight into the peer's socket
+ * or waits in that buffer, which therefore never holds more than ``bufsize`` bytes (plus a
+ * take-back). Back-pressure by not reading, as PgBouncer does; one full read per turn
+ * rather than topping the buffer up keeps the system calls per megabyte low under COPY.
  *
  * The server's stream is framed (type byte, Int32 length) to know, at no copy, where each
  * message ends: a ReadyForQuery sets the status to its transaction byte (I, T or E), a
@@ -51,7 +54,7 @@
 #define EV_BACKEND_CLOSED 2
 #define DETAIL_REQUESTED (-1) /* closed because the asyncio side asked */
 
-enum { CMD_ADD, CMD_WRITE, CMD_CLOSE, CMD_ABORT, CMD_STOP };
+enum { CMD_WRITE, CMD_CLOSE, CMD_ABORT, CMD_STOP };
 
 typedef struct Session Session;
 typedef struct Relay Relay;
@@ -88,6 +91,7 @@ struct Session {
     char *inject;
     size_t inject_len;
     int discard;         /* the injection is written: drop what the server sends */
+    int client_x;        /* the client's last chunk ended with a Terminate */
     int live;            /* in the relay's list */
     Session *next, *prev;
 };
@@ -119,7 +123,7 @@ struct Relay {
     Event *events;
     size_t nevents, capevents;
     int notified;        /* an unread write is pending on notifyfd */
-    Session *live;       /* relay thread only */
+    Session *live;       /* sessions not fully closed (under lock) */
     Event *local;        /* relay thread only: events of the current batch */
     size_t nlocal, caplocal;
     char *scratch;       /* relay thread only */
@@ -186,6 +190,7 @@ static void publish(Relay *r)
 }
 
 static int append(End *e, const char *p, size_t n);
+static void flush(Relay *r, End *e);
 
 static void end_close(Relay *r, End *e, int detail)
 {
@@ -218,12 +223,21 @@ static void end_close(Relay *r, End *e, int detail)
         s->inject_len = 0;
     }
     if (final && s->live) {
+        pthread_mutex_lock(&r->lock);
         s->live = 0;
         if (s->prev) s->prev->next = s->next; else r->live = s->next;
         if (s->next) s->next->prev = s->prev;
+        pthread_mutex_unlock(&r->lock);
         __atomic_sub_fetch(&r->sessions, 1, __ATOMIC_RELAXED);
     }
     post(r, s, e->is_client ? EV_CLIENT_CLOSED : EV_BACKEND_CLOSED, detail, final);
+    if (e->is_client && !final && !s->client_x && !other->close_req) {
+        /* Tell the server the client left (a Terminate, unless the client's last bytes were
+         * one), as proxy.ClientConnection.client_lost does, without a round trip to it. */
+        static const char terminate[5] = {'X', 0, 0, 0, 4};
+        if (append(other, terminate, 5) == 0)
+            flush(r, other);
+    }
 }
 
 /* Append to an end's output buffer (growing it; the caller bounds what it reads). */
@@ -395,11 +409,10 @@ static void handle_read(Relay *r, End *src)
     Session *s = src->s;
     End *dst = src->is_client ? &s->b : &s->c;
     int drop = dst->fd < 0 || (!src->is_client && s->discard);
-    size_t room = drop ? r->bufsize : r->bufsize - (pending(dst) < r->bufsize ? pending(dst) : r->bufsize);
-    if (room == 0)
-        return;
+    if (!drop && pending(dst))
+        return; /* read again once the peer took everything */
     char *p = r->scratch;
-    ssize_t n = recv(src->fd, p, room, 0);
+    ssize_t n = recv(src->fd, p, r->bufsize, 0);
     if (n == 0) {
         end_close(r, src, 0);
         return;
@@ -417,7 +430,8 @@ static void handle_read(Relay *r, End *src)
         __atomic_add_fetch(&s->bytes_in, (uint64_t)n, __ATOMIC_RELAXED);
         /* A Terminate is no query: the server reads it at once (see proxy._Pump). */
         static const char terminate[5] = {'X', 0, 0, 0, 4};
-        if (!(n >= 5 && memcmp(p + n - 5, terminate, 5) == 0))
+        s->client_x = n >= 5 && memcmp(p + n - 5, terminate, 5) == 0;
+        if (!s->client_x)
             set_status(s, 0);
         forward(r, dst, p, (size_t)n);
         return;
@@ -442,9 +456,9 @@ static void update_mask(Relay *r, End *e)
     uint32_t want = 0;
     if (!e->close_req) {
         if (e->is_client) {
-            if (peer->fd >= 0 && pending(peer) < r->bufsize)
+            if (peer->fd >= 0 && pending(peer) == 0)
                 want |= EPOLLIN;
-        } else if (peer->fd < 0 || s->discard || pending(peer) < r->bufsize) {
+        } else if (peer->fd < 0 || s->discard || pending(peer) == 0) {
             want |= EPOLLIN;
         }
     }
@@ -493,14 +507,6 @@ static void run_command(Relay *r, Cmd *cmd)
     Session *s = cmd->s;
     End *e = cmd->client ? &s->c : &s->b;
     switch (cmd->type) {
-    case CMD_ADD:
-        s->live = 1;
-        s->prev = NULL;
-        s->next = r->live;
-        if (r->live) r->live->prev = s;
-        r->live = s;
-        update_masks(r, s);
-        break;
     case CMD_WRITE:
         if (e->fd < 0)
             break;
@@ -570,8 +576,12 @@ static void *relay_main(void *arg)
                     cmd = next;
                 }
                 if (stop) {
-                    while (r->live) {
+                    for (;;) {
+                        pthread_mutex_lock(&r->lock);
                         Session *s = r->live;
+                        pthread_mutex_unlock(&r->lock);
+                        if (s == NULL)
+                            break;
                         end_close(r, &s->c, DETAIL_REQUESTED);
                         end_close(r, &s->b, DETAIL_REQUESTED);
                     }
@@ -727,7 +737,7 @@ static PyTypeObject SessionType = {
 static int Relay_init(Relay *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"bufsize", NULL};
-    Py_ssize_t bufsize = 65536;
+    Py_ssize_t bufsize = 262144;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n", kwlist, &bufsize))
         return -1;
     if (bufsize < 16 || bufsize > (1 << 26)) {
@@ -804,15 +814,39 @@ static PyObject *Relay_add(Relay *self, PyObject *args, PyObject *kwds)
     s->context = context;
     Py_INCREF(self);
     s->relay = self;
-    __atomic_add_fetch(&self->sessions, 1, __ATOMIC_RELAXED);
+    /* Registered from this thread (epoll_ctl is thread-safe), so a hand-over costs the relay
+     * thread no wake-up: from the ADD on, only the relay thread touches the session. */
+    s->c.mask = s->b.mask = EPOLLIN;
+    s->c.registered = s->b.registered = 1;
     Py_INCREF(s); /* the relay's own reference, given back with the final event */
-    if (enqueue(self, CMD_ADD, s, 0, NULL, 0) < 0) {
+    pthread_mutex_lock(&self->lock);
+    s->live = 1;
+    s->next = self->live;
+    if (self->live) self->live->prev = s;
+    self->live = s;
+    pthread_mutex_unlock(&self->lock);
+    __atomic_add_fetch(&self->sessions, 1, __ATOMIC_RELAXED);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &s->c};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, cfd, &ev) < 0) {
         /* Not handed over: the caller still owns the descriptors. */
+        PyErr_SetFromErrno(PyExc_OSError);
+        pthread_mutex_lock(&self->lock);
+        s->live = 0;
+        if (s->prev) s->prev->next = s->next; else self->live = s->next;
+        if (s->next) s->next->prev = s->prev;
+        pthread_mutex_unlock(&self->lock);
         __atomic_sub_fetch(&self->sessions, 1, __ATOMIC_RELAXED);
         s->c.fd = s->b.fd = -1;
         Py_DECREF(s);
         Py_DECREF(s);
         return NULL;
+    }
+    ev.data.ptr = &s->b;
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, bfd, &ev) < 0) {
+        /* The client side is live already: end the session as if the server side failed. */
+        s->b.registered = 0;
+        if (enqueue(self, CMD_ABORT, s, 0, NULL, 0) < 0)
+            PyErr_Clear();
     }
     return (PyObject *)s;
 }
@@ -929,7 +963,7 @@ static PyTypeObject RelayType = {
     .tp_basicsize = sizeof(Relay),
     .tp_dealloc = (destructor)Relay_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Relay(bufsize=65536): one epoll thread relaying many sessions.",
+    .tp_doc = "Relay(bufsize=262144): one epoll thread relaying many sessions.",
     .tp_methods = Relay_methods,
     .tp_getset = Relay_getset,
     .tp_init = (initproc)Relay_init,

@@ -20,7 +20,9 @@ what the client sent, ``close`` flushes then closes, ``abort`` closes now. The r
 reports each side closed through an eventfd the loop watches; the session then runs
 ``client_lost`` or ``backend_lost`` exactly as the Python pump's ``connection_lost`` does:
 Terminate (and a CancelRequest mid-query) to the server when the client left, the client
-closed when the server left, the slot released once, when the server socket is gone.
+closed when the server left, the slot released once, when the server socket is gone. (The
+relay writes that Terminate itself as the client side closes, unless the client's last
+bytes were one, so ``client_lost``'s own is dropped: one wake-up of its thread less.)
 
 One relay thread serves the process (the relay is started at the first hand-over and never
 stopped: it sleeps in epoll_wait with no session). Its eventfd is watched by the loop of
@@ -49,11 +51,11 @@ __all__ = ["available", "hand_over", "native_sessions", "NativeEnd", "BUFSIZE"]
 
 log = logging.getLogger("pgguard")
 
-# Bytes buffered per direction of a session in the native relay; past it the side that
-# feeds the buffer is not read (back-pressure). Allocated only while bytes wait, so an idle
-# session holds none. 64 KiB: a full socket write per wake-up under COPY, and the same
-# bound PgBouncer's pkt_buf sits near.
-BUFSIZE: Final = 64 * 1024
+# The most the native relay reads at once, and so holds per direction of a session (the
+# side feeding a non-empty buffer is not read: back-pressure). Allocated only while bytes
+# wait, so an idle session holds none. 256 KiB, as much as uvloop reads at once and the
+# Python relay's WRITE_HIGH_WATER: COPY moves in as few system calls as there.
+BUFSIZE: Final = 256 * 1024
 # The relay's event kinds (pgguard/_relay.c).
 _CLIENT_CLOSED: Final = 1
 _BACKEND_CLOSED: Final = 2
@@ -105,19 +107,21 @@ class _Detached(asyncio.Protocol):
 class NativeEnd:
     """One side of a relayed session, in the shape of the transport it replaced."""
 
-    __slots__ = ("_session", "_client", "_closing", "_peer")
+    __slots__ = ("_session", "_client", "_closing", "client_gone")
 
-    def __init__(self, session: Any, *, client: bool, peer: object) -> None:
+    def __init__(self, session: Any, *, client: bool) -> None:
         self._session = session
         self._client = client
         self._closing = False
-        self._peer = peer
+        self.client_gone = False  # the server end: the relay has told the server already
 
     def write(self, data: bytes) -> None:
         """To the client: written at the server's next message boundary. To the server:
         after what the client sent. Ignored once closing, as a closed transport's write."""
         if self._closing or not data:
             return
+        if self.client_gone and data == wire.TERMINATE:
+            return  # the relay sent it when the client left (a wake-up of its thread saved)
         if self._client:
             self._session.send_client(data)
         else:
@@ -147,7 +151,7 @@ class NativeEnd:
         self._closing = True
 
     def get_extra_info(self, name: str, default: object = None) -> object:
-        return self._peer if name == "peername" else default
+        return default
 
     def get_write_buffer_size(self) -> int:
         return 0
@@ -185,8 +189,8 @@ def hand_over(conn: ClientConnection, auth_reader: wire.MessageReader | None) ->
     client, backend = conn.transport, conn.backend
     if client is None or backend is None or conn.client_tls is not None:
         return None
-    if backend.get_extra_info("ssl_object") is not None or client.get_extra_info("ssl_object") is not None:
-        return None
+    if backend.get_extra_info("ssl_object") is not None:
+        return None  # conn.client_tls covers the client side
     if client.get_write_buffer_size() or backend.get_write_buffer_size():
         return None  # bytes still in the loop's hands; rare (the client is slow to read)
     if auth_reader is not None and auth_reader.take_rest():
@@ -215,8 +219,8 @@ def hand_over(conn: ClientConnection, auth_reader: wire.MessageReader | None) ->
         client.resume_reading()
         backend.resume_reading()
         return None
-    client_end = NativeEnd(None, client=True, peer=client.get_extra_info("peername"))
-    backend_end = NativeEnd(None, client=False, peer=backend.get_extra_info("peername"))
+    client_end = NativeEnd(None, client=True)
+    backend_end = NativeEnd(None, client=False)
     link = _Link(conn, client_end, backend_end, loop)
     try:
         session = relay.add(cfd, bfd, link, status=conn.idle_status)
@@ -246,6 +250,7 @@ def _dispatch(relay: Any) -> None:
         try:
             if kind == _CLIENT_CLOSED:
                 link.client.closed()
+                link.backend.client_gone = True
                 if detail > 0:
                     log.debug("event=client_error client=%s error=%r", conn, os.strerror(detail))
                 conn.client_lost()

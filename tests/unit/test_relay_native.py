@@ -115,12 +115,24 @@ def test_client_fin_is_reported_and_the_server_side_stays_open(relay: Any) -> No
     p.client.close()
     [(ctx, kind, detail, final)] = events(relay, 1)
     assert (ctx, kind, detail, final) == (p, _relay.CLIENT_CLOSED, 0, False)
-    p.session.send_backend(TERMINATE)  # what pgguard does next
-    assert p.read(p.server, 5) == TERMINATE
+    assert p.read(p.server, 5) == TERMINATE  # the relay says goodbye for the client
     p.server.sendall(b"late bytes are drained")
     p.server.close()
     assert events(relay, 1) == [(p, _relay.BACKEND_CLOSED, 0, True)]
     assert relay.sessions == 0
+
+
+def test_a_client_that_said_goodbye_gets_no_second_terminate(relay: Any) -> None:
+    p = Pair(relay)
+    p.client.sendall(TERMINATE)
+    p.client.close()
+    assert events(relay, 1)[0][1] == _relay.CLIENT_CLOSED
+    p.session.close_backend()
+    got = b""
+    while chunk := p.server.recv(100):
+        got += chunk
+    assert got == TERMINATE
+    assert events(relay, 1)[0][1:] == (_relay.BACKEND_CLOSED, _relay.REQUESTED, True)
 
 
 def test_tcp_rst_from_the_client_is_an_error() -> None:
@@ -288,4 +300,5 @@ def test_close_ends_every_live_session() -> None:
     assert sum(1 for e in got if e[3]) == 3
     assert relay.sessions == 0
     for p in pairs:
-        assert p.client.recv(1) == b"" and p.server.recv(1) == b""
+        assert p.client.recv(1) == b""
+        assert p.read(p.server, 5) == TERMINATE and p.server.recv(1) == b""
