@@ -46,6 +46,8 @@ ENV_PREFIX: Final = "PGGUARD_"
 
 PolicyName = Literal["queue", "reject"]
 SSLMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+RelayName = Literal["auto", "native", "python"]
+RELAY_ENV: Final = "PGGUARD_RELAY"  # the default of [server] relay (CI runs the suite on each relay)
 
 
 def _positive(value: float) -> str | None:
@@ -103,6 +105,19 @@ class ServerConfig:
     # past it a client gets 53300 "sorry, too many clients already" at once. 0: derived from
     # the process's open-file limit, leaving room for each client's server socket.
     max_client_connections: int = field(default=0, metadata=_check(_non_negative))
+    # Who relays a session's bytes after its first ReadyForQuery: the native relay
+    # (pgguard._relay, a C extension) when it is built ("auto"), always ("native": a warning
+    # and the Python relay when it is missing), or never ("python").
+    relay: RelayName = field(default_factory=lambda: _relay_default(os.environ))
+
+
+def _relay_default(env: Mapping[str, str]) -> RelayName:
+    value = env.get(RELAY_ENV, "auto")
+    choices = get_args(RelayName)
+    if value not in choices:
+        raise ConfigError(f"environment {RELAY_ENV}", "server.relay",
+                          f"must be one of {', '.join(choices)} (got {value!r})")
+    return typing.cast(RelayName, value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -44,9 +44,9 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import Final, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
-from . import tls, wire
+from . import relay, tls, wire
 from .config import Config
 from .errors import (
     BackendLost,
@@ -507,17 +507,28 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------- relay
 
     def ready_for_query(self) -> None:
-        """First ReadyForQuery: hand both transports to raw pumps."""
+        """First ReadyForQuery: hand both sockets to the native relay, or both transports to raw pumps."""
         assert self.transport is not None and self.backend is not None
         self._move(State.ACTIVE)
-        self._backend_proto = None
+        auth, self._backend_proto = self._backend_proto, None
+        self.server.session_started(self)
+        server = self.server
+        native = relay.hand_over(
+            self,
+            None if auth is None else auth.reader,
+            mode=server.config.server.relay,
+            loop=server.loop,
+        )
+        if native is not None:  # relay.py: the transports are NativeEnd objects now
+            self._native = native
+            self.__class__ = _Relayed
+            return
         client_side = Pump(self, self.backend, from_client=True)
         backend_side = Pump(self, self.transport, from_client=False)
         client_side.other = backend_side
         backend_side.other = client_side
         self.transport.set_protocol(client_side)
         self.backend.set_protocol(backend_side)
-        self.server.session_started(self)
 
     # ------------------------------------------------------------------ close
 
@@ -632,6 +643,49 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
         if self.backend is not None:
             self.backend.abort()
+
+class _Relayed(ClientConnection):
+    """A session whose bytes the native relay moves (relay.py): the counters are the relay's.
+
+    ``ready_for_query`` switches a handed-over session to this class, so the Python pump
+    keeps updating plain attributes at no cost while these properties (which shadow the
+    instance's attributes, kept as the counts from before the hand-over) read the relay's.
+    """
+
+    _native: Any  # the relay's session: bytes_in, bytes_out, last_active, status
+
+    @property
+    def bytes_in(self) -> int:
+        return int(self.__dict__["bytes_in"] + self._native.bytes_in)
+
+    @bytes_in.setter
+    def bytes_in(self, value: int) -> None:
+        self.__dict__["bytes_in"] = value - self._native.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return int(self.__dict__["bytes_out"] + self._native.bytes_out)
+
+    @bytes_out.setter
+    def bytes_out(self, value: int) -> None:
+        self.__dict__["bytes_out"] = value - self._native.bytes_out
+
+    @property
+    def last_active(self) -> float:
+        return max(float(self.__dict__["last_active"]), float(self._native.last_active))
+
+    @last_active.setter
+    def last_active(self, value: float) -> None:
+        self.__dict__["last_active"] = value
+
+    @property
+    def idle_status(self) -> int:
+        return int(self._native.status)
+
+    @idle_status.setter
+    def idle_status(self, value: int) -> None:
+        pass  # the relay tracks it from the server's messages
+
 
 
 def _replay(transport: asyncio.Transport, before: asyncio.BaseProtocol, data: bytes) -> None:
