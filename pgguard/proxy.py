@@ -404,7 +404,8 @@ class ClientConnection(asyncio.Protocol):
 
     def startup_error(self, fields: dict[str, str]) -> None:
         """An ErrorResponse before the session started (wrong password, no database)."""
-        self.server.backend_error(self, fields)
+        if not self._client_gone:  # else it answers our Terminate mid-login: not the server's fault
+            self.server.backend_error(self, fields)
 
     def server_answered(self) -> None:
         """The server sent its first bytes: connect_timeout no longer applies."""
@@ -508,6 +509,10 @@ class ClientConnection(asyncio.Protocol):
 
     def ready_for_query(self) -> None:
         """First ReadyForQuery: hand both sockets to the native relay, or both transports to raw pumps."""
+        if self._client_gone:
+            # The client left while the server was finishing its login: the Terminate is on
+            # its way and close_timeout runs; there is no session to hand over.
+            return
         assert self.transport is not None and self.backend is not None
         self._move(State.ACTIVE)
         auth, self._backend_proto = self._backend_proto, None

@@ -413,3 +413,43 @@ async def test_console_login_refuses_a_huge_claimed_message(guard) -> None:  # t
     assert (tag, fields["C"]) == (b"E", "08P01")
     assert await raw.read_to_eof() == b""
     await raw.close()
+
+
+async def test_client_gone_before_the_servers_ready_for_query_is_no_session(guard) -> None:  # type: ignore[no-untyped-def]
+    """The client resets while the server is finishing its login (found by the chaos harness).
+
+    A fake backend holds its AuthenticationOk/ReadyForQuery until the client is gone: a real
+    server cannot be made to wait at that point on demand. pgguard must not hand the dead
+    session to a relay (it used to fail its state check, CLOSED -> ACTIVE), and frees the slot.
+    """
+    client_gone = asyncio.Event()
+
+    async def slow_login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        header = await reader.readexactly(4)
+        await reader.readexactly(struct.unpack("!i", header)[0] - 4)
+        await client_gone.wait()
+        writer.write(
+            wire.build_authentication_ok()
+            + wire.build_backend_key_data(4242, b"\0\0\0\1")
+            + wire.build_ready_for_query()
+        )
+        assert await reader.readexactly(5) == wire.TERMINATE  # as PostgreSQL, close on it
+        writer.close()
+
+    fake = await asyncio.start_server(slow_login, "127.0.0.1", 0)
+    port = fake.sockets[0].getsockname()[1]
+    try:
+        g = await guard(f"[backend]\nport = {port}\nclose_timeout = 60\n")
+        raw = await Raw.open(g)
+        raw.send(_startup({"user": "app", "database": "postgres"}))
+        await await_until(
+            lambda: any(c.state.value == "authenticating" for c in g.server.clients.values()),
+            what="the session to wait for the server's login",
+        )
+        _reset(raw.writer)
+        await await_until(lambda: not g.server.clients, what="the client to be gone")
+        client_gone.set()
+        await g.wait_idle(timeout=30)  # the server closes after the Terminate: long before 60 s
+        assert g.server.stats.backend_errors == 0
+    finally:
+        fake.close()

@@ -327,7 +327,7 @@ async def test_live_sessions_use_the_relay_asked_for(relay, relay_kind: str) -> 
     assert client.idle_status == ord("I")
     await conn.close()
     await relay.wait_idle()
-    assert relay.server.bytes_relayed()[1] >= client.bytes_out
+    assert relay.server.control.bytes_relayed()[1] >= client.bytes_out
     await await_until(lambda: relay_mod.native_sessions() == before, what="the relay to let go")
 
 
@@ -343,7 +343,7 @@ async def test_kill_mid_result_gives_a_clean_fatal(relay, relay_kind: str) -> No
     cur = conn.cursor()
     query = asyncio.create_task(cur.execute("select repeat('x', 1000) from generate_series(1, 2000000)"))
     await await_until(lambda: client.bytes_out > start + 1_000_000, what="the result to stream")
-    relay.server.kill(client, AdminShutdown())
+    relay.server.control.terminate(client, AdminShutdown())
     with pytest.raises(psycopg.errors.AdminShutdown, match="terminating connection due to administrator command"):
         await query
     await relay.wait_idle()
