@@ -152,8 +152,8 @@ class ChaosSettings:
                 disconnects=1_500, disconnect_concurrency=32, copy_probes=1, copy_pause_s=1.5,
                 slowloris_clients=150, slowloris_seconds=5.0, slowloris_login_timeout=3.0,
                 tls_drip_clients=3, tls_drip_interval_s=0.004, fault_rounds=1, fault_clients=16,
-                fd_nofile=256, fd_clients=320, memory_names=8_000, memory_name_bytes=2_000,
-                memory_tls_rsts=600, warmup=0.15, close_timeout=8.0,
+                fd_nofile=256, fd_clients=320, memory_names=15_000, memory_name_bytes=1_000,
+                memory_tls_rsts=2_000, warmup=0.15, close_timeout=8.0,
             )  # fmt: skip
         if mode == "smoke":
             return cls(
@@ -161,8 +161,8 @@ class ChaosSettings:
                 disconnects=150, disconnect_concurrency=16, copy_probes=1, copy_pause_s=1.0,
                 slowloris_clients=30, slowloris_seconds=2.5, slowloris_login_timeout=1.5,
                 tls_drip_clients=1, tls_drip_interval_s=0.003, fault_rounds=1, fault_clients=8,
-                fd_nofile=256, fd_clients=300, memory_names=1_500, memory_name_bytes=2_000,
-                memory_tls_rsts=150, warmup=0.2, close_timeout=6.0,
+                fd_nofile=256, fd_clients=300, memory_names=1_500, memory_name_bytes=1_000,
+                memory_tls_rsts=1_000, warmup=0.2, close_timeout=4.0,
             )  # fmt: skip
         raise ValueError(mode)
 
@@ -686,16 +686,24 @@ def scan_log(text: str) -> tuple[list[str], int, int]:
     """
     problems: list[str] = []
     unframed = forged = 0
+    in_problem = False  # inside the lines that belong to a problem (a traceback's body)
     for line in text.splitlines():
         if LOG_LINE.match(line):
-            if LOG_PROBLEM.search(line):
+            in_problem = bool(LOG_PROBLEM.search(line))
+            if in_problem:
                 problems.append(line[:240])
             continue
-        unframed += 1
         if line.startswith("Traceback (most recent call last)"):
-            problems.append(line[:240])
+            if not in_problem:
+                problems.append(line[:240])
+            in_problem = True
+        elif in_problem:
+            continue
         elif "forged" in line:
             forged += 1
+            unframed += 1
+        else:
+            unframed += 1
     return problems, unframed, forged
 
 
@@ -748,7 +756,7 @@ def _odd_name(rng: random.Random) -> bytes:
     if pick < 0.4:
         return rng.choice(_ODD_NAMES)
     if pick < 0.7:
-        return bytes(rng.randrange(1, 256) for _ in range(rng.randrange(1, 40)))
+        return rng.randbytes(rng.randrange(1, 40)).replace(b"\x00", b"\x01")
     if pick < 0.8:
         return b"\n".join([FORGED_MARKER.encode()] * rng.randrange(1, 20))
     return f"fuzz{rng.randrange(1_000_000)}".encode()
@@ -813,7 +821,7 @@ def fuzz_packet(rng: random.Random) -> tuple[str, bytes]:
         length = rng.choice([8, 8, 8, 4, 7, 9, 12, 16, 10001, 0x7FFFFFFF])
         data = struct.pack("!II", length, code)
         if rng.random() < 0.3:
-            data += startup_for("fuzz", "fuzz") if rng.random() < 0.5 else bytes(rng.randrange(256) for _ in range(20))
+            data += startup_for("fuzz", "fuzz") if rng.random() < 0.5 else rng.randbytes(20)
     elif family == "cancel":
         # A well-formed CancelRequest is forwarded to the server (a process fork there): rare.
         length = 16 if rng.random() < 0.05 else rng.choice([8, 12, 15, 17, 20, 4, 0xFFFFFFFF])
@@ -823,7 +831,7 @@ def fuzz_packet(rng: random.Random) -> tuple[str, bytes]:
         base = hello(rng.choice(["postgresql", "http/1.1", None]))
         pick = rng.random()
         if pick < 0.3:
-            data = b"\x16\x03\x01" + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 80)))
+            data = b"\x16\x03\x01" + rng.randbytes(rng.randrange(0, 80))
         elif pick < 0.6:
             data = base[: rng.randrange(1, len(base))]
         else:
@@ -832,7 +840,7 @@ def fuzz_packet(rng: random.Random) -> tuple[str, bytes]:
                 data[rng.randrange(5, len(data))] = rng.randrange(256)
             data = bytes(data)
     else:
-        data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+        data = rng.randbytes(rng.randrange(1, 64))
     # Generic mutations on top.
     roll = rng.random()
     if roll < 0.1 and len(data) >= 4:
@@ -840,7 +848,7 @@ def fuzz_packet(rng: random.Random) -> tuple[str, bytes]:
     elif roll < 0.2 and len(data) > 1:
         data = data[: rng.randrange(1, len(data))]
     elif roll < 0.25:
-        data = data + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 32)))
+        data = data + rng.randbytes(rng.randrange(1, 32))
     elif roll < 0.3 and data:
         flipped = bytearray(data)
         flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
@@ -1117,6 +1125,7 @@ async def slowloris_run(stack: ChaosStack, settings: ChaosSettings, run: RunResu
     stop_at = 0.0
     outcomes: Counter[str] = Counter()
     closed_after: list[float] = []
+    drip_times: list[float] = []
 
     async def dripper(i: int) -> str:
         """Half complete a login one byte at a time; half never finish and must be closed."""
@@ -1133,13 +1142,15 @@ async def slowloris_run(stack: ChaosStack, settings: ChaosSettings, run: RunResu
             for pos in range(len(packet)):
                 if loop.time() > stop_at:
                     return "harness-stopped"
-                if not await conn.send(packet[pos : pos + 1]):
+                if not await conn.send(packet[pos : pos + 1]) or _peer_closed(conn.sock):
                     closed_after.append(loop.time() - opened)
-                    return "closed-by-pgguard"
-                got = await conn.read_until(lambda b: len(b) > 0, timeout=interval)
-                if got or conn.eof:
-                    break
+                    return "closed-by-pgguard" if not finishing else "finisher:closed-by-pgguard"
+                if pos < len(packet) - 1:
+                    # The drip itself. Reading here instead (wait_for per byte) costs the
+                    # harness too much CPU with hundreds of drippers and stretches the drip.
+                    await asyncio.sleep(interval)
             if finishing:
+                drip_times.append(loop.time() - opened)
                 await conn.read_until(lambda b: has_ready(b) or first_error(b) is not None, 20)
                 if has_ready(conn.buf):
                     await conn.send(TERMINATE)
@@ -1184,7 +1195,8 @@ async def slowloris_run(stack: ChaosStack, settings: ChaosSettings, run: RunResu
                        outcomes=dict(outcomes), pgguard_cpu_s=round(plain_cpu, 2),
                        cpu_ms_per_slow_client=round(plain_cpu * 1000 / settings.slowloris_clients, 2),
                        normal_client_during_s=round(probe_s, 3),
-                       max_close_after_s=round(max(closed_after, default=0.0), 2))
+                       max_close_after_s=round(max(closed_after, default=0.0), 2),
+                       finisher_drip_s_max=round(max(drip_times, default=0.0), 2))
     run.check("normal client served during slowloris", probe_ok, f"{probe_s:.2f} s")
     stragglers = outcomes.get("still-open", 0)
     run.check("stalled clients closed at client_login_timeout", stragglers == 0 and
@@ -1213,6 +1225,16 @@ async def slowloris_run(stack: ChaosStack, settings: ChaosSettings, run: RunResu
     run.check("TLS drip costs linear CPU", per_client <= bound,
               f"{per_client * 1000:.0f} ms CPU per client for {n_records} records (bound {bound * 1000:.0f} ms)")
     await final_checks(run, guard, stack, base, rss_bound_mib=16)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the peer has closed (EOF or reset); a non-blocking peek, data left unread."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 async def _probe_during(guard: Guard, delay: float) -> tuple[bool, float]:
@@ -1340,8 +1362,11 @@ async def faults_run(stack: ChaosStack, settings: ChaosSettings, run: RunResult)
 # --------------------------------------------------------------------------- fd limit
 
 
-FD_LOG: Final = re.compile(r"emfile|enfile|too many open files|max_client_connections|fd_limit|accept_failed",
-                           re.IGNORECASE)
+# How pgguard may say it ran out of descriptors or refused a client past its total cap.
+FD_LOG: Final = re.compile(
+    r"emfile|enfile|too many open files|client_connections|too.many.clients|fd_limit|accept_fail",
+    re.IGNORECASE,
+)
 
 
 async def fdlimit_run(stack: ChaosStack, settings: ChaosSettings, run: RunResult) -> None:
@@ -1440,8 +1465,9 @@ async def memory_run(stack: ChaosStack, settings: ChaosSettings, run: RunResult)
         finally:
             conn.close(rst=True)
 
-    warm_names = max(1, int(settings.memory_names * settings.warmup))
-    warm_tls = max(1, int(settings.memory_tls_rsts * settings.warmup))
+    # Warm-up at full concurrency at least, so the allocator's high-water mark is reached.
+    warm_names = max(256, int(settings.memory_names * settings.warmup))
+    warm_tls = max(128, int(settings.memory_tls_rsts * settings.warmup))
     await run_pool(warm_names, 128, name_shot("warm"), deadline_s=300)
     await run_pool(warm_tls, 64, tls_rst, deadline_s=300)
     base = await baseline(guard, stack)
@@ -1463,14 +1489,12 @@ async def memory_run(stack: ChaosStack, settings: ChaosSettings, run: RunResult)
     )
     run.check("distinct refused names all got 53300", names.get("E:53300", 0) == settings.memory_names,
               f"{names.get('E:53300', 0):,} of {settings.memory_names:,}")
-    # Nothing should outlive a refused client: within 10 MiB, and within 256 B a name or
-    # 1 KiB a connection when that is more than 1 MiB of allocator noise (small runs).
-    names_bound = min(10.0, max(1.0, settings.memory_names * 256 / 2**20))
-    tls_bound = min(10.0, max(1.0, settings.memory_tls_rsts * 1024 / 2**20))
-    run.check("RSS after distinct refused names", names_growth <= names_bound,
-              f"+{names_growth:.1f} MiB for {settings.memory_names:,} names of {name_bytes} B (bound {names_bound:.1f})")
-    run.check("RSS after SSLRequest-then-RST", tls_growth <= tls_bound,
-              f"+{tls_growth:.1f} MiB for {settings.memory_tls_rsts:,} connections (bound {tls_bound:.1f})")
+    # Nothing a refused client leaves may grow pgguard past 10 MiB (a bounded cache of names
+    # may fill up to its cap; the small modes cannot tell such a cache from a leak).
+    run.check("RSS after distinct refused names", names_growth <= 10,
+              f"+{names_growth:.1f} MiB for {settings.memory_names:,} names of {name_bytes} B")
+    run.check("RSS after SSLRequest-then-RST", tls_growth <= 10,
+              f"+{tls_growth:.1f} MiB for {settings.memory_tls_rsts:,} connections")
     await final_checks(run, guard, stack, base, rss_bound_mib=10)
 
 
