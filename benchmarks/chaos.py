@@ -95,11 +95,11 @@ LINGER_RST: Final = struct.pack("ii", 1, 0)
 FORGED_MARKER: Final = "chaos-forged-line"
 # A pgguard log line: "2026-12-02 00:15:00,123 level=INFO event=..."; anything else is either
 # a traceback's continuation or a line a client forged with a newline in a name.
-LOG_LINE: Final = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ level=")
-LOG_PROBLEM: Final = re.compile(
-    r"Traceback|level=ERROR|level=CRITICAL|Task was destroyed|Fatal error on|Exception in callback"
-    r"|Task exception was never retrieved|Unhandled exception"
-)
+LOG_LINE: Final = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ level=(\w+) ")
+# Problems: ERROR and CRITICAL lines (asyncio's "Task was destroyed but it is pending",
+# "Fatal error on transport", "Exception in callback" are logged at ERROR), judged by the
+# line's own level, never by text a client put in a name.
+PROBLEM_LEVELS: Final = frozenset({"ERROR", "CRITICAL"})
 # Settling: how long the checks wait for slots, waiters, fds and server sessions to go.
 SETTLE_S: Final = 25.0
 POLL_S: Final = 0.05
@@ -518,8 +518,8 @@ listen = "{HOST}:{self.metrics_port}"
 
         def limit_fds() -> None:
             if nofile is not None:
-                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+                # Soft and hard: pgguard may raise its soft limit to the hard one at start.
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
         self.proc = _Process(
             self.name,
@@ -678,8 +678,7 @@ async def baseline(guard: Guard, stack: ChaosStack) -> Baseline:
 def scan_log(text: str) -> tuple[list[str], int, int]:
     """(problem lines, lines not in pgguard's format, lines a client forged).
 
-    A problem is an ERROR/CRITICAL line in pgguard's format (asyncio's "Task was destroyed",
-    "Fatal error on transport" and "Exception in callback" are logged so) or the first line of
+    A problem is a line in pgguard's format at level ERROR or CRITICAL, or the first line of
     a traceback. Any other line not in the format is either a traceback's body or text a
     client smuggled in through a newline in a name; those carrying our marker are counted as
     forged (fuzzing may flip a bit in the marker, so "forged" alone is enough).
@@ -688,8 +687,9 @@ def scan_log(text: str) -> tuple[list[str], int, int]:
     unframed = forged = 0
     in_problem = False  # inside the lines that belong to a problem (a traceback's body)
     for line in text.splitlines():
-        if LOG_LINE.match(line):
-            in_problem = bool(LOG_PROBLEM.search(line))
+        framed = LOG_LINE.match(line)
+        if framed:
+            in_problem = framed.group(1) in PROBLEM_LEVELS
             if in_problem:
                 problems.append(line[:240])
             continue
@@ -1132,16 +1132,19 @@ async def slowloris_run(stack: ChaosStack, settings: ChaosSettings, run: RunResu
         finishing = i % 2 == 0
         if finishing:
             packet = startup_for(CHAOS_ROLE, CHAOS_DB, "slow")
-            interval = login_timeout * 0.5 / len(packet)
+            interval = login_timeout * 0.3 / len(packet)
+            give_up = stop_at
         else:
             packet = struct.pack("!I", 9000) + struct.pack("!I", PROTOCOL_3_0) + b"user\x00" + b"a" * 8990
             interval = 0.1
+            # Drip until pgguard closes the connection, or well past client_login_timeout.
+            give_up = loop.time() + login_timeout + 10.0
         conn = await Conn.open(guard.port, nodelay=True)
         opened = loop.time()
         try:
             for pos in range(len(packet)):
-                if loop.time() > stop_at:
-                    return "harness-stopped"
+                if loop.time() > give_up:
+                    return "harness-stopped" if finishing else "still-open"
                 if not await conn.send(packet[pos : pos + 1]) or _peer_closed(conn.sock):
                     closed_after.append(loop.time() - opened)
                     return "closed-by-pgguard" if not finishing else "finisher:closed-by-pgguard"
@@ -1156,10 +1159,6 @@ async def slowloris_run(stack: ChaosStack, settings: ChaosSettings, run: RunResu
                     await conn.send(TERMINATE)
                     return "served"
                 return "finisher:" + conn.outcome()
-            await conn.read_until(lambda b: False, timeout=max(0.0, stop_at - loop.time()))
-            if conn.eof or conn.reset:
-                closed_after.append(loop.time() - opened)
-                return "closed-by-pgguard" if not conn.buf else "answered:" + conn.outcome()
             return "still-open"
         finally:
             conn.close(rst=True)
@@ -1200,7 +1199,7 @@ async def slowloris_run(stack: ChaosStack, settings: ChaosSettings, run: RunResu
     run.check("normal client served during slowloris", probe_ok, f"{probe_s:.2f} s")
     stragglers = outcomes.get("still-open", 0)
     run.check("stalled clients closed at client_login_timeout", stragglers == 0 and
-              max(closed_after, default=0.0) <= login_timeout + 2.0,
+              max(closed_after, default=0.0) <= login_timeout + 5.0,
               f"{len(closed_after)} closed, max after {max(closed_after, default=0.0):.1f} s "
               f"(timeout {login_timeout:g}), {stragglers} still open")
     finishers = settings.slowloris_clients // 2 + settings.slowloris_clients % 2
