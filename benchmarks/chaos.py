@@ -1247,7 +1247,7 @@ async def _probe_during(guard: Guard, delay: float) -> tuple[bool, float]:
 # ---------------------------------------------------------------------- server faults
 
 
-async def faulted_client(port: int, limit_ready: asyncio.Event | None = None) -> str:
+async def faulted_client(port: int) -> str:
     """Log in (queueing if need be), run a long query, and report how the session ended.
 
     ``ok-...``: logged in, then ended by an ErrorResponse (or still open at the end);
@@ -1307,9 +1307,7 @@ async def faults_run(stack: ChaosStack, settings: ChaosSettings, run: RunResult)
 
             await await_condition(queued, 10)
             if fault == "pg_terminate_backend":
-                for _ in range(4):  # the queued clients are admitted as the first ones go
-                    await asyncio.to_thread(stack.pg.terminate, [CHAOS_ROLE])
-                    await asyncio.sleep(0.3)  # let admitted waiters reach the server before the next sweep
+                await asyncio.to_thread(stack.pg.terminate, [CHAOS_ROLE])
             elif fault == "sigkill_backend":
                 pid = await asyncio.to_thread(
                     stack.pg.psql,
@@ -1325,11 +1323,15 @@ async def faults_run(stack: ChaosStack, settings: ChaosSettings, run: RunResult)
                 if not await _wait_pg_up(stack):
                     outcomes["setup:server-did-not-restart"] += 1
                 await asyncio.to_thread(stack.pg.terminate, [CHAOS_ROLE])
-            for _ in range(5):
-                done, pending = await asyncio.wait(tasks, timeout=3)
+            # The queued clients are admitted as the first ones go: end them too, sweep by
+            # sweep, each once someone is running its query (bounded).
+            for _ in range(4 * settings.fault_clients):
+                pending = [t for t in tasks if not t.done()]
                 if not pending:
                     break
+                await _wait_active(stack, min(len(pending), limit), timeout=5)
                 await asyncio.to_thread(stack.pg.terminate, [CHAOS_ROLE])
+                await asyncio.wait(pending, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
         finally:
             results = await asyncio.gather(*tasks, return_exceptions=True)
         tally = by_fault.setdefault(fault, {})
