@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -100,6 +101,8 @@ LOG_LINE: Final = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ level=(\w+) "
 # "Fatal error on transport", "Exception in callback" are logged at ERROR), judged by the
 # line's own level, never by text a client put in a name.
 PROBLEM_LEVELS: Final = frozenset({"ERROR", "CRITICAL"})
+# Wall-clock budget of one run; past it the run is cancelled and reported as failed.
+RUN_BUDGET_S: Final = {"full": 1800.0, "quick": 300.0, "smoke": 120.0}
 # Settling: how long the checks wait for slots, waiters, fds and server sessions to go.
 SETTLE_S: Final = 25.0
 POLL_S: Final = 0.05
@@ -250,6 +253,34 @@ def has_ready(buf: bytes | bytearray, status: bytes | None = None) -> bool:
     return any(tag == ord("Z") and (status is None or body == status) for tag, body in messages(buf))
 
 
+async def _wait_fd(fd: int, *, write: bool, timeout: float) -> bool:
+    """Wait until ``fd`` is readable (writable); False after ``timeout``. Cancellable.
+
+    The harness waits on descriptors itself rather than through the loop's ``sock_*``
+    methods: a timed-out ``wait_for`` around uvloop's ``sock_connect`` waits for the inner
+    future to acknowledge its cancellation, which it may never do (a run hung so).
+    """
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        done, _ = await asyncio.wait([ready], timeout=max(0.0, timeout))
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+    return bool(done)
+
+
 class Conn:
     """One raw client socket on the harness's event loop; every wait is bounded."""
 
@@ -265,29 +296,40 @@ class Conn:
 
     @classmethod
     async def open(cls, port: int, *, timeout: float = 10.0, rst: bool = False, nodelay: bool = False) -> Conn:
+        """Connect to 127.0.0.1:``port``; raises ``TimeoutError`` or ``OSError``."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        if rst:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-        if nodelay:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (HOST, port)), timeout)
+            sock.setblocking(False)
+            if rst:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+            if nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((HOST, port))
+            if err == errno.EINPROGRESS:
+                if not await _wait_fd(sock.fileno(), write=True, timeout=timeout):
+                    raise TimeoutError(f"connect to {HOST}:{port}")
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
         except BaseException:
             sock.close()
             raise
         return cls(sock)
 
-    async def send(self, data: bytes) -> bool:
-        try:
-            await self.loop.sock_sendall(self.sock, data)
-            return True
-        except (ConnectionResetError, BrokenPipeError):
-            self.reset = True
-            return False
-        except OSError:
-            self.reset = True
-            return False
+    async def send(self, data: bytes, timeout: float = 30.0) -> bool:
+        """Send all of ``data``; False if the peer reset or closed, or it took over ``timeout``."""
+        view = memoryview(data)
+        deadline = self.loop.time() + timeout
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:
+                if not await _wait_fd(self.sock.fileno(), write=True, timeout=deadline - self.loop.time()):
+                    return False
+            except OSError:  # reset, broken pipe
+                self.reset = True
+                return False
+        return True
 
     async def read_until(self, done: Callable[[bytearray], bool], timeout: float, cap: int = 1 << 20) -> bool:
         """Read until ``done(buf)``, EOF, a reset or ``timeout``; True when ``done`` held."""
@@ -295,14 +337,14 @@ class Conn:
         while not done(self.buf):
             if self.eof or self.reset:
                 return False
-            left = deadline - self.loop.time()
-            if left <= 0:
-                return False
             try:
-                data = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), left)
-            except TimeoutError:
-                return False
-            except (ConnectionResetError, OSError):
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                left = deadline - self.loop.time()
+                if left <= 0 or not await _wait_fd(self.sock.fileno(), write=False, timeout=left):
+                    return False
+                continue
+            except OSError:  # reset
                 self.reset = True
                 return False
             if not data:
@@ -312,9 +354,6 @@ class Conn:
             if len(self.buf) < cap:
                 self.buf += data
         return True
-
-    async def read_to_end(self, timeout: float) -> None:
-        await self.read_until(lambda b: False, timeout)
 
     def close(self, *, rst: bool = False) -> None:
         if rst:
@@ -403,6 +442,7 @@ class ChaosStack:
         )
         self._tls: tuple[Path, Path] | None = None
         self.nofile = raise_nofile()
+        self.guards: list[Guard] = []
 
     def __enter__(self) -> ChaosStack:
         pg = self.pg
@@ -416,6 +456,7 @@ class ChaosStack:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop_guards()
         self.pg.stop()
         import shutil
 
@@ -448,7 +489,15 @@ class ChaosStack:
 
     def guard(self, name: str, settings: ChaosSettings, *, tls: bool = False,
               login_timeout: float = 5.0, nofile: int | None = None) -> Guard:
-        return Guard(self, name, settings, tls=tls, login_timeout=login_timeout, nofile=nofile)
+        guard = Guard(self, name, settings, tls=tls, login_timeout=login_timeout, nofile=nofile)
+        self.guards.append(guard)
+        return guard
+
+    def stop_guards(self) -> None:
+        """Stop every pgguard process still running (a run that failed half-way leaves one)."""
+        for guard in self.guards:
+            guard.stop()
+        self.guards.clear()
 
 
 class Guard:
@@ -1555,12 +1604,14 @@ async def _run_all(stack: ChaosStack, settings: ChaosSettings, names: list[str])
         print(f"[{name}]", flush=True)
         t0 = time.perf_counter()
         try:
-            await RUNS[name](stack, settings, run)
+            await asyncio.wait_for(RUNS[name](stack, settings, run), RUN_BUDGET_S[settings.mode])
         except Exception as exc:  # the run could not finish: reported as a failure, the rest go on
             import traceback
 
-            run.error = f"{type(exc).__name__}: {exc}"
+            run.error = f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (run budget {RUN_BUDGET_S[settings.mode]:.0f} s)"
             traceback.print_exc()
+        finally:
+            stack.stop_guards()
         run.seconds = round(time.perf_counter() - t0, 1)
         failed = [c.name for c in run.checks if not c.passed]
         print(f"  ({run.seconds:.1f} s) " + ("all checks pass" if run.passed else f"FAILED: {', '.join(failed) or run.error}"),
@@ -1598,6 +1649,11 @@ def main_chaos(args: Any) -> int:
         results = runner(_run_all(stack, settings, names))
     elapsed = time.perf_counter() - started
     machine.update(elapsed_s=round(elapsed, 1), mode=mode, pgguard_tree=str(tree or REPO))
+    if tree is not None:
+        # machine_info's pgguard_commit is this checkout's (the harness); record the tree's too.
+        done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=False)
+        machine["pgguard_tree_commit"] = done.stdout.strip() or "unknown"
     print()
     print(_table(results))
     for r in results:
