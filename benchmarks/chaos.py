@@ -756,6 +756,25 @@ def scan_log(text: str) -> tuple[list[str], int, int]:
     return problems, unframed, forged
 
 
+def problem_excerpts(text: str, blocks: int = 3, lines: int = 30) -> list[str]:
+    """The first few problems in full (an ERROR line and the traceback under it), for the JSON."""
+    out: list[str] = []
+    all_lines = text.splitlines()
+    for i, line in enumerate(all_lines):
+        framed = LOG_LINE.match(line)
+        if not (framed and framed.group(1) in PROBLEM_LEVELS):
+            continue
+        block = [line[:300]]
+        for follow in all_lines[i + 1 : i + lines]:
+            if LOG_LINE.match(follow):
+                break
+            block.append(follow[:300])
+        out.append("\n".join(block))
+        if len(out) >= blocks:
+            break
+    return out
+
+
 async def final_checks(run: RunResult, guard: Guard, stack: ChaosStack, base: Baseline,
                        *, rss_bound_mib: float) -> None:
     """The checks every run ends with (see the module docstring)."""
@@ -781,8 +800,10 @@ async def final_checks(run: RunResult, guard: Guard, stack: ChaosStack, base: Ba
         run.check("normal client served", ok, "yes" if ok else "no", why)
     code = guard.stop()
     run.figures["pgguard_exit_code"] = code
-    problems, unframed, forged = scan_log(guard.log_text())
+    text = guard.log_text()
+    problems, unframed, forged = scan_log(text)
     run.log_problems = problems[:20]
+    run.figures["log_excerpts"] = problem_excerpts(text)
     run.figures["log_problem_lines"] = len(problems)
     run.check("no traceback/ERROR in log", not problems, f"{len(problems)} lines",
               (problems[0] if problems else ""))
