@@ -3,8 +3,7 @@
 The harness starts its own throwaway PostgreSQL and a pgguard process per run (real sockets,
 raw protocol and asyncpg clients; no fake backend). The first test holds the harness itself to
 account: every run completes and reports the common checks, and pgguard survives and still
-serves. The second asserts every check passes; it is expected to fail until the issue 10
-hardening fixes land (see its marker), and is then to be made strict.
+serves. The second asserts every check passes.
 """
 
 from __future__ import annotations
@@ -74,14 +73,6 @@ def test_chaos_harness_runs_every_run_and_pgguard_survives(
     assert fuzz["packets"] >= 1000 and fuzz["packets_per_s"] > 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10 known bugs, fixed on main by the lead: tracebacks on write-after-close in "
-    "_Pump and in the console (XX000), /metrics and SHOW CLIENTS with non-UTF-8 names, log "
-    "injection, slot held after an abandoned COPY, quadratic TLS sniffing, silent drops at "
-    "the fd limit, memory kept per refused name and per SSLRequest-then-RST. Make strict "
-    "(remove this marker) once they land.",
-)
 def test_chaos_smoke_every_check_passes(
     chaos: tuple[subprocess.CompletedProcess[str], dict[str, Any]],
 ) -> None:
