@@ -380,13 +380,15 @@ end
 """
 
 # ARGV: prefix, epoch, instance, lease, force ('1'/'0'), n, then n pairs (limit id, value).
-# Returns {1} taken, {0, k, value, used} blocked by claim k, {-1} unregistered, {-2} reset.
+# Returns {1, live} taken, {0, live, k, value, used} blocked by claim k, {-1} unregistered,
+# {-2} reset; live is the number of live instances (for the fallback share).
 _ACQUIRE: Final = _PRELUDE + r"""
 local epoch, inst, lease, force = ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
 purge(now_ms())
 if redis.call('GET', EPOCH) ~= epoch then return {-2} end
 if not redis.call('ZSCORE', I, inst) then return {-1} end
-if redis.call('HEXISTS', P .. ':leases:' .. inst, lease) == 1 then return {1} end
+local live = redis.call('ZCARD', I)
+if redis.call('HEXISTS', P .. ':leases:' .. inst, lease) == 1 then return {1, live} end
 local n = tonumber(ARGV[6])
 local ids = {}
 for k = 1, n do
@@ -396,12 +398,12 @@ for k = 1, n do
     local limit = effective(id, ARGV[6 + 2 * k])
     if limit >= 0 then
       local u = used(id)
-      if u >= limit then return {0, k, limit, u} end
+      if u >= limit then return {0, live, k, limit, u} end
     end
   end
 end
 take(inst, lease, ids)
-return {1}
+return {1, live}
 """
 
 # ARGV: prefix, instance, lease ids... Returns how many of them were held.
@@ -565,7 +567,7 @@ class LeaseStore:
         self._s_instances = self._redis.register_script(_INSTANCES)
         self._s_usage = self._redis.register_script(_USAGE)
 
-        self._epoch = uuid.uuid4().hex
+        self._epoch = ""  # Redis's epoch, learnt at registration
         self._seq = itertools.count(1)
         self._leases: dict[str, Lease] = {}  # every live session's lease, in acquisition order
         self._pending_release: set[str] = set()  # released locally, not yet confirmed in Redis
@@ -648,7 +650,10 @@ class LeaseStore:
             await self._subscribed.wait()
 
     async def close(self, *, leave: bool = True) -> None:
-        """Stop the tasks; with ``leave`` give back every slot at once (else they expire)."""
+        """Stop the tasks; with ``leave`` give back every slot at once (else they expire).
+        Idempotent."""
+        if self._closed:
+            return
         self._closed = True
         tasks = [*self._tasks, *([self._subscriber] if self._subscriber else [])]
         for task in tasks:
@@ -696,12 +701,14 @@ class LeaseStore:
                 if self._acquiring == 0:
                     self._quiet.set()
             code = int(reply[0])
+            if code >= 0:
+                self.live_instances = max(1, int(reply[1]))
             if code == 1:
                 self._leases[lease.id] = lease
                 return lease
             if code == 0:
-                claim = claims[int(reply[1]) - 1]
-                return Blocked(claim.limit, claim.name, int(reply[2]), int(reply[3]))
+                claim = claims[int(reply[2]) - 1]
+                return Blocked(claim.limit, claim.name, int(reply[3]), int(reply[4]))
             await self._restore(Renewal.RESET if code == -2 else Renewal.EXPIRED, generation)
         raise RedisUnavailable("the store kept losing this instance's registration")
 
@@ -778,7 +785,10 @@ class LeaseStore:
         self, mode: str, cause: Renewal
     ) -> tuple[tuple[Overrun, ...], tuple[str, ...]]:
         snapshot = list(self._leases.values())
-        args: list[str | int] = [self._epoch, self.instance, int(self.lease_ttl * 1000), mode]
+        # A fresh candidate: after Redis lost its data, the first instance back sets a new
+        # epoch, so every other one sees RESET rather than mistaking the loss for its expiry.
+        candidate = uuid.uuid4().hex
+        args: list[str | int] = [candidate, self.instance, int(self.lease_ttl * 1000), mode]
         for lease in snapshot:
             args += [lease.id, len(lease.claims)]
             for claim in lease.claims:

@@ -7,7 +7,7 @@ A `RedisServer` owns one temporary directory (its working directory and log file
 restart always comes back empty, exactly like a production Redis without persistence after
 a crash. ``start()`` returns once the server answers ``PING``; ``stop()`` ends it (SIGTERM,
 SIGKILL if it lingers) and removes the directory. ``kill()`` is SIGKILL with the directory
-kept, and ``restart()`` starts a new server on the *same* port, so clients configured with
+kept, ``pause()``/``resume()`` are SIGSTOP/SIGCONT (a hung Redis that keeps its data), and ``restart()`` starts a new server on the *same* port, so clients configured with
 the old URL reconnect to it: that is the outage the cluster tests need.
 
 Port: like `PostgresCluster`, ``free_port()`` may race another process; if the server exits
@@ -140,11 +140,23 @@ class RedisServer:
             proc.wait(_STOP_TIMEOUT_S)
         self._proc = None
 
+    def pause(self) -> None:
+        """SIGSTOP the server: connections stay open but nothing answers (a hung or
+        partitioned Redis that keeps its data). `resume` undoes it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and remove its directory; idempotent."""
         atexit.unregister(self.stop)
         proc = self._proc
         if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(_STOP_TIMEOUT_S)
