@@ -80,7 +80,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
@@ -119,9 +119,10 @@ __all__ = [
 
 log = logging.getLogger("pgguard.leases")
 
-# Connections to Redis per store: scripts are ~0.1 ms, so a few carry thousands of admissions
-# a second; the pool blocks (bounded by the call timeout) rather than opening one per session.
-_POOL_SIZE: Final = 16
+# Calls in flight to Redis per store: a script takes ~0.1 ms in Redis, so a few connections
+# carry thousands of admissions a second. More callers wait locally, and that wait is not
+# counted against ``timeout``: only Redis's own slowness marks the store down, not a storm.
+_IN_FLIGHT: Final = 16
 # Delay before a failed subscriber reconnects (the heartbeat also restarts it on recovery).
 _RESUBSCRIBE_DELAY_S: Final = 0.2
 
@@ -548,7 +549,7 @@ class LeaseStore:
         self._on_event = on_event
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
-            max_connections=_POOL_SIZE,
+            max_connections=_IN_FLIGHT + 2,  # + the subscriber's connection, + a spare
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
@@ -558,6 +559,7 @@ class LeaseStore:
             retry=Retry(NoBackoff(), 1),
         )
         self._redis = aioredis.Redis.from_pool(pool)
+        self._slots = asyncio.Semaphore(_IN_FLIGHT)
         self._s_acquire = self._redis.register_script(_ACQUIRE)
         self._s_release = self._redis.register_script(_RELEASE)
         self._s_heartbeat = self._redis.register_script(_HEARTBEAT)
@@ -843,7 +845,7 @@ class LeaseStore:
 
     async def runtime_limits(self) -> dict[tuple[Limit, str], int]:
         """The stored run-time limits (for an instance that joins). Raises `RedisUnavailable`."""
-        raw = await self._bounded(self._redis.hgetall(self.prefix + ":limits"))
+        raw = await self._bounded(lambda: self._redis.hgetall(self.prefix + ":limits"))
         return {_parse_limit_id(k): int(v) for k, v in raw.items()}
 
     async def usage(self, limits: Iterable[tuple[Limit, str]]) -> list[LimitUse]:
@@ -865,12 +867,13 @@ class LeaseStore:
     # ------------------------------------------------------------- internals
 
     async def _call(self, script: Any, args: Sequence[str | int]) -> Any:
-        return await self._bounded(script(args=[self.prefix, *args]))
+        return await self._bounded(lambda: script(args=[self.prefix, *args]))
 
-    async def _bounded(self, awaitable: Any) -> Any:
+    async def _bounded(self, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
-            async with asyncio.timeout(self.timeout):
-                return await awaitable
+            async with self._slots:
+                async with asyncio.timeout(self.timeout):
+                    return await call()
         except (RedisError, OSError, TimeoutError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._set_down(reason)
