@@ -637,12 +637,15 @@ class LeaseStore:
 
         ``background`` starts the heartbeat and subscriber tasks (tests drive `heartbeat`
         themselves with False); with them, `start` returns once subscribed. Raises
-        `RedisUnavailable` if Redis does not answer.
+        `RedisUnavailable` if Redis does not answer: the store is then down, and with
+        ``background`` its heartbeat keeps trying and registers when Redis answers (a
+        `StateChanged` event), so a pgguard can start, in fallback, while Redis is away.
         """
+        if background:
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="pgguard-heartbeat"))
         await self._register("force", Renewal.OK)
         self._set_up("started")
         if background:
-            self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="pgguard-heartbeat"))
             self._start_subscriber()
             await self.wait_subscribed()
 

@@ -467,3 +467,28 @@ def test_redis_is_not_imported_without_a_cluster_section() -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+
+
+async def test_a_store_started_while_redis_is_away_registers_when_it_answers(
+    own_redis: RedisServer, prefix: str
+) -> None:
+    events: list[ClusterEvent] = []
+    own_redis.kill()
+    store = LeaseStore(
+        own_redis.url, instance="late", prefix=prefix, lease_ttl=1.5, timeout=0.5,
+        on_event=events.append,
+    )  # fmt: skip
+    try:
+        with pytest.raises(RedisUnavailable):
+            await store.start()
+        assert not store.up and events == []
+        with pytest.raises(RedisUnavailable):
+            await store.acquire(claims())
+        store.adopt(claims())  # admitted in fallback meanwhile
+        own_redis.restart()
+        await await_until(lambda: store.up, timeout=15, what="the heartbeat to register")
+        assert StateChanged(True, "re-registered") in events
+        assert await used(store, (TOTAL, "")) == [1]
+        assert isinstance(await store.acquire(claims()), Lease)
+    finally:
+        await store.close()
