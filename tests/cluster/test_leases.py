@@ -160,24 +160,24 @@ async def test_dead_instance_slots_return_within_lease_ttl(stores: StoreFactory)
 
 
 async def test_heartbeat_keeps_leases_past_lease_ttl(stores: StoreFactory) -> None:
-    a = await stores(lease_ttl=1.0)
+    a = await stores(lease_ttl=2.0)
     b = await stores()
     assert isinstance(await a.acquire(claims(role=1)), Lease)
     start = time.monotonic()
-    while time.monotonic() - start < 2.5:  # two and a half TTLs of renewing every 0.25 s
+    while time.monotonic() - start < 4.5:  # over two TTLs of renewing every 0.2 s
         assert await a.heartbeat() is Renewal.OK
-        await asyncio.sleep(0.25)  # the passage of time under test, not a synchronisation
+        await asyncio.sleep(0.2)  # the passage of time under test, not a synchronisation
     assert await b.acquire(claims(role=1)) == Blocked(ROLE, "app", 1, 1)
     assert a.leases_valid
 
 
 async def test_background_heartbeat_renews(stores: StoreFactory) -> None:
-    a = await stores(lease_ttl=0.9, background=True)
+    a = await stores(lease_ttl=2.0, background=True)
     b = await stores()
     assert isinstance(await a.acquire(claims(role=1)), Lease)
     first = a.renewed_at
     await await_until(
-        lambda: a.renewed_at is not None and first is not None and a.renewed_at > first + 1.0,
+        lambda: a.renewed_at is not None and first is not None and a.renewed_at > first + 2.5,
         timeout=15,
         what="renewals for longer than lease_ttl",
     )
@@ -239,8 +239,8 @@ async def test_forced_reregister_reports_a_limit_left_over_its_value(
     """Sessions admitted locally during an outage are re-inserted, none dropped; a limit now
     above its value is reported (the bounded over-limit of on_redis_failure = local)."""
     events: list[ClusterEvent] = []
-    a = await stores(own_redis.url, events=events, timeout=0.5)
-    b = await stores(own_redis.url, timeout=0.5)
+    a = await stores(own_redis.url, events=events, timeout=1.0)
+    b = await stores(own_redis.url, timeout=1.0)
     await a.acquire(claims(role=2))
     own_redis.kill()
     with pytest.raises(RedisUnavailable):
@@ -249,7 +249,7 @@ async def test_forced_reregister_reports_a_limit_left_over_its_value(
     began = time.monotonic()
     with pytest.raises(RedisUnavailable):  # down: fails at once, no round trip
         await a.acquire(claims(role=2))
-    assert time.monotonic() - began < 0.5
+    assert time.monotonic() - began < 1.0
     assert a.fallback_limit(2) == 1 and a.live_instances == 2
     a.adopt(claims(role=2))  # admitted under on_redis_failure = local
     with pytest.raises(RedisUnavailable):
@@ -269,7 +269,7 @@ async def test_forced_reregister_reports_a_limit_left_over_its_value(
 async def test_release_while_redis_hangs_is_retried_by_the_heartbeat(
     own_redis: RedisServer, stores: StoreFactory
 ) -> None:
-    a = await stores(own_redis.url, timeout=0.3)
+    a = await stores(own_redis.url, timeout=1.0)
     lease = await a.acquire(claims(role=1))
     own_redis.pause()
     try:
@@ -297,7 +297,7 @@ async def test_acquire_whose_reply_was_lost_leaks_no_slot(
 ) -> None:
     """An acquire that times out may have been applied by Redis; the next heartbeat
     releases that lease id (a no-op if it was not)."""
-    a = await stores(own_redis.url, timeout=0.3)
+    a = await stores(own_redis.url, timeout=1.0)
     own_redis.pause()
     try:
         with pytest.raises(RedisUnavailable):
@@ -475,7 +475,7 @@ async def test_a_store_started_while_redis_is_away_registers_when_it_answers(
     events: list[ClusterEvent] = []
     own_redis.kill()
     store = LeaseStore(
-        own_redis.url, instance="late", prefix=prefix, lease_ttl=1.5, timeout=0.5,
+        own_redis.url, instance="late", prefix=prefix, lease_ttl=3.0, timeout=1.0,
         on_event=events.append,
     )  # fmt: skip
     try:

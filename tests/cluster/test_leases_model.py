@@ -71,7 +71,9 @@ class LeaseMachine(RuleBasedStateMachine):
             )  # fmt: skip
             self.run(inst.store.start(background=False))
             self.instances.append(inst)
-        self.probe = LeaseStore(_URL[0], instance="probe", prefix=self.prefix, lease_ttl=600)
+        self.probe = LeaseStore(
+            _URL[0], instance="probe", prefix=self.prefix, lease_ttl=600, timeout=5
+        )
         self.run(self.probe.start(background=False))
         self.config: dict[str, int] = {}
         self.runtime: dict[str, int] = {}
