@@ -42,7 +42,7 @@ async def _timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
 
 async def main(url: str, n: int) -> None:
     raw = aioredis.Redis.from_url(url)
-    store = LeaseStore(url, instance="bench", prefix="bench", lease_ttl=60)
+    store = LeaseStore(url, instance="bench", prefix="bench", lease_ttl=3600)
     await store.start(background=False)
     for _ in range(200):  # warm up: connections, script cache
         await raw.ping()
@@ -68,10 +68,13 @@ async def main(url: str, n: int) -> None:
     print(_summary("acquire+release @1000", await _timed(n, lambda: _acquire_release(store))))
     for lease in held:
         await store.release(lease)  # type: ignore[arg-type]
+    stats = await raw.info("commandstats")
+    evalsha = stats.get("cmdstat_evalsha", {})
+    print(f"inside Redis: {evalsha.get('usec_per_call', '?')} us per script call (INFO commandstats)")
     await store.close()
     await raw.aclose()
 
-    fleet = [LeaseStore(url, instance=f"s{k}", prefix="storm", lease_ttl=60) for k in range(3)]
+    fleet = [LeaseStore(url, instance=f"s{k}", prefix="storm", lease_ttl=3600) for k in range(3)]
     for s in fleet:
         await s.start(background=False)
     claims = [Claim(Limit.TOTAL, "", -1), Claim(Limit.ROLE, "app", 20), Claim(Limit.DATABASE, "db", -1)]
@@ -84,6 +87,26 @@ async def main(url: str, n: int) -> None:
         f"storm: 1000 concurrent acquires over 3 stores in {elapsed * 1000:.0f} ms "
         f"({1000 / elapsed:.0f}/s), granted {granted}, role use in Redis {peak} (limit 20)"
     )
+    for s in fleet:
+        await s.close()
+
+    # The same storm with subscribers: refusals after the first come from the refusal cache.
+    fleet = [LeaseStore(url, instance=f"c{k}", prefix="cached", lease_ttl=3600) for k in range(3)]
+    for s in fleet:
+        await s.start()
+    t = time.perf_counter()
+    results = await asyncio.gather(*(fleet[k % 3].acquire(claims) for k in range(1000)))
+    elapsed = time.perf_counter() - t
+    granted = sum(isinstance(r, Lease) for r in results)
+    cached = sum(s.stats.cached_blocks for s in fleet)
+    print(
+        f"storm with subscribers: {elapsed * 1000:.0f} ms ({1000 / elapsed:.0f}/s), granted "
+        f"{granted}, {cached} refusals without a round trip"
+    )
+    t = time.perf_counter()
+    for _ in range(5000):
+        await fleet[0].acquire(claims)
+    print(f"cached refusal: {(time.perf_counter() - t) / 5000 * 1e6:.1f} us each")
     for s in fleet:
         await s.close()
 

@@ -66,6 +66,14 @@ subscriber task turns messages into `Released` / `LimitChanged` events for the s
 retries its waiters. Pub/sub is at most once, so after every (re)subscribe a `Resync` event
 tells the shell to retry all its waiters once; queue_timeout still bounds every wait.
 
+Refusal cache: while subscribed, a limit Redis answered full is remembered, and acquires that
+need it are refused locally (no round trip) until an event names that limit (release,
+expiry, limit change) or the subscription restarts. It is filled only if the subscription
+was up before the script was sent and no event arrived before its reply (a release message
+may overtake the reply on the other connection), so it can only refuse what Redis would
+have refused a moment earlier; it never admits. A run-time limit raised elsewhere therefore
+takes effect here when its event arrives (milliseconds), not at the same instant.
+
 This module imports redis-py; import it only when ``[cluster]`` is configured.
 """
 
@@ -103,6 +111,7 @@ __all__ = [
     "Overrun",
     "Renewal",
     "InstanceRow",
+    "StoreStats",
     "LimitUse",
     "ClusterEvent",
     "Released",
@@ -214,6 +223,17 @@ class InstanceRow:
     instance: str
     expires_in: float  # seconds until its lease lapses (negative: lapsed, not yet purged)
     leases: int
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters for metrics: Redis calls made and failed, acquires answered from the full-limit
+    cache without a round trip, and the last renewal's round trip in seconds."""
+
+    calls: int = 0
+    errors: int = 0
+    cached_blocks: int = 0
+    renew_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +608,14 @@ class LeaseStore:
         self._subscriber: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._closed = False
+        # Limits last answered full, by limit id: while the subscriber listens, an acquire
+        # that needs one of them is refused without a round trip until a release, expiry,
+        # limit change or resync names that limit (a storm of refusals stays local). Only
+        # ever refuses more, never admits: Redis stays the authority for every admission.
+        self._full: dict[str, Blocked] = {}
+        self._subscription = 0  # incremented by every successful (re)subscribe
+        self._heard = 0  # incremented by every release / limit event the subscriber delivers
+        self.stats = StoreStats()
 
     @classmethod
     def from_config(
@@ -685,6 +713,12 @@ class LeaseStore:
         """
         if not claims:
             raise ValueError("acquire needs at least one claim")
+        if not force and self._full and self._subscribed.is_set():
+            for claim in claims:
+                known = self._full.get(claim.id)
+                if known is not None:
+                    self.stats.cached_blocks += 1
+                    return known
         lease = Lease(f"{next(self._seq)}", tuple(claims))
         args: list[str | int] = [lease.id, "1" if force else "0", len(claims)]
         for claim in claims:
@@ -694,6 +728,11 @@ class LeaseStore:
                 raise RedisUnavailable(self._down_reason)
             await self._open.wait()
             generation = self._generation
+            # Cache a refusal only if every later release is sure to be heard: subscribed
+            # before the script was sent, and still on the same subscription after.
+            # And no release heard meanwhile: its message may have overtaken this reply.
+            subscription = self._subscription if self._subscribed.is_set() else -1
+            heard = self._heard
             self._acquiring += 1
             self._quiet.clear()
             try:
@@ -713,7 +752,14 @@ class LeaseStore:
                 return lease
             if code == 0:
                 claim = claims[int(reply[2]) - 1]
-                return Blocked(claim.limit, claim.name, int(reply[3]), int(reply[4]))
+                blocked = Blocked(claim.limit, claim.name, int(reply[3]), int(reply[4]))
+                if (
+                    subscription == self._subscription
+                    and heard == self._heard
+                    and self._subscribed.is_set()
+                ):
+                    self._full[claim.id] = blocked
+                return blocked
             await self._restore(Renewal.RESET if code == -2 else Renewal.EXPIRED, generation)
         raise RedisUnavailable("the store kept losing this instance's registration")
 
@@ -728,8 +774,11 @@ class LeaseStore:
         """Give back a lease's slots; again (or an unknown id) is a no-op. Never raises: if
         Redis does not answer, the next heartbeat releases it (or it expires with us)."""
         lease_id = lease if isinstance(lease, str) else lease.id
-        if self._leases.pop(lease_id, None) is None:
+        held = self._leases.pop(lease_id, None)
+        if held is None:
             return
+        for claim in held.claims:
+            self._full.pop(claim.id, None)
         if not self._up:
             self._pending_release.add(lease_id)
             return
@@ -758,6 +807,7 @@ class LeaseStore:
         if code == 1:
             self._pending_release.difference_update(pending)
             self.renewed_at = sent
+            self.stats.renew_seconds = time.monotonic() - sent
             if not self._up:  # back after an outage: leases adopted meanwhile go in now
                 await self._restore(Renewal.OK, generation)
                 self._set_up("redis answers again")
@@ -779,6 +829,7 @@ class LeaseStore:
                 over, lost = await self._register(mode, cause)
             finally:
                 self._open.set()
+        self._full.clear()
         log.warning(
             "cluster re-registered instance=%s cause=%s leases=%d over=%d lost=%d",
             self.instance, cause.value, len(self._leases), len(over), len(lost),
@@ -873,11 +924,13 @@ class LeaseStore:
         return await self._bounded(lambda: script(args=[self.prefix, *args]))
 
     async def _bounded(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        self.stats.calls += 1
         try:
             async with self._slots:
                 async with asyncio.timeout(self.timeout):
                     return await call()
         except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.errors += 1
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._set_down(reason)
             raise RedisUnavailable(reason) from exc
@@ -889,6 +942,7 @@ class LeaseStore:
             log.warning("cluster store unavailable instance=%s: %s", self.instance, reason)
             self._emit(StateChanged(False, reason))
         self._subscribed.clear()
+        self._full.clear()
 
     def _set_up(self, reason: str) -> None:
         if not self._up:
@@ -912,6 +966,7 @@ class LeaseStore:
         if self._subscriber is not None:
             self._subscriber.cancel()
         self._subscribed.clear()
+        self._full.clear()
         self._subscriber = asyncio.create_task(self._subscribe_loop(), name="pgguard-subscriber")
 
     async def _subscribe_loop(self) -> None:
@@ -920,6 +975,8 @@ class LeaseStore:
             try:
                 async with asyncio.timeout(self.timeout):
                     await pubsub.subscribe(self.channel)
+                self._full.clear()  # releases may have been missed before this point
+                self._subscription += 1
                 self._subscribed.set()
                 self._emit(Resync("subscribed"))
                 while True:
@@ -928,6 +985,7 @@ class LeaseStore:
                         self._dispatch(message["data"])
             except (RedisError, OSError, TimeoutError) as exc:
                 self._subscribed.clear()
+                self._full.clear()
                 log.info("cluster subscriber lost its connection: %s", exc)
             finally:
                 try:
@@ -937,17 +995,22 @@ class LeaseStore:
             await asyncio.sleep(_RESUBSCRIBE_DELAY_S)
 
     def _dispatch(self, data: str) -> None:
+        self._heard += 1
         try:
             message = json.loads(data)
             kind = message[0]
             if kind == "cleared":
+                self._full.clear()
                 self._emit(LimitsCleared())
             elif kind == "limit":
+                self._full.pop(str(message[1]), None)
                 limit, name = _parse_limit_id(message[1])
                 value = message[2]
                 self._emit(LimitChanged(limit, name, None if value is False else int(value)))
             else:
                 ids = message[2] if isinstance(message[2], list) else []  # cjson: {} for []
+                for limit_key in ids:
+                    self._full.pop(str(limit_key), None)
                 limits = tuple(_parse_limit_id(str(i)) for i in ids)
                 self._emit(Released(str(message[1]), limits, str(kind)))
         except (ValueError, IndexError, TypeError, KeyError):

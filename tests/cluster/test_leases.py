@@ -125,7 +125,11 @@ async def test_runtime_limit_wins_everywhere_and_is_published(stores: StoreFacto
     )
     assert await a.runtime_limits() == {(ROLE, "app"): 1}
     await a.set_limit(ROLE, "app", None)
-    assert isinstance(await b.acquire(claims(role=10)), Lease)
+
+    async def b_admitted() -> bool:  # once b heard the change (its refusal cache)
+        return isinstance(await b.acquire(claims(role=10)), Lease)
+
+    await await_until(b_admitted, timeout=10, what="b to hear the limit removed")
     await a.set_limit(TOTAL, "", 7)
     await a.clear_limits()
     assert await a.runtime_limits() == {}
@@ -492,3 +496,26 @@ async def test_a_store_started_while_redis_is_away_registers_when_it_answers(
         assert isinstance(await store.acquire(claims()), Lease)
     finally:
         await store.close()
+
+
+async def test_refusals_while_a_limit_is_full_need_no_round_trip(stores: StoreFactory) -> None:
+    """After Redis answered "full", the store refuses locally until a release, a limit change
+    or a resync names that limit; the release on another instance reopens it."""
+    a = await stores()
+    b = await stores(background=True)
+    held = await a.acquire(claims(role=1))
+    assert isinstance(held, Lease)
+    assert await b.acquire(claims(role=1)) == Blocked(ROLE, "app", 1, 1)
+    calls = b.stats.calls
+    for _ in range(100):
+        assert await b.acquire(claims(role=1)) == Blocked(ROLE, "app", 1, 1)
+    assert b.stats.calls == calls and b.stats.cached_blocks == 100
+    assert isinstance(await b.acquire(claims(role=5, r="other")), Lease)  # other limits: asked
+    await a.release(held)
+
+    async def b_admitted() -> bool:
+        return isinstance(await b.acquire(claims(role=1)), Lease)
+
+    await await_until(b_admitted, timeout=10, what="b to hear a's release")
+    await a.set_limit(ROLE, "app", 2)  # b holds 1 of 1 again: a limit change reopens it too
+    await await_until(b_admitted, timeout=10, what="b to hear the limit change")
