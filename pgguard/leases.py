@@ -708,8 +708,9 @@ class LeaseStore:
         """Take a slot on every claim, or none: a `Lease`, or the first full limit.
 
         ``force`` takes the slots even over a limit (exempt roles). Raises `RedisUnavailable`
-        at once while the store is down, or if Redis does not answer within ``timeout``
-        (the lease, if Redis took it, is released by the next heartbeat).
+        at once while the store is down, or if Redis does not answer within ``timeout``.
+        If that happens, or the caller is cancelled, after the script was sent, the lease
+        (if Redis took it) is released by the next heartbeat: no slot leaks.
         """
         if not claims:
             raise ValueError("acquire needs at least one claim")
@@ -737,8 +738,8 @@ class LeaseStore:
             self._quiet.clear()
             try:
                 reply = await self._call(self._s_acquire, [self._epoch, self.instance, *args])
-            except RedisUnavailable:
-                self._pending_release.add(lease.id)
+            except BaseException:  # unavailable, or cancelled (the client left): Redis may
+                self._pending_release.add(lease.id)  # have taken it; the heartbeat releases it
                 raise
             finally:
                 self._acquiring -= 1
@@ -786,6 +787,9 @@ class LeaseStore:
             await self._call(self._s_release, [self.instance, lease_id])
         except RedisUnavailable:
             self._pending_release.add(lease_id)
+        except asyncio.CancelledError:
+            self._pending_release.add(lease_id)
+            raise
 
     # ---------------------------------------------------------------- renewal
 

@@ -519,3 +519,21 @@ async def test_refusals_while_a_limit_is_full_need_no_round_trip(stores: StoreFa
     await await_until(b_admitted, timeout=10, what="b to hear a's release")
     await a.set_limit(ROLE, "app", 2)  # b holds 1 of 1 again: a limit change reopens it too
     await await_until(b_admitted, timeout=10, what="b to hear the limit change")
+
+
+async def test_an_acquire_cancelled_in_flight_leaks_no_slot(
+    own_redis: RedisServer, stores: StoreFactory
+) -> None:
+    """The client left while its acquire was in flight (Redis hung, so it surely was)."""
+    a = await stores(own_redis.url, timeout=5.0)
+    own_redis.pause()
+    try:
+        task = asyncio.create_task(a.acquire(claims(role=1)))
+        await await_until(lambda: a.stats.calls >= 2, timeout=10, what="the acquire to be sent")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        own_redis.resume()
+    assert await a.heartbeat() is Renewal.OK
+    assert await used(a, (ROLE, "app")) == [0]
