@@ -39,7 +39,9 @@ is past on Redis's clock loses its leases and counts, and an ``expired`` event i
   limits over their value are reported), ``fit`` inserts them oldest first while they fit
   (after this instance was expired: its slots may have been given away, and the sessions that
   no longer fit are reported so the shell can close them instead of running over the limit).
-- ``set_limit``/``clear_limits``: the run-time layer, stored and published to all instances.
+- ``set_limit``/``clear_limits``: the run-time layer, stored and published to all instances;
+  after Redis lost its data, the first instance to re-register writes back the run-time
+  limits it knew.
 
 Invariants (tests/cluster: hypothesis model on a real Redis, storms from tasks and processes):
 
@@ -445,24 +447,28 @@ release(inst, 5)
 return {1, redis.call('ZCARD', I)}
 """
 
-# ARGV: prefix, epoch candidate, instance, ttl_ms, mode ('force'/'fit'), then per lease:
-# lease id, n, n pairs (limit id, value). Returns {epoch, replaced, live, {rejected lease
-# ids}, {{limit id, value, used} over their value}}.
+# ARGV: prefix, epoch candidate, instance, ttl_ms, mode ('force'/'fit'), m, m pairs (limit
+# id, run-time value) known to this instance, then per lease: lease id, n, n pairs (limit id,
+# value). The run-time values are written only if Redis had lost its data (no epoch): the
+# first instance back restores SET LIMIT. Returns {epoch, replaced, live, {rejected lease
+# ids}, {{limit id, value, used} over their value}, {limit id, run-time value, ...}}.
 _REGISTER: Final = _PRELUDE + r"""
 local inst, ttl, mode = ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local now = now_ms()
 purge(now)
+local m = tonumber(ARGV[6])
 local epoch = redis.call('GET', EPOCH)
 if not epoch then
   epoch = ARGV[2]
   redis.call('SET', EPOCH, epoch)
+  for k = 1, m do redis.call('HSETNX', LIMITS, ARGV[5 + 2 * k], ARGV[6 + 2 * k]) end
 end
 local replaced = 0
 if redis.call('ZSCORE', I, inst) then replaced = 1 end
 local freed = drop_instance(inst)
 redis.call('ZADD', I, now + ttl, inst)
 local rejected, touched, values = {}, {}, {}
-local i = 6
+local i = 7 + 2 * m
 while i <= #ARGV do
   local lease, n = ARGV[i], tonumber(ARGV[i + 1])
   local ids, fits = {}, true
@@ -487,7 +493,7 @@ for _, id in ipairs(touched) do
   if values[id] >= 0 and u > values[id] then table.insert(over, {id, values[id], u}) end
 end
 publish('joined', inst, freed)
-return {epoch, replaced, redis.call('ZCARD', I), rejected, over}
+return {epoch, replaced, redis.call('ZCARD', I), rejected, over, redis.call('HGETALL', LIMITS)}
 """
 
 # ARGV: prefix, instance. Drops the instance and all its leases (a clean shutdown).
@@ -615,6 +621,9 @@ class LeaseStore:
         self._full: dict[str, Blocked] = {}
         self._subscription = 0  # incremented by every successful (re)subscribe
         self._heard = 0  # incremented by every release / limit event the subscriber delivers
+        # Run-time limits as last known (registration, events, our own set_limit), so the
+        # first instance back after Redis lost its data can put them back.
+        self._runtime: dict[str, int] = {}
         self.stats = StoreStats()
 
     @classmethod
@@ -849,13 +858,17 @@ class LeaseStore:
         # epoch, so every other one sees RESET rather than mistaking the loss for its expiry.
         candidate = uuid.uuid4().hex
         args: list[str | int] = [candidate, self.instance, int(self.lease_ttl * 1000), mode]
+        args.append(len(self._runtime))
+        for key, value in self._runtime.items():
+            args += [key, value]
         for lease in snapshot:
             args += [lease.id, len(lease.claims)]
             for claim in lease.claims:
                 args += [claim.id, claim.value]
         sent = time.monotonic()
         reply = await self._call(self._s_register, args)
-        epoch, replaced, live, rejected, over_rows = reply
+        epoch, replaced, live, rejected, over_rows, runtime = reply
+        self._runtime = {str(k): int(v) for k, v in zip(runtime[::2], runtime[1::2], strict=True)}
         self._epoch = str(epoch)
         self._generation += 1
         self.renewed_at = sent
@@ -893,13 +906,23 @@ class LeaseStore:
         The stored value wins over each instance's configured one in `acquire`. Raises
         `RedisUnavailable`.
         """
-        await self._call(
-            self._s_set_limit, [limit_id(limit, name), "" if value is None else str(value)]
-        )
+        key = limit_id(limit, name)
+        await self._call(self._s_set_limit, [key, "" if value is None else str(value)])
+        if value is None:
+            self._runtime.pop(key, None)
+        else:
+            self._runtime[key] = value
 
     async def clear_limits(self) -> None:
         """Remove every run-time limit (`LimitsCleared` everywhere). Raises `RedisUnavailable`."""
         await self._call(self._s_set_limit, [])
+        self._runtime.clear()
+
+    @property
+    def runtime(self) -> dict[tuple[Limit, str], int]:
+        """The run-time limits as last known here (no I/O): read at registration, kept up
+        to date by events; after Redis lost its data, the first instance back restores them."""
+        return {_parse_limit_id(k): v for k, v in self._runtime.items()}
 
     async def runtime_limits(self) -> dict[tuple[Limit, str], int]:
         """The stored run-time limits (for an instance that joins). Raises `RedisUnavailable`."""
@@ -1005,11 +1028,16 @@ class LeaseStore:
             kind = message[0]
             if kind == "cleared":
                 self._full.clear()
+                self._runtime.clear()
                 self._emit(LimitsCleared())
             elif kind == "limit":
                 self._full.pop(str(message[1]), None)
                 limit, name = _parse_limit_id(message[1])
                 value = message[2]
+                if value is False:
+                    self._runtime.pop(str(message[1]), None)
+                else:
+                    self._runtime[str(message[1])] = int(value)
                 self._emit(LimitChanged(limit, name, None if value is False else int(value)))
             else:
                 ids = message[2] if isinstance(message[2], list) else []  # cjson: {} for []

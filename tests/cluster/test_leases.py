@@ -537,3 +537,19 @@ async def test_an_acquire_cancelled_in_flight_leaks_no_slot(
         own_redis.resume()
     assert await a.heartbeat() is Renewal.OK
     assert await used(a, (ROLE, "app")) == [0]
+
+
+async def test_runtime_limits_survive_a_redis_restart(
+    own_redis: RedisServer, stores: StoreFactory
+) -> None:
+    """The first instance back writes the run-time limits it knew; a later one reads them."""
+    a = await stores(own_redis.url)
+    await a.set_limit(ROLE, "app", 1)
+    await a.set_limit(TOTAL, "", 9)
+    own_redis.restart()
+    assert await a.heartbeat() is Renewal.RESET
+    b = await stores(own_redis.url)
+    assert b.runtime == {(ROLE, "app"): 1, (TOTAL, ""): 9}
+    assert await b.runtime_limits() == b.runtime
+    await b.acquire(claims(role=50))
+    assert await b.acquire(claims(role=50)) == Blocked(ROLE, "app", 1, 1)

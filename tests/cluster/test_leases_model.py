@@ -4,7 +4,8 @@ The model keeps, per instance, its leases in acquisition order and whether the s
 counts them; every limit's use is computed from it, never read back. Steps: acquire (forced
 or not), release (again, too), run-time limits set and removed, an instance expiring (its
 heartbeat score set in the past, as if it had stopped renewing), its next call re-registering
-in ``fit`` mode, and Redis losing every key (all instances re-register in ``force`` mode).
+in ``fit`` mode, and Redis losing every key (all instances re-register in ``force`` mode, run-time limits
+written back by the first).
 """
 
 from __future__ import annotations
@@ -226,16 +227,20 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @rule()
     def redis_loses_everything(self) -> None:
-        """A restart without persistence; every instance's heartbeat re-registers (force)."""
+        """A restart without persistence; every instance's heartbeat re-registers (force).
+        The probe, which set every run-time limit, comes back first and writes them back."""
         keys = self.run(self.raw.keys(f"{{{self.prefix}}}:*"))
         if keys:
             self.run(self.raw.delete(*keys))
-        self.runtime.clear()  # run-time limits lived in Redis too
+        assert self.run(self.probe.heartbeat()) is Renewal.RESET
+        assert self.probe.runtime == {
+            ({"t": Limit.TOTAL, "r": Limit.ROLE, "d": Limit.DATABASE}[k[0]], k[2:]): v
+            for k, v in self.runtime.items()
+        }
         for inst in [*self.instances]:
             assert self.run(inst.store.heartbeat()) is Renewal.RESET
             inst.expired = False  # force: its every lease is back
             inst.events.clear()
-        assert self.run(self.probe.heartbeat()) is Renewal.RESET
 
     # ---------------------------------------------------------------- invariants
 
