@@ -82,6 +82,7 @@ This module imports redis-py; import it only when ``[cluster]`` is configured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -700,7 +701,10 @@ class LeaseStore:
         tasks = [*self._tasks, *([self._subscriber] if self._subscriber else [])]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # bounded: a task stuck in the client library must not hold up shutdown
+            _, stuck = await asyncio.wait(tasks, timeout=self.timeout + 1.0)
+            if stuck:
+                log.warning("cluster: %d background task(s) did not stop", len(stuck))
         self._tasks.clear()
         self._subscriber = None
         if leave and self._up:
@@ -709,7 +713,9 @@ class LeaseStore:
             except RedisUnavailable:
                 pass  # the leases expire after lease_ttl
         self._leases.clear()
-        await self._redis.aclose()
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self.timeout):
+                await self._redis.aclose()
 
     # -------------------------------------------------------------- admission
 
@@ -889,7 +895,7 @@ class LeaseStore:
         return over, lost
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self.heartbeat()
@@ -1015,10 +1021,9 @@ class LeaseStore:
                 self._full.clear()
                 log.info("cluster subscriber lost its connection: %s", exc)
             finally:
-                try:
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
-                except (RedisError, OSError):
-                    pass
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    async with asyncio.timeout(self.timeout):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(_RESUBSCRIBE_DELAY_S)
 
     def _dispatch(self, data: str) -> None:
