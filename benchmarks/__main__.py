@@ -1,4 +1,7 @@
-"""``python -m benchmarks run [--quick] [--only NAMES]``: run the harness, print and save the results."""
+"""``python -m benchmarks run [--quick] [--only NAMES]``: run the harness, print and save the results.
+
+``python -m benchmarks chaos [--quick] [--only NAME]``: the chaos/fuzz harness (``benchmarks/chaos.py``).
+"""
 
 from __future__ import annotations
 
@@ -102,6 +105,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from .chaos import main_chaos
+
+    return main_chaos(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pathlib import Path
 
@@ -128,6 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack.add_argument("--log-level", default="info")
     stack.add_argument("--backend", choices=["unix", "tcp"], default="unix")
     stack.set_defaults(func=cmd_stack)
+    chaos = sub.add_parser("chaos", help="hostile clients and server faults against a pgguard process, then checks")
+    chaos.add_argument("--quick", action="store_true", help="smaller counts (about a minute)")
+    chaos.add_argument("--smoke", action="store_true", help="tiny counts, for the test suite (< 30 s)")
+    chaos.add_argument("--only", help="comma-separated runs: fuzz,disconnects,slowloris,faults,fdlimit,memory")
+    chaos.add_argument("--pgguard-tree", type=Path,
+                       help="run pgguard from this source tree (holding pgguard/), e.g. /work/main")
+    chaos.add_argument("--log-level", default="info", help="pgguard's --log-level (default info)")
+    chaos.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
+    chaos.set_defaults(func=cmd_chaos)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

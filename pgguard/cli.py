@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__, tls
+from . import __version__, scram, tls
 from . import config as config_mod
 from .errors import ConfigError
 
@@ -76,14 +77,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Subcommands that live in their own modules (demo, bench) register themselves here."""
-    from . import admin
-
-    admin.add_parser(sub)  # hash-password
+    _add_hash_password(sub)
     try:
         from . import demo
     except ImportError:
         return
     demo.add_parser(sub)
+
+
+def _add_hash_password(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``pgguard hash-password``."""
+    p = sub.add_parser(
+        "hash-password",
+        help="print a SCRAM-SHA-256 verifier for [admin] password",
+        description="Print the SCRAM-SHA-256 verifier of a password, in the format PostgreSQL "
+        "stores, for [admin] password. Reads the password from the terminal (twice) or from "
+        "the first line of standard input.",
+    )
+    p.add_argument("password", nargs="?", help="the password (better: type it when asked)")
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=scram.DEFAULT_ITERATIONS,
+        help="PBKDF2 iterations (default: %(default)s, as PostgreSQL)",
+    )
+    p.set_defaults(func=_cmd_hash_password)
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    password = args.password
+    if password is None:
+        if sys.stdin.isatty():
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Again: ") != password:
+                print("pgguard: passwords differ", file=sys.stderr)
+                return 2
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("pgguard: empty password", file=sys.stderr)
+        return 2
+    if args.iterations < 1:
+        print("pgguard: --iterations must be at least 1", file=sys.stderr)
+        return 2
+    print(scram.make_verifier(password, iterations=args.iterations))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Final, Literal, get_args, get_origin
 
 from .errors import ConfigError
 from .limits import Policy, RoleRule, Rules
+from .rules import FaultSpecError, parse_rule
 from .scram import is_verifier, parse_verifier
 
 __all__ = [
@@ -46,6 +47,8 @@ ENV_PREFIX: Final = "PGGUARD_"
 
 PolicyName = Literal["queue", "reject"]
 SSLMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+RelayName = Literal["auto", "native", "python"]
+RELAY_ENV: Final = "PGGUARD_RELAY"  # the default of [server] relay (CI runs the suite on each relay)
 
 
 def _positive(value: float) -> str | None:
@@ -99,6 +102,23 @@ class ServerConfig:
     listen: tuple[str, ...] = field(default=("127.0.0.1:6432",), metadata=_check(_addresses))
     client_login_timeout: float = field(default=10.0, metadata=_check(_positive))
     shutdown_timeout: float = field(default=30.0, metadata=_check(_non_negative))
+    # Client sockets pgguard keeps open at once, in any state (startup, queued, live, console);
+    # past it a client gets 53300 "sorry, too many clients already" at once. 0: derived from
+    # the process's open-file limit, leaving room for each client's server socket.
+    max_client_connections: int = field(default=0, metadata=_check(_non_negative))
+    # Who relays a session's bytes after its first ReadyForQuery: the native relay
+    # (pgguard._relay, a C extension) when it is built ("auto"), always ("native": a warning
+    # and the Python relay when it is missing), or never ("python").
+    relay: RelayName = field(default_factory=lambda: _relay_default(os.environ))
+
+
+def _relay_default(env: Mapping[str, str]) -> RelayName:
+    value = env.get(RELAY_ENV, "auto")
+    choices = get_args(RelayName)
+    if value not in choices:
+        raise ConfigError(f"environment {RELAY_ENV}", "server.relay",
+                          f"must be one of {', '.join(choices)} (got {value!r})")
+    return typing.cast(RelayName, value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +142,9 @@ class LimitsConfig:
     policy: PolicyName = "queue"
     queue_timeout: float = field(default=30.0, metadata=_check(_positive))
     max_queue: int = field(default=1000, metadata=_check(_non_negative))
+    # Waiters across every role and database together (max_queue is per role, and role
+    # names come from clients): past it, 53300 at once.
+    max_queue_total: int = field(default=10000, metadata=_check(_non_negative))
     exempt_roles: tuple[str, ...] = ()
     idle_timeout: float = field(default=0.0, metadata=_check(_non_negative))  # 0: off
     mirror_catalog: bool = False
@@ -168,9 +191,6 @@ class TLSConfig:
 
 
 def _fault_rules(value: tuple[str, ...]) -> str | None:
-    # faults.py's rule parser is pure (no asyncio), so the core may use it to validate.
-    from .faults import FaultSpecError, parse_rule
-
     for text in value:
         try:
             parse_rule(text)
@@ -255,6 +275,7 @@ class Config:
             policy=Policy(lim.policy),
             queue_timeout=lim.queue_timeout,
             max_queue=lim.max_queue,
+            max_queue_total=lim.max_queue_total,
             exempt_roles=frozenset(lim.exempt_roles),
             roles={
                 name: RoleRule(

@@ -326,10 +326,10 @@ async def _show(
 
 
 def _counts(server: Any, tally: _Tally) -> dict[str, int]:
-    gate = server.gate
+    row = next((r for r in server.control.limit_rows() if r.kind == "role" and r.name == DEMO_ROLE), None)
     return {
-        "active": gate.role_active.get(DEMO_ROLE, 0),
-        "queued": gate.role_waiting.get(DEMO_ROLE, 0),
+        "active": row.active if row else 0,
+        "queued": row.waiting if row else 0,
         "served": tally.served,
         "rejected": tally.rejected,
         "backend": tally.backend_now,

@@ -12,6 +12,7 @@ __all__ = [
     "NoUserName",
     "TooManyConnections",
     "BackendUnavailable",
+    "BackendUnreachable",
     "ShuttingDown",
     "AuthenticationFailed",
     "AdminShutdown",
@@ -94,6 +95,36 @@ class BackendUnavailable(PgGuardError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"pgguard could not connect to the server: {reason}")
+
+
+class BackendLost(PgGuardError):
+    """The server closed the connection before the session started, without an ErrorResponse.
+
+    The client is told in libpq's own words (what it would print had it been connected
+    directly), so it never sees a bare end of file from pgguard.
+    """
+
+    sqlstate = "08006"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("server closed the connection unexpectedly", detail=f"pgguard: {reason}")
+class BackendUnreachable(PgGuardError):
+    """The server could not be dialled (refused, unreachable, no reply within ``connect_timeout``).
+
+    Answered as PostgreSQL answers while it cannot take connections: 57P03
+    (cannot_connect_now) with the wording of backend_startup.c's not-accepting case and the
+    reason in DETAIL. libpq's PQping (pg_isready) reads 57P03 as "rejecting connections";
+    any other startup error would read as "accepting" while the server is down.
+    """
+
+    sqlstate = "57P03"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            "the database system is not accepting connections",
+            detail=f"pgguard could not connect to the server: {reason}",
+        )
+        self.reason = reason
 
 
 class ShuttingDown(PgGuardError):

@@ -24,6 +24,9 @@ Invariants (checked by hypothesis stateful tests):
 Exempt roles are counted (so they show up) but never limited, like PostgreSQL superusers
 are not bound by ``rolconnlimit``. Time is always passed in; this module keeps no clock.
 The shell owns the futures and timers that act on the decisions.
+
+Size: about 620 lines, one job: the admission decision, its override layers and its
+reports; splitting them would put the invariants above in two places.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final
+from typing import Final, TypeVar
 
 from .errors import TooManyConnections
 
@@ -43,6 +46,7 @@ __all__ = [
     "Policy",
     "Limit",
     "Kind",
+    "RejectReason",
     "RoleRule",
     "Rules",
     "Ticket",
@@ -54,6 +58,10 @@ __all__ = [
 ]
 
 UNLIMITED: Final = -1
+K = TypeVar("K")
+# Effective per-role settings are memoised; role names come from clients, so the memo is
+# cleared when it reaches this size instead of growing with every name ever presented.
+ROLE_CACHE_MAX: Final = 4096
 
 
 class Policy(StrEnum):
@@ -67,6 +75,21 @@ class Limit(StrEnum):
     TOTAL = "max_connections"
     ROLE = "role_max_connections"
     DATABASE = "database_max_connections"
+
+
+class RejectReason(StrEnum):
+    """Why a client was turned away; values are the ``reason`` of logs, metrics and SHOW STATS.
+
+    The gate gives the first four; the shell the others.
+    """
+
+    LIMIT = "limit"  # a full limit, policy reject
+    MAX_QUEUE = "max_queue"  # the role's queue is full
+    MAX_QUEUE_TOTAL = "max_queue_total"  # every queue together is full
+    QUEUE_TIMEOUT = "queue_timeout"
+    MAX_CLIENT_CONNECTIONS = "max_client_connections"  # too many client sockets at all
+    SHUTDOWN = "shutdown"  # draining
+    FAULT = "fault"  # an injected fault rule
 
 
 class Kind(StrEnum):
@@ -95,6 +118,7 @@ class Rules:
     policy: Policy = Policy.QUEUE
     queue_timeout: float = 30.0
     max_queue: int = 1000
+    max_queue_total: int = 10000  # waiters across every role and database
     exempt_roles: frozenset[str] = frozenset()
     roles: Mapping[str, RoleRule] = field(default_factory=dict)
     databases: Mapping[str, int] = field(default_factory=dict)
@@ -103,13 +127,15 @@ class Rules:
 class Ticket:
     """One admitted session's hold on its slots. Released exactly once through ``Gate.release``."""
 
-    __slots__ = ("role", "database", "exempt", "released")
+    __slots__ = ("role", "database", "exempt", "released", "counted")
 
-    def __init__(self, role: str, database: str, exempt: bool) -> None:
+    def __init__(self, role: str, database: str, exempt: bool, counted: bool = True) -> None:
         self.role = role
         self.database = database
         self.exempt = exempt
         self.released = False
+        # False for a replication (walsender) session: it holds no slot on any limit.
+        self.counted = counted
 
     def __repr__(self) -> str:
         return f"Ticket({self.role!r}, {self.database!r}, released={self.released})"
@@ -150,7 +176,7 @@ class Rejection:
     limit: Limit
     name: str  # the role or database name (empty for the total)
     value: int  # the limit's value when it was applied
-    cause: str  # "limit" (policy reject), "max_queue", "queue_timeout"
+    cause: RejectReason
     waited: float = 0.0
 
     @property
@@ -166,10 +192,10 @@ class Rejection:
     def detail(self) -> str:
         """The optional DETAIL (``[errors] detail``): which limit, its value, the wait."""
         what = f"{self.limit.value}={self.value}"
-        if self.cause == "queue_timeout":
+        if self.cause is RejectReason.QUEUE_TIMEOUT:
             return f"pgguard: {what}; waited {self.waited:.1f}s in queue (queue_timeout)"
-        if self.cause == "max_queue":
-            return f"pgguard: {what}; wait queue is full (max_queue)"
+        if self.cause in (RejectReason.MAX_QUEUE, RejectReason.MAX_QUEUE_TOTAL):
+            return f"pgguard: {what}; wait queue is full ({self.cause})"
         return f"pgguard: {what}; policy is reject"
 
     def error(self, *, with_detail: bool = False) -> TooManyConnections:
@@ -224,6 +250,7 @@ class Gate:
         self.total_active = 0
         self.role_active: dict[str, int] = {}
         self.database_active: dict[str, int] = {}
+        self.pair_active: dict[tuple[str, str], int] = {}  # per (role, database), for metrics
         self.role_waiting: dict[str, int] = {}
         self.database_waiting: dict[str, int] = {}
         self.total_waiting = 0
@@ -291,6 +318,8 @@ class Gate:
     def _role(self, role: str) -> _Effective:
         eff = self._role_cache.get(role)
         if eff is None:
+            if len(self._role_cache) >= ROLE_CACHE_MAX:
+                self._role_cache.clear()
             eff = self._role_cache[role] = self._compute_role(role)
         return eff
 
@@ -336,6 +365,24 @@ class Gate:
             return self._runtime_total, "runtime"
         return self._rules.max_connections, "config"
 
+    def configured_role(self, role: str) -> bool:
+        """True for a role named by config, a run-time SET or the catalog (not only by clients)."""
+        return (
+            role in self._rules.roles
+            or role in self._runtime_roles
+            or role in self._runtime_policies
+            or role in self._catalog_roles
+            or role in self._rules.exempt_roles
+        )
+
+    def configured_database(self, database: str) -> bool:
+        """True for a database named by config, a run-time SET or the catalog."""
+        return (
+            database in self._rules.databases
+            or database in self._runtime_databases
+            or database in self._catalog_databases
+        )
+
     def role_policy(self, role: str) -> Policy:
         return self._role(role).policy
 
@@ -345,25 +392,34 @@ class Gate:
         """The first full limit for (role, database), in PostgreSQL's check order, or None."""
         total, _ = self.total_limit()
         if total != UNLIMITED and self.total_active >= total:
-            return Rejection(Limit.TOTAL, "", total, "limit")
+            return Rejection(Limit.TOTAL, "", total, RejectReason.LIMIT)
         limit = self._role(role).max_connections
         if limit != UNLIMITED and self.role_active.get(role, 0) >= limit:
-            return Rejection(Limit.ROLE, role, limit, "limit")
+            return Rejection(Limit.ROLE, role, limit, RejectReason.LIMIT)
         limit, _ = self.database_limit(database)
         if limit != UNLIMITED and self.database_active.get(database, 0) >= limit:
-            return Rejection(Limit.DATABASE, database, limit, "limit")
+            return Rejection(Limit.DATABASE, database, limit, RejectReason.LIMIT)
         return None
 
     def _take(self, role: str, database: str, exempt: bool) -> Ticket:
         self.total_active += 1
         self.role_active[role] = self.role_active.get(role, 0) + 1
         self.database_active[database] = self.database_active.get(database, 0) + 1
+        pair = (role, database)
+        self.pair_active[pair] = self.pair_active.get(pair, 0) + 1
         return Ticket(role, database, exempt)
 
     def arrive(
-        self, role: str, database: str, now: float, context: object = None
+        self, role: str, database: str, now: float, context: object = None, *, replication: bool = False
     ) -> Decision:
-        """Decide for a new client: admit (with a Ticket), queue (a Waiter) or reject."""
+        """Decide for a new client: admit (with a Ticket), queue (a Waiter) or reject.
+
+        A ``replication`` (walsender) session is admitted and counted on no limit: PostgreSQL
+        counts walsenders against ``max_wal_senders``, not against max_connections or a
+        role's or database's CONNECTION LIMIT.
+        """
+        if replication:
+            return Decision(Kind.ADMIT, ticket=Ticket(role, database, True, counted=False))
         eff = self._role(role)
         if eff.exempt:
             return Decision(Kind.ADMIT, ticket=self._take(role, database, True))
@@ -375,12 +431,14 @@ class Gate:
                 return Decision(Kind.ADMIT, ticket=self._take(role, database, False))
         if blocking is None:  # paused, or others of the same (role, database) are ahead
             blocking = self._blocking(role, database) or Rejection(
-                Limit.ROLE, role, eff.max_connections, "limit"
+                Limit.ROLE, role, eff.max_connections, RejectReason.LIMIT
             )
         if eff.policy is Policy.REJECT and not self.paused:
             return Decision(Kind.REJECT, rejection=blocking)
         if self.role_waiting.get(role, 0) >= eff.max_queue:
-            return Decision(Kind.REJECT, rejection=_with_cause(blocking, "max_queue"))
+            return Decision(Kind.REJECT, rejection=_with_cause(blocking, RejectReason.MAX_QUEUE))
+        if self.total_waiting >= self._rules.max_queue_total:
+            return Decision(Kind.REJECT, rejection=_with_cause(blocking, RejectReason.MAX_QUEUE_TOTAL))
         waiter = Waiter(role, database, next(self._seq), now, now + eff.queue_timeout, context)
         if queue is None:
             queue = self._queues[(role, database)] = deque()
@@ -396,9 +454,12 @@ class Gate:
         if ticket.released:
             return []
         ticket.released = True
+        if not ticket.counted:
+            return []
         self.total_active -= 1
         _decrement(self.role_active, ticket.role)
         _decrement(self.database_active, ticket.database)
+        _decrement(self.pair_active, (ticket.role, ticket.database))
         return self._drain()
 
     def _unqueue(self, waiter: Waiter, state: Kind) -> None:
@@ -444,11 +505,11 @@ class Gate:
             if not waiter.waiting:
                 continue
             blocking = self._blocking(waiter.role, waiter.database) or Rejection(
-                Limit.ROLE, waiter.role, self._role(waiter.role).max_connections, "limit"
+                Limit.ROLE, waiter.role, self._role(waiter.role).max_connections, RejectReason.LIMIT
             )
             self._unqueue(waiter, Kind.REJECT)
             self._trim((waiter.role, waiter.database))
-            out.append((waiter, _with_cause(blocking, "queue_timeout", now - waiter.arrived)))
+            out.append((waiter, _with_cause(blocking, RejectReason.QUEUE_TIMEOUT, now - waiter.arrived)))
         return out
 
     def clear_queues(self) -> list[Waiter]:
@@ -546,11 +607,11 @@ class Gate:
         return rows
 
 
-def _with_cause(rejection: Rejection, cause: str, waited: float = 0.0) -> Rejection:
+def _with_cause(rejection: Rejection, cause: RejectReason, waited: float = 0.0) -> Rejection:
     return Rejection(rejection.limit, rejection.name, rejection.value, cause, waited)
 
 
-def _decrement(counts: dict[str, int], key: str) -> None:
+def _decrement(counts: dict[K, int], key: K) -> None:
     left = counts[key] - 1
     if left:
         counts[key] = left

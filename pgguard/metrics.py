@@ -7,17 +7,20 @@ so the collector sees a consistent state without locks. Each scrape costs one pa
 connected clients and the waiters.
 
 Endpoints: ``GET /metrics`` (text format 0.0.4, or OpenMetrics when the scraper asks for
-it); anything else is 404. One request per connection.
+it); ``GET /healthz`` (200 while the process serves: a liveness probe); ``GET /readyz``
+(200 while the server behind pgguard accepts a TCP connection and pgguard is not draining,
+else 503 with the reason: a readiness probe for load balancers and Kubernetes); anything
+else is 404. One request per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import itertools
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client.core import (
@@ -29,19 +32,29 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .log import display, log
+
 if TYPE_CHECKING:
-    from .server import Server
+    from .control import Control
 
 __all__ = ["ServerCollector", "MetricsServer", "METRIC_NAMES"]
 
-log = logging.getLogger("pgguard")
 
 # A scrape request is a few hundred bytes; anything larger or slower is not Prometheus.
 MAX_REQUEST: Final = 16 * 1024
 REQUEST_TIMEOUT: Final = 10.0
 
-# States whose sessions hold a slot (admitted, dialing or authenticating, or live).
-_HOLDING: Final = frozenset({"dialing", "authenticating", "active"})
+# /readyz dials the server: under Kubernetes' default probe timeout (1 s), so a slow server
+# reads as not ready rather than as a probe that timed out.
+READY_PROBE_TIMEOUT: Final = 0.8
+# Probe answers are reused this long, so a flood of probes does not fork a backend each.
+READY_CACHE: Final = 1.0
+
+# Role and database names come from clients: a scrape labels at most this many names that
+# config, SET or the catalog do not name (those with the most clients); the rest are summed
+# under the label "other". Names are escaped (log.display) so every label is valid UTF-8.
+MAX_UNNAMED_LABELS: Final = 100
+OTHER: Final = "other"
 
 METRIC_NAMES: Final = (
     "pgguard_sessions_active",
@@ -56,8 +69,10 @@ METRIC_NAMES: Final = (
     "pgguard_rejections_total",
     "pgguard_queue_wait_seconds",
     "pgguard_backend_dial_failures_total",
+    "pgguard_fd_exhausted_total",
     "pgguard_backend_errors_total",
     "pgguard_cancels_forwarded_total",
+    "pgguard_cancels_dropped_total",
     "pgguard_bytes_relayed_total",
     "pgguard_idle_timeouts_total",
     "pgguard_admin_kills_total",
@@ -67,30 +82,39 @@ METRIC_NAMES: Final = (
 
 
 class ServerCollector(Collector):
-    """Reads a ``Server`` at scrape time; call only from the server's event loop."""
+    """Reads the control layer's snapshots at scrape time; call only from its event loop.
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    The same snapshots answer SHOW STATS and SHOW LIMITS, so the two cannot disagree: a
+    session whose client left still holds its slot (and is counted in
+    ``pgguard_sessions_active``) until the server has closed it.
+    """
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        gate = server.gate
-        st = server.stats
+        control = self.control
+        st = control.stats
+        counts = control.counts()
 
         active = GaugeMetricFamily(
             "pgguard_sessions_active",
             "Admitted sessions (dialing, authenticating or live), by role and database.",
             labels=["role", "database"],
         )
-        connected = Counter[str]()
-        pairs = Counter[tuple[str, str]]()
-        for client in server.clients.values():
-            state = client.state.value
-            connected[state] += 1
-            if state in _HOLDING:
-                pairs[(client.role, client.database)] += 1
-        connected["admin"] = len(server.admin_sessions)
-        for (role, database), n in sorted(pairs.items()):
+        connected = control.state_counts()
+        pairs, queued = control.pair_counts()
+        role_label = _labeller(
+            (role for role, _ in pairs.elements()),
+            (role for role, _ in queued.elements()),
+            known=control.configured_role,
+        )
+        database_label = _labeller(
+            (db for _, db in pairs.elements()),
+            (db for _, db in queued.elements()),
+            known=control.configured_database,
+        )
+        for (role, database), n in _fold(pairs, role_label, database_label):
             active.add_metric([role, database], n)
         yield active
 
@@ -99,8 +123,7 @@ class ServerCollector(Collector):
             "Clients queued for a slot, by role and database.",
             labels=["role", "database"],
         )
-        queued = Counter((w.role, w.database) for w in gate.waiters())
-        for (role, database), n in sorted(queued.items()):
+        for (role, database), n in _fold(queued, role_label, database_label):
             waiting.add_metric([role, database], n)
         yield waiting
 
@@ -118,16 +141,26 @@ class ServerCollector(Collector):
             "Each limit's value in force (-1: unlimited), by kind (total, role, database).",
             labels=["kind", "name"],
         )
-        for row in gate.limit_rows():
-            limits.add_metric([row.kind, row.name], row.limit)
+        labelled: dict[tuple[str, str], int] = {}
+        for row in control.limit_rows():
+            if row.kind == "role":
+                name = role_label(row.name)
+            elif row.kind == "database":
+                name = database_label(row.name)
+            else:
+                name = row.name
+            if name != OTHER:  # "other" stands for several names, with several limits
+                labelled[(row.kind, name)] = row.limit
+        for (kind, name), value in labelled.items():
+            limits.add_metric([kind, name], value)
         yield limits
 
-        yield GaugeMetricFamily("pgguard_paused", "1 while PAUSE is in force.", value=int(gate.paused))
+        yield GaugeMetricFamily("pgguard_paused", "1 while PAUSE is in force.", value=int(counts.paused))
         yield GaugeMetricFamily(
-            "pgguard_draining", "1 while shutting down.", value=int(server.draining)
+            "pgguard_draining", "1 while shutting down.", value=int(counts.draining)
         )
         yield GaugeMetricFamily(
-            "pgguard_start_time_seconds", "Start time, seconds since the epoch.", value=server.started_at
+            "pgguard_start_time_seconds", "Start time, seconds since the epoch.", value=control.started_at
         )
         yield CounterMetricFamily(
             "pgguard_admissions", "Clients admitted (at once or after queueing).", value=st.admissions
@@ -142,7 +175,15 @@ class ServerCollector(Collector):
             "shutdown: draining; fault: an injected fault rule).",
             labels=["reason"],
         )
-        reasons = {"limit": 0, "max_queue": 0, "queue_timeout": 0, "shutdown": 0, "fault": 0}
+        reasons = {
+            "limit": 0,
+            "max_queue": 0,
+            "max_queue_total": 0,
+            "max_client_connections": 0,
+            "queue_timeout": 0,
+            "shutdown": 0,
+            "fault": 0,
+        }
         reasons.update(st.rejections)
         for reason, n in sorted(reasons.items()):
             rejections.add_metric([reason], n)
@@ -168,6 +209,12 @@ class ServerCollector(Collector):
             value=st.dial_failures,
         )
         yield CounterMetricFamily(
+            "pgguard_fd_exhausted",
+            "Accepts or backend dials that failed because pgguard ran out of file descriptors "
+            "(EMFILE/ENFILE).",
+            value=st.fd_exhausted,
+        )
+        yield CounterMetricFamily(
             "pgguard_backend_errors",
             "ErrorResponses from the server during session startup (bad password, no database...).",
             value=st.backend_errors,
@@ -175,10 +222,15 @@ class ServerCollector(Collector):
         yield CounterMetricFamily(
             "pgguard_cancels_forwarded", "CancelRequests forwarded.", value=st.cancels_forwarded
         )
+        yield CounterMetricFamily(
+            "pgguard_cancels_dropped",
+            "CancelRequests matching no session here, dropped under a flood of them.",
+            value=st.cancels_dropped,
+        )
         relayed = CounterMetricFamily(
             "pgguard_bytes_relayed", "Bytes relayed, by direction.", labels=["direction"]
         )
-        bytes_in, bytes_out = server.bytes_relayed()
+        bytes_in, bytes_out = control.bytes_relayed()
         relayed.add_metric(["client_to_server"], bytes_in)
         relayed.add_metric(["server_to_client"], bytes_out)
         yield relayed
@@ -206,6 +258,31 @@ class ServerCollector(Collector):
         yield mirror
 
 
+def _labeller(*names: Iterable[str], known: Callable[[str], bool]) -> Callable[[str], str]:
+    """Map each name to its label: itself (escaped), or "other" past MAX_UNNAMED_LABELS.
+
+    ``names`` yield one name per client; the unnamed names with the most clients keep theirs.
+    """
+    counts = Counter(itertools.chain(*names))
+    unnamed = [name for name, _ in counts.most_common() if not known(name)]
+    folded = frozenset(unnamed[MAX_UNNAMED_LABELS:])
+
+    def label(name: str) -> str:
+        return OTHER if name in folded else display(name)
+
+    return label
+
+
+def _fold(
+    counts: Counter[tuple[str, str]], role: Callable[[str], str], database: Callable[[str], str]
+) -> list[tuple[tuple[str, str], int]]:
+    """Counts per (role, database) re-keyed by label, summed where labels meet, sorted."""
+    out = Counter[tuple[str, str]]()
+    for (r, d), n in counts.items():
+        out[(role(r), database(d))] += n
+    return sorted(out.items())
+
+
 def _bound_text(bound: float) -> str:
     return repr(float(bound))
 
@@ -213,9 +290,11 @@ def _bound_text(bound: float) -> str:
 class MetricsServer:
     """A minimal HTTP/1.x server on the event loop, answering ``GET /metrics``."""
 
-    def __init__(self, server: Server, host: str, port: int) -> None:
+    def __init__(self, control: Control, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ServerCollector(server))
+        self.registry.register(ServerCollector(control))
+        self._control = control
+        self._ready: tuple[float, str | None] | None = None  # (when, reason not ready or None)
         self.host = host
         self.port = port
         self.address: tuple[str, int] | None = None
@@ -244,6 +323,22 @@ class MetricsServer:
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
+    async def not_ready(self) -> str | None:
+        """Why pgguard is not ready (draining, or the server cannot be dialled), or None.
+
+        A TCP (or Unix-socket) connect to ``[backend]`` bounded by ``READY_PROBE_TIMEOUT``,
+        closed at once (PostgreSQL logs nothing for a connection that sends no byte); the
+        answer is reused for ``READY_CACHE`` seconds.
+        """
+        if self._control.draining:
+            return "draining"
+        now = time.monotonic()
+        if self._ready is not None and now - self._ready[0] < READY_CACHE:
+            return self._ready[1]
+        reason = await self._control.backend.probe(READY_PROBE_TIMEOUT)
+        self._ready = (time.monotonic(), reason)
+        return reason
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -262,13 +357,23 @@ class MetricsServer:
                 await _respond(writer, 405, b"method not allowed\n", "text/plain")
                 return
             path = parts[1].split("?", 1)[0]
+            head_only = parts[0] == "HEAD"
+            if path == "/healthz":
+                await _respond(writer, 200, b"ok\n", "text/plain", head_only=head_only)
+                return
+            if path == "/readyz":
+                reason = await self.not_ready()
+                status, text = (200, "ready") if reason is None else (503, f"not ready: {reason}")
+                body = text.encode("utf-8", "replace") + b"\n"
+                await _respond(writer, status, body, "text/plain", head_only=head_only)
+                return
             if path != "/metrics":
                 await _respond(writer, 404, b"not found; try /metrics\n", "text/plain")
                 return
             started = time.perf_counter()
             body, content_type = self.render(headers.get("accept", ""))
             log.debug("event=scrape seconds=%.4f bytes=%d", time.perf_counter() - started, len(body))
-            await _respond(writer, 200, body, content_type, head_only=parts[0] == "HEAD")
+            await _respond(writer, 200, body, content_type, head_only=head_only)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
             pass
         finally:
@@ -277,7 +382,12 @@ class MetricsServer:
             writer.close()
 
 
-_REASONS: Final = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS: Final = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
 async def _respond(

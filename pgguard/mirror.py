@@ -20,8 +20,10 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
+from .log import log_event
+
 if TYPE_CHECKING:
-    from .server import Server
+    from .control import Control
 
 __all__ = ["CatalogMirror", "CATALOG_QUERY"]
 
@@ -39,7 +41,7 @@ SELECT 'database', datname, datconnlimit
 class CatalogMirror:
     """Periodic catalog reads for one server; ``start`` does the first read before returning."""
 
-    def __init__(self, server: Server, dsn: str, interval: float) -> None:
+    def __init__(self, server: Control, dsn: str, interval: float) -> None:
         self.server = server
         self.dsn = dsn
         self.interval = interval
@@ -78,8 +80,6 @@ class CatalogMirror:
         """Read the limits once and apply them; False (and the old limits kept) on failure."""
         import asyncpg  # type: ignore[import-untyped]
 
-        from .server import log_event
-
         stats = self.server.stats
         timeout = self.server.config.backend.connect_timeout
         try:
@@ -104,8 +104,7 @@ class CatalogMirror:
         databases = {r["name"]: r["value"] for r in rows if r["kind"] == "database"}
         if roles != self.roles or databases != self.databases:
             self.roles, self.databases = roles, databases
-            server = self.server
-            server.admit_waiters(server.gate.set_catalog_limits(roles, databases))
+            self.server.apply_catalog(roles, databases)
             log_event(
                 logging.INFO,
                 "mirror",

@@ -17,32 +17,50 @@ back exactly once, through ``_release``, when the backend socket is gone (or nev
 PostgreSQL removes a backend from its own counts before it closes the socket, so the next
 waiter can never make ``pg_stat_activity`` show one more than the limit.
 
-AUTH relays bytes both ways unchanged while framing the server's messages to notice
-BackendKeyData, ErrorResponse and the first ReadyForQuery. Then both transports are handed
-to ``_Pump`` protocols that do nothing but write each chunk into the peer's transport,
-with aiohttp-style flow control: when one side's write buffer is full, reading from the
-other side pauses until it drains. No per-message parsing after ReadyForQuery.
+Every move is checked against ``_MOVES`` in one place (``_move``). Three timers, each for
+one deadline: ``client_login_timeout`` (STARTUP), the server's first reply within
+``connect_timeout`` (AUTH), and ``close_timeout`` for the server to close after the client left.
+
+AUTH relays bytes both ways unchanged while ``pump.BackendAuth`` frames the server's
+messages to notice BackendKeyData, ErrorResponse and the first ReadyForQuery. Then both
+transports are handed to ``pump.Pump`` protocols that do nothing but write each chunk into
+the peer's transport, with flow control. No per-message parsing after ReadyForQuery.
+
+The session's ``server`` is its ``Host``: the control layer (``control.Control``), which this
+module knows only through that protocol.
+
+Size: about 670 lines, one job: the life of one client socket from accept to close (TLS
+negotiation included, since it decides what the startup bytes mean); the relays are in
+``pump.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import itertools
 import logging
+import ssl
 import time
-from typing import TYPE_CHECKING, Final, cast
+from collections.abc import Callable
+from typing import Any, Final, Protocol, cast
 
-from . import tls, wire
-from .errors import BackendUnavailable, EncryptionRequired, PgGuardError, ProtocolViolation
+from . import relay, tls, wire
+from .config import Config
+from .errors import (
+    BackendLost,
+    BackendUnavailable,
+    BackendUnreachable,
+    EncryptionRequired,
+    PgGuardError,
+    ProtocolViolation,
+)
 from .limits import Ticket, Waiter
+from .log import display, log, log_event
+from .pump import BackendAuth, Pump
 
-if TYPE_CHECKING:
-    from .server import Server
-
-__all__ = ["ClientConnection", "State"]
-
-log = logging.getLogger("pgguard")
+__all__ = ["ClientConnection", "Host", "State"]
 
 # A client should send nothing between its StartupMessage and the server's first reply;
 # whatever it does send before the backend is connected is kept, up to this bound.
@@ -67,10 +85,62 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# The moves a session may make; _move checks each one (a session only goes forward).
+_MOVES: Final = {
+    State.STARTUP: frozenset({State.ADMITTING, State.CLOSED}),
+    State.ADMITTING: frozenset({State.QUEUED, State.DIALING, State.CLOSED}),
+    State.QUEUED: frozenset({State.DIALING, State.CLOSED}),
+    State.DIALING: frozenset({State.AUTH, State.CLOSED}),
+    State.AUTH: frozenset({State.ACTIVE, State.CLOSED}),
+    State.ACTIVE: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset({State.CLOSED}),
+}
+
+
+class Host(Protocol):
+    """What a session needs from the layer that runs it (``control.Control``)."""
+
+    config: Config
+    loop: asyncio.AbstractEventLoop
+    client_tls: tls.ClientTLS | None
+
+    def client_opened(self, client: ClientConnection) -> bool: ...
+
+    def client_closed(self, client: ClientConnection) -> None: ...
+
+    def wants_admin(self, packet: wire.StartupMessage) -> bool: ...
+
+    def open_admin(self, client: ClientConnection, early: bytes) -> None: ...
+
+    def admit(self, client: ClientConnection) -> None: ...
+
+    def leave_queue(self, waiter: Waiter) -> None: ...
+
+    def release(self, ticket: Ticket) -> None: ...
+
+    async def open_backend(
+        self, factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]: ...
+
+    def dial_failed(self, client: ClientConnection, reason: str) -> None: ...
+
+    def fd_exhausted(self, where: str, exc: OSError) -> None: ...
+
+    def session_key(self, client: ClientConnection) -> None: ...
+
+    def session_started(self, client: ClientConnection) -> None: ...
+
+    def backend_error(self, client: ClientConnection, fields: dict[str, str]) -> None: ...
+
+    def backend_closed_early(self, client: ClientConnection) -> None: ...
+
+    def forward_cancel(self, packet: wire.CancelRequest) -> None: ...
+
+
 class ClientConnection(asyncio.Protocol):
     """The client side of one session, and the owner of its backend connection and ticket."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.id = next(_ids)
         self.state = State.STARTUP
@@ -92,9 +162,11 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = 0  # to the client
         self._reader: wire.StartupReader | None = wire.StartupReader()
         self._early = bytearray()
-        self._timer: asyncio.TimerHandle | None = None
+        self._login_timer: asyncio.TimerHandle | None = None  # client_login_timeout
+        self._reply_timer: asyncio.TimerHandle | None = None  # the server's first reply
+        self._close_timer: asyncio.TimerHandle | None = None  # the server's close, client gone
         self._dial: asyncio.Task[None] | None = None
-        self._backend_proto: _BackendAuth | None = None
+        self._backend_proto: BackendAuth | None = None
         self._ssl_asked = False
         self._gss_asked = False
         # TLS (see tls.py): client_tls is what this client negotiated (None: clear). While
@@ -104,7 +176,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_tls: tls.ClientTLS | None = None
         self._handshake: asyncio.Task[None] | None = None
         self._tls_early = bytearray()
-        self._hello: bytearray | None = None
+        self._hello: tls.ClientHelloReader | None = None
         self._client_gone = False
         self._backend_gone = False
 
@@ -119,7 +191,17 @@ class ClientConnection(asyncio.Protocol):
         return self.startup.database if self.startup else ""
 
     def __repr__(self) -> str:
-        return f"<client {self.id} {self.peer} {self.role}@{self.database} {self.state.value}>"
+        who = f"{display(self.role)}@{display(self.database)}"
+        return f"<client {self.id} {self.peer} {who} {self.state.value}>"
+
+    @property
+    def client_gone(self) -> bool:
+        return self._client_gone
+
+    def _move(self, new: State) -> None:
+        """The one place ``state`` changes: only the moves in ``_MOVES``."""
+        assert new in _MOVES[self.state], f"{self!r}: {self.state.name} -> {new.name}"
+        self.state = new
 
     # ----------------------------------------------------------------- startup
 
@@ -132,11 +214,11 @@ class ClientConnection(asyncio.Protocol):
         elif addr:
             self.peer = str(addr)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        loop = self.server.loop
-        self._timer = loop.call_later(
+        if not self.server.client_opened(self):
+            return  # refused: over max_client_connections
+        self._login_timer = self.server.loop.call_later(
             self.server.config.server.client_login_timeout, self._login_timeout
         )
-        self.server.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -158,7 +240,7 @@ class ClientConnection(asyncio.Protocol):
         except PgGuardError as exc:
             self.fail(exc)
         except Exception:  # the per-connection boundary: log, answer, release
-            log.exception("event=internal_error client=%s", self)
+            log.exception("event=internal_error client=%r", self)
             self.fail(PgGuardError("pgguard internal error"))
 
     def _startup_data(self, data: bytes) -> None:
@@ -211,21 +293,22 @@ class ClientConnection(asyncio.Protocol):
 
     def _direct_tls(self, data: bytes) -> None:
         """PostgreSQL 17 direct TLS: collect the ClientHello, check its ALPN offer, upgrade."""
-        hello_bytes = self._hello = (self._hello or bytearray()) + data
-        hello = tls.parse_client_hello(hello_bytes)  # ProtocolViolation(silent) on garbage
+        if self._hello is None:
+            self._hello = tls.ClientHelloReader()
+        hello = self._hello.feed(data)  # ProtocolViolation(silent) on garbage
         if hello is wire.NEED_DATA:
             return
         assert isinstance(hello, tls.ClientHello)
         refusal = tls.direct_tls_refusal(hello)
         if refusal is not None:
             reason, reply = refusal
-            log.info("event=tls_refused client=%s reason=%r", self.peer, reason)
+            log_event(logging.INFO, "tls_refused", client=self.peer, reason=reason)
             if reply:
                 self._write(reply)
             self._close()
             return
-        self._hello = None
-        self._start_tls(bytes(hello_bytes))
+        raw, self._hello = bytes(self._hello.raw), None
+        self._start_tls(raw)
 
     def _start_tls(self, initial: bytes) -> None:
         """Run the TLS handshake on the client socket; ``initial``: TLS bytes already read."""
@@ -244,6 +327,12 @@ class ClientConnection(asyncio.Protocol):
 
     async def _tls_handshake(self, raw: asyncio.Transport, client_tls: tls.ClientTLS) -> None:
         loop = self.server.loop
+        if self._client_gone or raw.is_closing():
+            # The client left (a reset right after its SSLRequest) before this task ran:
+            # start_tls on a dead transport would wait forever, holding the task and its buffers.
+            self._handshake = None
+            raw.abort()
+            return
         try:
             transport = await loop.start_tls(
                 raw,
@@ -260,7 +349,7 @@ class ClientConnection(asyncio.Protocol):
             raise
         except Exception as exc:  # the per-connection boundary: a failed handshake ends it
             self._handshake = None
-            log.info("event=tls_handshake_failed client=%s error=%r", self.peer, exc)
+            log_event(logging.INFO, "tls_handshake_failed", client=self.peer, error=repr(exc))
             raw.abort()
             self.client_lost()
             return
@@ -281,7 +370,8 @@ class ClientConnection(asyncio.Protocol):
             self.data_received(early)
 
     def _startup_message(self, packet: wire.StartupMessage) -> None:
-        self._cancel_timer()
+        _cancel(self._login_timer)
+        self._login_timer = None
         self.startup = packet
         reader = self._reader
         assert reader is not None
@@ -294,29 +384,39 @@ class ClientConnection(asyncio.Protocol):
         if self.server.wants_admin(packet):
             # The admin console takes the socket over (transport.set_protocol); this object
             # is done and holds nothing.
-            self.state = State.CLOSED
+            self._move(State.CLOSED)
             early, self._early = bytes(self._early), bytearray()
             self.server.open_admin(self, early)
             return
-        self.state = State.ADMITTING
+        self._move(State.ADMITTING)
         self.server.admit(self)
 
     def _login_timeout(self) -> None:
-        self._timer = None
+        self._login_timer = None
         if self.state is State.STARTUP:
-            log.debug("event=login_timeout client=%s", self)
+            log_event(logging.DEBUG, "login_timeout", client=self.peer)
             self._close()
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def key_received(self, pid: int, key: bytes) -> None:
+        """BackendKeyData: what a cancel for this session must name."""
+        self.backend_pid, self.backend_key = pid, key
+        self.server.session_key(self)
+
+    def startup_error(self, fields: dict[str, str]) -> None:
+        """An ErrorResponse before the session started (wrong password, no database)."""
+        if not self._client_gone:  # else it answers our Terminate mid-login: not the server's fault
+            self.server.backend_error(self, fields)
+
+    def server_answered(self) -> None:
+        """The server sent its first bytes: connect_timeout no longer applies."""
+        _cancel(self._reply_timer)
+        self._reply_timer = None
 
     # -------------------------------------------------------------- admission
 
     def queued(self, waiter: Waiter) -> None:
         if self.state is State.ADMITTING:
-            self.state = State.QUEUED
+            self._move(State.QUEUED)
             self.waiter = waiter
 
     def admitted(self, ticket: Ticket) -> None:
@@ -327,35 +427,48 @@ class ClientConnection(asyncio.Protocol):
         if self._client_gone or self.state is State.CLOSED:
             self._release()
             return
-        self.state = State.DIALING
+        self._move(State.DIALING)
         self._dial = self.server.loop.create_task(self._connect_backend())
 
     def reject(self, exc: PgGuardError) -> None:
         """Answer a client still in startup with a FATAL ErrorResponse and close."""
         self.fail(exc)
 
+    def refuse(self, exc: PgGuardError) -> None:
+        """Answer a socket the server will not take at all (no startup read) and close it."""
+        self._move(State.CLOSED)
+        self._write(wire.build_error(exc))
+        self._close()
+
     async def _connect_backend(self) -> None:
         cfg = self.server.config.backend
         try:
             async with asyncio.timeout(cfg.connect_timeout):
-                transport, proto = await self.server.open_backend(lambda: _BackendAuth(self))
+                transport, proto = await self.server.open_backend(lambda: BackendAuth(self))
         except asyncio.CancelledError:
             self._release()
             raise
         except (OSError, TimeoutError, PgGuardError) as exc:
             reason = "timeout expired" if isinstance(exc, TimeoutError) else _reason(exc)
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.server.fd_exhausted("dial", exc)
             self.server.dial_failed(self, reason)
             self._release()
-            self.fail(BackendUnavailable(reason))
+            # Not reached (refused, timeout): 57P03, so pg_isready says "rejecting". A TLS
+            # failure means a server that answered: 08006, as libpq reports it.
+            unreachable = isinstance(exc, TimeoutError) or (
+                isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
+            )
+            self.fail(BackendUnreachable(reason) if unreachable else BackendUnavailable(reason))
             return
         except Exception:  # the per-connection boundary: log, answer, release
-            log.exception("event=internal_error client=%s", self)
+            log.exception("event=internal_error client=%r", self)
             self._release()
             self.fail(PgGuardError("pgguard internal error"))
             return
         finally:
             self._dial = None
-        assert isinstance(proto, _BackendAuth)
+        assert isinstance(proto, BackendAuth)
         if self._client_gone or self.state is State.CLOSED:
             transport.close()  # its connection_lost releases the ticket
             return
@@ -368,7 +481,7 @@ class ClientConnection(asyncio.Protocol):
                 ssl_object.getpeercert(binary_form=True),
             )
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.state = State.AUTH
+        self._move(State.AUTH)
         assert self.startup is not None
         transport.write(self.startup.raw)
         if self._early:
@@ -377,33 +490,50 @@ class ClientConnection(asyncio.Protocol):
             self._early.clear()
         # A server that accepts the TCP connection but never answers is as unreachable as
         # one that refuses it: connect_timeout also bounds the wait for its first reply.
-        self._timer = self.server.loop.call_later(cfg.connect_timeout, self._backend_silent)
+        self._reply_timer = self.server.loop.call_later(cfg.connect_timeout, self._backend_silent)
 
     def _backend_silent(self) -> None:
-        self._timer = None
+        self._reply_timer = None
         if self.state is not State.AUTH or self._client_gone:
             return
         self.server.dial_failed(self, "timeout expired")
-        exc = BackendUnavailable("timeout expired")
+        exc = BackendUnreachable("timeout expired")
         # Nothing came from the server yet, so the client is still waiting for its first
         # reply: answer like a failed dial (fail() writes nothing once in AUTH).
-        self._write(wire.build_error_response(exc.sqlstate, exc.message, severity=exc.severity))
+        self._write(
+            wire.build_error(exc)
+        )
         self.fail(exc)  # closes both sides; the backend's connection_lost releases the slot
 
     # ------------------------------------------------------------------- relay
 
     def ready_for_query(self) -> None:
-        """First ReadyForQuery: hand both transports to raw pumps."""
+        """First ReadyForQuery: hand both sockets to the native relay, or both transports to raw pumps."""
+        if self._client_gone:
+            # The client left while the server was finishing its login: the Terminate is on
+            # its way and close_timeout runs; there is no session to hand over.
+            return
         assert self.transport is not None and self.backend is not None
-        self.state = State.ACTIVE
-        self._backend_proto = None
-        client_side = _Pump(self, self.backend, from_client=True)
-        backend_side = _Pump(self, self.transport, from_client=False)
+        self._move(State.ACTIVE)
+        auth, self._backend_proto = self._backend_proto, None
+        self.server.session_started(self)
+        server = self.server
+        native = relay.hand_over(
+            self,
+            None if auth is None else auth.reader,
+            mode=server.config.server.relay,
+            loop=server.loop,
+        )
+        if native is not None:  # relay.py: the transports are NativeEnd objects now
+            self._native = native
+            self.__class__ = _Relayed
+            return
+        client_side = Pump(self, self.backend, from_client=True)
+        backend_side = Pump(self, self.transport, from_client=False)
         client_side.other = backend_side
         backend_side.other = client_side
         self.transport.set_protocol(client_side)
         self.backend.set_protocol(backend_side)
-        self.server.session_started(self)
 
     # ------------------------------------------------------------------ close
 
@@ -418,10 +548,16 @@ class ClientConnection(asyncio.Protocol):
         if self._client_gone:
             return
         self._client_gone = True
-        self._cancel_timer()
-        state, self.state = self.state, State.CLOSED
+        for timer in (self._login_timer, self._reply_timer):
+            _cancel(timer)
+        self._login_timer = self._reply_timer = None
+        handshake = self._handshake
+        if handshake is not None and handshake is not asyncio.current_task():
+            handshake.cancel()  # every task a connection starts ends when it ends
+        state = self.state
+        self._move(State.CLOSED)
         if state is State.QUEUED and self.waiter is not None:
-            self.server.gate.cancel(self.waiter)
+            self.server.leave_queue(self.waiter)
             self.waiter = None
         backend = self.backend
         if backend is not None and not self._backend_gone:
@@ -431,13 +567,18 @@ class ClientConnection(asyncio.Protocol):
                 backend.write(wire.TERMINATE)
             except Exception:  # a transport already closing may refuse; it is going anyway
                 pass
+            if not backend.is_closing():
+                # The client may have stopped reading before it left, so the pump paused
+                # reading from the server: read (and drop) what the server still sends, or it
+                # stays blocked in send() and never sees the cancel nor the Terminate.
+                backend.resume_reading()
             if state is State.ACTIVE and self.idle_status == 0 and self.backend_pid is not None:
                 # A query is running: the server would not read the Terminate (nor count the
                 # session gone) until it ends, so cancel it, as the client could have.
                 cancel = wire.build_cancel_request(self.backend_pid, self.backend_key)
                 self.server.forward_cancel(wire.CancelRequest(self.backend_pid, self.backend_key, cancel))
             timeout = self.server.config.backend.close_timeout
-            self._timer = self.server.loop.call_later(timeout, backend.abort)
+            self._close_timer = self.server.loop.call_later(timeout, backend.abort)
         elif self._dial is None:
             self._release()
         self.server.client_closed(self)
@@ -447,10 +588,20 @@ class ClientConnection(asyncio.Protocol):
         if self._backend_gone:
             return
         self._backend_gone = True
-        self._cancel_timer()
+        for timer in (self._reply_timer, self._close_timer):
+            _cancel(timer)
+        self._reply_timer = self._close_timer = None
         self._release()
         if not self._client_gone and self.transport is not None:
-            self.state = State.CLOSED
+            proto = self._backend_proto
+            if self.state in (State.DIALING, State.AUTH) and (proto is None or proto.silent_close()):
+                # The server closed before the session started and said nothing (a fast
+                # shutdown, a crash, a proxy in front of it): the client still waits for a
+                # message, so it gets one instead of a bare end of file.
+                self.server.backend_closed_early(self)
+                exc = BackendLost("the server closed the connection before the session started")
+                self._write(wire.build_error(exc))
+            self._move(State.CLOSED)
             self.transport.close()
 
     def _release(self) -> None:
@@ -463,12 +614,10 @@ class ClientConnection(asyncio.Protocol):
         if self.state in (State.STARTUP, State.ADMITTING, State.QUEUED, State.DIALING):
             if not (isinstance(exc, ProtocolViolation) and exc.silent):
                 self._write(
-                    wire.build_error_response(
-                        exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
-                    )
+                    wire.build_error(exc)
                 )
         if self.state is State.QUEUED and self.waiter is not None:
-            self.server.gate.cancel(self.waiter)
+            self.server.leave_queue(self.waiter)
             self.waiter = None
         self._close()
         if self.backend is not None and not self._backend_gone:
@@ -478,9 +627,7 @@ class ClientConnection(asyncio.Protocol):
         """Close a live session with a FATAL ErrorResponse (admin kill, idle timeout, faults)."""
         if self.transport is not None and not self._client_gone:
             self._write(
-                wire.build_error_response(
-                    exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail
-                )
+                wire.build_error(exc)
             )
         self._close()
 
@@ -495,130 +642,55 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drop both sockets at once (a stop without drain); their connection_lost clean up."""
+        if self.transport is not None:
+            self.transport.abort()
+        if self.backend is not None:
+            self.backend.abort()
 
-class _BackendAuth(asyncio.Protocol):
-    """The backend side until the first ReadyForQuery: relay unchanged, frame to watch.
+class _Relayed(ClientConnection):
+    """A session whose bytes the native relay moves (relay.py): the counters are the relay's.
 
-    With ``strip_channel_binding`` set (a TLS server whose SASL list the client must not
-    see whole, see tls.py) the framed messages are forwarded instead of the raw chunks,
-    AuthenticationSASL rewritten, until ReadyForQuery; the common path stays raw.
+    ``ready_for_query`` switches a handed-over session to this class, so the Python pump
+    keeps updating plain attributes at no cost while these properties (which shadow the
+    instance's attributes, kept as the counts from before the hand-over) read the relay's.
     """
 
-    def __init__(self, client: ClientConnection) -> None:
-        self.client = client
-        self.reader = wire.MessageReader()
-        self.strip_channel_binding = False
+    _native: Any  # the relay's session: bytes_in, bytes_out, last_active, status
 
-    def data_received(self, data: bytes) -> None:
-        client = self.client
-        if client.state is State.AUTH and not client._client_gone:
-            client._cancel_timer()  # the server answered: connect_timeout no longer applies
-        framed = self.strip_channel_binding
-        if not framed:
-            self._forward(data)
-        reader = self.reader
-        reader.feed(data)
-        out: list[bytes] = []
-        try:
-            while True:
-                message = reader.next_message()
-                if not isinstance(message, tuple):  # NEED_DATA
-                    break
-                tag, body = message
-                if framed:
-                    if tag == b"R":
-                        body = tls.strip_channel_binding(body)
-                    out.append(wire.build_message(tag, body))
-                if tag == b"Z":
-                    if framed:
-                        out.append(reader.take_rest())
-                        self._forward(b"".join(out))
-                    client.ready_for_query()
-                    return
-                if tag == b"K":
-                    client.backend_pid, client.backend_key = wire.parse_backend_key_data(body)
-                elif tag == b"E":
-                    fields = wire.parse_error_fields(body)
-                    client.server.backend_error(client, fields)
-        except ProtocolViolation as exc:
-            log.warning("event=backend_protocol_error client=%s error=%r", client, exc.message)
-            client.fail(exc)
-            return
-        if out:
-            self._forward(b"".join(out))
+    @property
+    def bytes_in(self) -> int:
+        return int(self.__dict__["bytes_in"] + self._native.bytes_in)
 
-    def _forward(self, data: bytes) -> None:
-        client = self.client
-        if client.transport is not None and not client._client_gone:
-            client.bytes_out += len(data)
-            client.transport.write(data)
+    @bytes_in.setter
+    def bytes_in(self, value: int) -> None:
+        self.__dict__["bytes_in"] = value - self._native.bytes_in
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client.backend_lost()
+    @property
+    def bytes_out(self) -> int:
+        return int(self.__dict__["bytes_out"] + self._native.bytes_out)
 
-    def pause_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.pause_reading()
+    @bytes_out.setter
+    def bytes_out(self, value: int) -> None:
+        self.__dict__["bytes_out"] = value - self._native.bytes_out
 
-    def resume_writing(self) -> None:
-        if self.client.transport is not None and not self.client._client_gone:
-            self.client.transport.resume_reading()
+    @property
+    def last_active(self) -> float:
+        return max(float(self.__dict__["last_active"]), float(self._native.last_active))
 
+    @last_active.setter
+    def last_active(self, value: float) -> None:
+        self.__dict__["last_active"] = value
 
-class _Pump(asyncio.Protocol):
-    """One direction of an established session: every chunk goes straight to the peer.
+    @property
+    def idle_status(self) -> int:
+        return int(self._native.status)
 
-    ``pause_writing`` fires on the protocol whose *own* transport's write buffer is full,
-    so it pauses reading on the peer (which is what fills that buffer).
-    """
+    @idle_status.setter
+    def idle_status(self, value: int) -> None:
+        pass  # the relay tracks it from the server's messages
 
-    __slots__ = ("session", "peer", "other", "from_client", "paused")
-
-    def __init__(
-        self, session: ClientConnection, peer: asyncio.Transport, *, from_client: bool
-    ) -> None:
-        self.session = session
-        self.peer = peer  # the transport this side's data is written to
-        self.other: _Pump | None = None
-        self.from_client = from_client
-        self.paused = False
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
-        session = self.session
-        if self.from_client:
-            session.bytes_in += len(data)
-            if not data.endswith(wire.TERMINATE):
-                # A query (or more) is on its way. A Terminate is not one: the server reads
-                # it at once, so a client that says goodbye and closes (libpq does) leaves an
-                # idle session, and client_lost sends no CancelRequest (each costs the server
-                # a process).
-                session.idle_status = 0
-        else:
-            session.bytes_out += len(data)
-            session.idle_status = _idle_status(data, session.idle_status)
-        session.last_active = time.monotonic()
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def pause_writing(self) -> None:
-        # Our transport is full: stop reading from the peer that feeds it.
-        if not self.paused:
-            self.paused = True
-            self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        # Also reached after the AUTH-phase protocol paused the peer (paused is False then).
-        self.paused = False
-        if not self.peer.is_closing():
-            self.peer.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.from_client:
-            self.session.client_lost()
-        else:
-            self.session.backend_lost()
 
 
 def _replay(transport: asyncio.Transport, before: asyncio.BaseProtocol, data: bytes) -> None:
@@ -644,25 +716,10 @@ def _replay(transport: asyncio.Transport, before: asyncio.BaseProtocol, data: by
         view = view[n:]
 
 
-# ReadyForQuery: 'Z', Int32 5, then the transaction status byte.
-_READY_HEADER: Final = b"Z\x00\x00\x00\x05"
-# What a server may send unasked while idle: NotificationResponse, NoticeResponse, ParameterStatus.
-_ASYNC_TYPES: Final = b"ANS"
 
-
-def _idle_status(data: bytes, previous: int) -> int:
-    """The session's idle status after a chunk from the server (see ``idle_status``).
-
-    A chunk ending in a ReadyForQuery leaves the server waiting for the client. The chunk
-    after it starts on a message boundary: an asynchronous message keeps the session idle,
-    anything else is the reply to a pipelined query. A ReadyForQuery split across chunks
-    reads as busy, which only errs on the side of not closing a session.
-    """
-    if data[-6:-1] == _READY_HEADER:
-        return data[-1]
-    if previous and data[0] in _ASYNC_TYPES:
-        return previous
-    return 0
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 def _reason(exc: BaseException) -> str:

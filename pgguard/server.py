@@ -1,77 +1,33 @@
-"""Listeners and lifecycle: start, admit and release through the gate, reload, drain, stop, signals.
+"""The process: listeners, configuration reloads, drain and stop, signals, and the control plane's servers.
 
-One ``Server`` owns the configuration, the ``limits.Gate``, the listening sockets and the
-set of live ``ClientConnection`` objects. It turns the gate's decisions into actions:
-a ticket starts a backend dial, a waiter waits (one timer serves every queue deadline),
-a rejection becomes PostgreSQL's ErrorResponse. Signals: SIGHUP reloads, SIGTERM/SIGINT
-drain (a second one stops at once).
+A ``Server`` binds ``[server] listen`` and hands every accepted socket to a
+``proxy.ClientConnection`` whose host is the ``control.Control`` (the one owner of the gate).
+It loads the configuration and the TLS files (again on SIGHUP or RELOAD: a bad file keeps the
+old ones), starts the console hand-off, ``/metrics`` and the catalog mirror, and on
+SIGTERM/SIGINT drains: queued clients get 57P03, live sessions get ``shutdown_timeout`` to
+finish, then 57P01 (a second signal stops at once).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
+import errno
 import logging
 import signal
-import time
-from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from . import config as config_mod
-from . import tls, wire
-from .admin import ADMIN_DATABASE, AdminSession, check_admin_config
+from . import tls
+from .admin import AdminSession, check_admin_config
+from .backend import Backend
 from .config import Config
-from .errors import (
-    AdminShutdown,
-    ConfigError,
-    IdleInTransactionTimeout,
-    IdleSessionTimeout,
-    PgGuardError,
-    ShuttingDown,
-)
-from .faults import Faults
-from .limits import Gate, Kind, Rejection, Ticket, Waiter
-from .proxy import ClientConnection, State
+from .control import Control, Stats, raise_fd_limit
+from .errors import ConfigError
+from .log import log_event
+from .proxy import ClientConnection
 
-__all__ = ["Server", "Stats", "run", "new_event_loop", "log_event"]
-
-log = logging.getLogger("pgguard")
-
-# Admission waits kept for percentiles (a sliding window, newest kept).
-WAIT_SAMPLES: Final = 10000
-# Upper bounds (seconds) of the pgguard_queue_wait_seconds histogram buckets: from "admitted
-# at once" to the default queue_timeout and beyond.
-WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# The idle sweep runs every quarter of the shortest idle_timeout, within these bounds, so a
-# session is closed at most that much past its timeout, at the cost of one pass per sweep.
-IDLE_SWEEP_MIN: Final = 0.05
-IDLE_SWEEP_MAX: Final = 5.0
-IDLE: Final = ord("I")  # ReadyForQuery status: idle, not in a transaction
-# Under a flood of rejections a log line per client costs more than the rejection itself
-# (a third of its CPU, measured) and floods the log: the first rejection per (role,
-# database, reason) in each window is logged in full, the rest are counted and logged as
-# one `reject_summary` line when the window ends.
-REJECT_LOG_WINDOW: Final = 1.0
-
-
-def log_event(level: int, event: str, **fields: object) -> None:
-    """One structured key=value log line per event that matters."""
-    if log.isEnabledFor(level):
-        parts = [f"event={event}"]
-        for key, value in fields.items():
-            text = str(value)
-            if not text or any(c in text for c in ' "='):
-                text = '"' + text.replace('"', '\\"') + '"'
-            parts.append(f"{key}={text}")
-        log.log(level, " ".join(parts))
-
-
-def unix_socket_path(directory: str, port: int) -> str:
-    """The server's Unix-domain socket in ``directory``: ``.s.PGSQL.<port>``, as libpq names it."""
-    return f"{directory.rstrip('/') or '/'}/.s.PGSQL.{port}"
+__all__ = ["Server", "Stats", "run", "serve", "new_event_loop"]
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -83,86 +39,58 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-@dataclass
-class Stats:
-    """Counters since start, for SHOW STATS, metrics and the testing API."""
-
-    admissions: int = 0
-    queued: int = 0
-    rejections: Counter[str] = field(default_factory=Counter)  # by reason
-    queue_timeouts: int = 0
-    dial_failures: int = 0
-    backend_errors: int = 0
-    cancels_forwarded: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    idle_timeouts: int = 0
-    kills: int = 0
-    reloads: int = 0
-    reload_failures: int = 0
-    mirror_refreshes: int = 0
-    mirror_failures: int = 0
-    # Cumulative wait histogram for metrics: counts per WAIT_BUCKETS bound, the last for +Inf.
-    wait_bounds: tuple[float, ...] = WAIT_BUCKETS
-    wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
-    wait_sum: float = 0.0
-    # The newest admission waits, in seconds; O(1) to record, sorted only when asked.
-    waits: deque[float] = field(default_factory=lambda: deque(maxlen=WAIT_SAMPLES))
-
-    def record_wait(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.wait_counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
-        self.wait_sum += seconds
-
-    def wait_percentile(self, p: float) -> float:
-        """The p-th percentile (0-100) of the recorded waits; 0.0 when none."""
-        if not self.waits:
-            return 0.0
-        ordered = sorted(self.waits)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
-
 class Server:
-    """A running pgguard: listeners, gate, clients."""
+    """A running pgguard: its listeners, its control layer, its control-plane servers."""
 
     def __init__(self, config: Config, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.config = config
         self.loop = loop or asyncio.get_running_loop()
-        self.gate = Gate(config.rules())
         # Client-side TLS context (None: clients get "N") and how to reach the server; built
         # from the files now and again on every reload, so a renewed certificate is picked up.
-        self.client_tls, self.backend_tls = tls.load(config)
-        self.stats = Stats()
-        self.faults = Faults(self, config.faults)
-        self.clients: dict[int, ClientConnection] = {}
+        client_tls, backend_tls = tls.load(config)
+        self.control = Control(config, Backend(config.backend, backend_tls, self.loop), self.loop)
+        self.control.client_tls = client_tls
+        self.control.open_console = self._open_console
         self.addresses: list[tuple[str, int]] = []
-        self.draining = False
-        self.started_at = time.time()
-        self._listeners: list[asyncio.base_events.Server] = []
-        self._queue_timer: asyncio.TimerHandle | None = None
-        self._queue_deadline: float | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._stopped = asyncio.Event()
-        # Control plane: admin console sessions, metrics endpoint, catalog mirror, idle sweep.
-        self.admin_sessions: dict[int, AdminSession] = {}
         self.reload_error: str | None = None
         self.metrics: Any = None  # metrics.MetricsServer, imported only when configured
         self.mirror: Any = None  # mirror.CatalogMirror, likewise
-        self._idle_sweep: asyncio.TimerHandle | None = None
-        # (role, database, reason) -> rejections not logged yet in this window (see _reject).
-        self._reject_counts: dict[tuple[str, str, str], int] = {}
-        self._reject_window: asyncio.TimerHandle | None = None
+        self._listeners: list[asyncio.base_events.Server] = []
+        self._stopped = asyncio.Event()
+
+    # Read-only views for in-process callers (pgguard.testing, the demo); changes go
+    # through ``control``.
+
+    @property
+    def stats(self) -> Stats:
+        return self.control.stats
+
+    @property
+    def clients(self) -> dict[int, ClientConnection]:
+        return self.control.clients
+
+    @property
+    def draining(self) -> bool:
+        return self.control.draining
+
+    @property
+    def started_at(self) -> float:
+        return self.control.started_at
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
 
     # -------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Bind every ``[server] listen`` address; port 0 picks a free one (see ``addresses``)."""
+        self.loop.set_exception_handler(self._loop_exception)
+        control = self.control
         for item in self.config.server.listen:
             host, port = config_mod.parse_address(item)
             listener = await self.loop.create_server(
-                lambda: ClientConnection(self), host, port, reuse_address=True, backlog=4096
+                lambda: ClientConnection(control), host, port, reuse_address=True, backlog=4096
             )
             self._listeners.append(listener)
             for sock in listener.sockets:
@@ -172,44 +100,55 @@ class Server:
             logging.INFO,
             "start",
             listen=",".join(f"{h}:{p}" for h, p in self.addresses),
-            backend=f"{self.config.backend.host}:{self.config.backend.port}",
+            backend=control.backend.address,
+            max_client_connections=control.max_clients,
         )
-        await self._start_control()
+        check_admin_config(self.config, log_event)
+        listen = self.config.metrics.listen
+        if listen is not None:
+            from .metrics import MetricsServer
 
-    @property
-    def port(self) -> int:
-        return self.addresses[0][1]
+            host, port = config_mod.parse_address(listen)
+            self.metrics = MetricsServer(control, host, port)
+            await self.metrics.start()
+            log_event(logging.INFO, "metrics", listen="{}:{}".format(*self.metrics.address))
+        await self._start_mirror()
+        control.start()
 
     def reload(self, new: Config | None = None) -> bool:
         """Re-read the config file (or apply ``new``); a bad file keeps the old config."""
-        if new is None:
-            try:
+        stats = self.control.stats
+        try:
+            if new is None:
                 new = config_mod.load(self.config.path)
-            except ConfigError as exc:
-                log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
-                self.stats.reload_failures += 1
-                self.reload_error = exc.message
-                return False
+            client_tls, backend_tls = tls.load(new)  # an unreadable certificate keeps the old
+        except ConfigError as exc:
+            log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
+            stats.reload_failures += 1
+            self.reload_error = exc.message
+            return False
         changed = [
             name
             for name in ("server", "backend", "limits", "roles", "databases", "faults", "tls")
             if getattr(new, name) != getattr(self.config, name)
         ]
-        try:
-            client_tls, backend_tls = tls.load(new)
-        except ConfigError as exc:  # an unreadable certificate keeps the old one in force
-            log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
-            self.stats.reload_failures += 1
-            self.reload_error = exc.message
-            return False
-        self.client_tls, self.backend_tls = client_tls, backend_tls
         old, self.config = self.config, new
-        self.faults.configure(new.faults)
-        self.admit_waiters(self.gate.reconfigure(new.rules()))
+        control = self.control
+        control.client_tls = client_tls
+        control.backend = Backend(new.backend, backend_tls, self.loop)
+        control.apply_config(new)
         log_event(logging.INFO, "reload", file=new.path, changed=",".join(changed) or "nothing")
-        self.stats.reloads += 1
+        stats.reloads += 1
         self.reload_error = None
-        self._control_reloaded(old)
+        check_admin_config(new, log_event)
+        for key, moved in (
+            ("server.listen", new.server.listen != old.server.listen),
+            ("metrics.listen", new.metrics != old.metrics),
+        ):
+            if moved:  # bound sockets stay as they are until a restart
+                log_event(logging.WARNING, "reload_needs_restart", key=key)
+        if _mirror_keys(new) != _mirror_keys(old):
+            control.spawn(self._restart_mirror())
         return True
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -220,56 +159,34 @@ class Server:
         """
         if timeout is None:
             timeout = self.config.server.shutdown_timeout
-        self.draining = True
-        log_event(logging.INFO, "drain", sessions=self.gate.total_active, queued=self.gate.total_waiting)
         for listener in self._listeners:
             listener.close()
-        for waiter in self.gate.clear_queues():
-            client = waiter.context
-            assert isinstance(client, ClientConnection)
-            client.waiter = None
-            self.stats.rejections["shutdown"] += 1
-            client.reject(ShuttingDown())
-        for client in list(self.clients.values()):
-            if client.state is State.STARTUP:
-                client.fail(ShuttingDown())
+        control = self.control
+        control.shut()
         clean = True
         try:
             async with asyncio.timeout(timeout):
-                await self._wait_idle()
+                await control.wait_idle()
         except TimeoutError:
             clean = False
-            log_event(logging.WARNING, "drain_timeout", sessions=len(self.clients))
-            for client in list(self.clients.values()):
-                client.terminate(AdminShutdown())  # PostgreSQL's fast-shutdown FATAL 57P01
+            log_event(logging.WARNING, "drain_timeout", sessions=len(control.clients))
+            control.terminate_all()  # PostgreSQL's fast-shutdown FATAL 57P01
         await self.close()
         return clean
 
-    async def _wait_idle(self) -> None:
-        while self.clients or self.gate.total_active:
-            self._idle.clear()
-            await self._idle.wait()
-
     async def close(self) -> None:
         """Stop at once: close listeners, every client and backend; cancel dials."""
-        self.draining = True
         for listener in self._listeners:
             listener.close()
-        for client in list(self.clients.values()):
-            if client.transport is not None:
-                client.transport.abort()
-            if client.backend is not None:
-                client.backend.abort()
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:  # close() itself may run as one (a second signal)
-                task.cancel()
-        await self._stop_control()
-        if self._queue_timer is not None:
-            self._queue_timer.cancel()
-        if self._reject_window is not None:
-            self._reject_window.cancel()
-            self._end_reject_window()
+        control = self.control
+        control.abort_all()
+        control.close()
+        for closing in (self.metrics, self.mirror):
+            if closing is not None:
+                await closing.close()
+        self.metrics = self.mirror = None
+        if self.loop.get_exception_handler() == self._loop_exception:
+            self.loop.set_exception_handler(None)
         for listener in self._listeners:
             with contextlib.suppress(Exception):
                 await listener.wait_closed()
@@ -278,252 +195,24 @@ class Server:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    # --------------------------------------------------------------- clients
-
-    def client_opened(self, client: ClientConnection) -> None:
-        self.clients[client.id] = client
-        self._idle.clear()
-
-    def client_closed(self, client: ClientConnection) -> None:
-        self.stats.bytes_in += client.bytes_in
-        self.stats.bytes_out += client.bytes_out
-        self.clients.pop(client.id, None)
-        self._check_idle()
-
-    def _check_idle(self) -> None:
-        if not self.clients and not self.gate.total_active:
-            self._idle.set()
-
-    # -------------------------------------------------------------- admission
-
-    def admit(self, client: ClientConnection) -> None:
-        """Route a client that sent its StartupMessage: a fault rule, else admit, queue or reject it."""
-        if self.faults.active and not self.draining and self.faults.intercept(client):
-            return  # rejected, dropped or delayed by a fault rule (a delayed one comes back below)
-        self.admit_now(client)
-
-    def admit_now(self, client: ClientConnection) -> None:
-        """Admit, queue or reject ``client`` through the gate."""
-        if self.draining:
-            client.reject(ShuttingDown())
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Loop-level errors: fd exhaustion on accept is counted and logged without a traceback."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.control.fd_exhausted("accept", exc)
             return
-        now = self.loop.time()
-        decision = self.gate.arrive(client.role, client.database, now, client)
-        if decision.kind is Kind.ADMIT:
-            assert decision.ticket is not None
-            self.stats.admissions += 1
-            self.stats.record_wait(0.0)
-            client.admitted(decision.ticket)
-        elif decision.kind is Kind.QUEUE:
-            assert decision.waiter is not None
-            self.stats.queued += 1
-            client.queued(decision.waiter)
-            self._schedule_queue_timer(decision.waiter.deadline)
-        else:
-            assert decision.rejection is not None
-            self._reject(client, decision.rejection)
-
-    def _reject(self, client: ClientConnection, rejection: Rejection) -> None:
-        self.stats.rejections[rejection.cause] += 1
-        if rejection.cause == "queue_timeout":
-            self.stats.queue_timeouts += 1
-        if log.isEnabledFor(logging.INFO):
-            key = (client.role, client.database, rejection.cause)
-            unlogged = self._reject_counts.get(key)
-            if unlogged is not None:
-                self._reject_counts[key] = unlogged + 1
-            else:
-                self._reject_counts[key] = 0
-                log_event(
-                    logging.INFO,
-                    "reject",
-                    role=client.role,
-                    database=client.database,
-                    limit=rejection.limit.value,
-                    value=rejection.value,
-                    reason=rejection.cause,
-                    client=client.peer,
-                )
-                if self._reject_window is None:
-                    self._reject_window = self.loop.call_later(
-                        REJECT_LOG_WINDOW, self._end_reject_window
-                    )
-        client.reject(rejection.error(with_detail=self.config.errors.detail))
-
-    def _end_reject_window(self) -> None:
-        """Log how many rejections per (role, database, reason) went unlogged in the window."""
-        self._reject_window = None
-        counts, self._reject_counts = self._reject_counts, {}
-        for (role, database, reason), unlogged in counts.items():
-            if unlogged:
-                log_event(
-                    logging.INFO,
-                    "reject_summary",
-                    role=role,
-                    database=database,
-                    reason=reason,
-                    count=unlogged,
-                    seconds=REJECT_LOG_WINDOW,
-                )
-
-    def release(self, ticket: Ticket) -> None:
-        """A session's backend is gone: free its slots and admit whoever now fits."""
-        self.admit_waiters(self.gate.release(ticket))
-        self._check_idle()
-
-    def admit_waiters(self, waiters: list[Waiter]) -> None:
-        """Start the sessions of waiters the gate just admitted (every Gate call that can
-        admit returns them: release, set_*_limit, set_role_policy, resume, reconfigure)."""
-        now = self.loop.time()
-        for waiter in waiters:
-            client = waiter.context
-            assert isinstance(client, ClientConnection) and waiter.ticket is not None
-            self.stats.admissions += 1
-            self.stats.record_wait(now - waiter.arrived)
-            client.admitted(waiter.ticket)
-
-    def _schedule_queue_timer(self, deadline: float) -> None:
-        if self._queue_deadline is not None and self._queue_deadline <= deadline:
-            return
-        if self._queue_timer is not None:
-            self._queue_timer.cancel()
-        self._queue_deadline = deadline
-        self._queue_timer = self.loop.call_at(deadline, self._expire_waiters)
-
-    def _expire_waiters(self) -> None:
-        self._queue_timer = None
-        self._queue_deadline = None
-        for waiter, rejection in self.gate.expire(self.loop.time()):
-            client = waiter.context
-            assert isinstance(client, ClientConnection)
-            client.waiter = None
-            self._reject(client, rejection)
-        deadline = self.gate.next_deadline()
-        if deadline is not None:
-            self._schedule_queue_timer(deadline)
-
-    # --------------------------------------------------------------- backend
-
-    async def open_backend(
-        self, factory: Callable[[], asyncio.Protocol]
-    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
-        """Connect to ``[backend]``, with TLS as ``sslmode`` says, and attach ``factory()``.
-
-        With an sslmode that tries TLS, sends pgguard's own SSLRequest and reads the one-byte
-        answer: ``S`` starts TLS (verifying as the mode says), ``N`` continues in clear for
-        ``prefer``. Raises OSError (ssl.SSLError included) or BackendUnavailable.
-        """
-        cfg = self.config.backend
-        backend_tls = self.backend_tls
-        if cfg.host.startswith("/"):
-            # A socket directory, as in libpq: the server's Unix-domain socket. No TLS there
-            # (PostgreSQL offers none on it); each message costs the kernel less than over
-            # loopback TCP (measured: pgguard's CPU per pgbench -S transaction -18%).
-            path = unix_socket_path(cfg.host, cfg.port)
-            transport, proto = await self.loop.create_unix_connection(factory, path)
-            return transport, proto
-        if backend_tls.context is None:
-            transport, proto = await self.loop.create_connection(factory, cfg.host, cfg.port)
-            return transport, proto
-        raw, answer = await self.loop.create_connection(_SSLAnswer, cfg.host, cfg.port)
-        assert isinstance(answer, _SSLAnswer)
-        try:
-            raw.write(tls.SSL_REQUEST)
-            upgraded: asyncio.Transport | None = raw  # prefer, and the server said N: clear
-            if tls.read_ssl_response(await answer.byte, backend_tls.sslmode):
-                upgraded = await self.loop.start_tls(
-                    raw,
-                    answer,
-                    backend_tls.context,
-                    server_hostname=backend_tls.server_hostname,
-                    ssl_handshake_timeout=cfg.connect_timeout,
-                )
-            if upgraded is None or upgraded.is_closing():
-                raise ConnectionResetError("server closed the connection during SSL negotiation")
-        except BaseException:
-            raw.abort()
-            raise
-        proto = factory()
-        upgraded.set_protocol(proto)
-        proto.connection_made(upgraded)
-        return upgraded, proto
-
-    def dial_failed(self, client: ClientConnection, reason: str) -> None:
-        self.stats.dial_failures += 1
-        log_event(
-            logging.WARNING,
-            "dial_failure",
-            backend=f"{self.config.backend.host}:{self.config.backend.port}",
-            reason=reason,
-            role=client.role,
-            client=client.peer,
-        )
-
-    def backend_error(self, client: ClientConnection, fields: dict[str, str]) -> None:
-        """An ErrorResponse during the backend's startup (a wrong password, a missing db)."""
-        self.stats.backend_errors += 1
-        log_event(
-            logging.INFO,
-            "backend_error",
-            role=client.role,
-            database=client.database,
-            sqlstate=fields.get("C", ""),
-            message=fields.get("M", ""),
-        )
-
-    def session_started(self, client: ClientConnection) -> None:
-        """The backend sent its first ReadyForQuery: the session is live."""
-        client.last_active = time.monotonic()  # idle time counts from here, not from arrival
-        client.idle_status = IDLE  # the first ReadyForQuery is always 'I'
-
-    def forward_cancel(self, packet: wire.CancelRequest) -> None:
-        """Send a CancelRequest to the server at once; it is never counted or queued."""
-        self.stats.cancels_forwarded += 1
-        self._spawn(self._send_cancel(packet.raw))
-
-    async def _send_cancel(self, raw: bytes) -> None:
-        cfg = self.config.backend
-        try:
-            async with asyncio.timeout(cfg.connect_timeout):
-                if cfg.host.startswith("/"):
-                    path = unix_socket_path(cfg.host, cfg.port)
-                    reader, writer = await asyncio.open_unix_connection(path)
-                else:
-                    reader, writer = await asyncio.open_connection(cfg.host, cfg.port)
-                writer.write(raw)
-                await writer.drain()
-                # The server closes after reading it; wait for that so the cancel is delivered.
-                await reader.read(1)
-                writer.close()
-        except (OSError, TimeoutError) as exc:
-            log_event(logging.WARNING, "cancel_failed", reason=str(exc) or type(exc).__name__)
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    def kill(self, client: ClientConnection, exc: PgGuardError) -> None:
-        """Close one client's session with ``exc`` (admin KILL, faults, idle timeout)."""
-        client.terminate(exc)
+        loop.default_exception_handler(context)
 
     # ---------------------------------------------------------- control plane
 
-    def wants_admin(self, packet: wire.StartupMessage) -> bool:
-        """True when this StartupMessage is for the admin console, not the server."""
-        return packet.database == ADMIN_DATABASE and bool(self.config.admin.users)
-
-    def open_admin(self, client: ClientConnection, early: bytes) -> None:
+    def _open_console(self, client: ClientConnection, early: bytes) -> None:
         """Move a client that asked for database "pgguard" to an ``AdminSession``.
 
-        The session is never counted against a limit; it leaves ``clients`` (so a drain does
-        not wait for it) and lives in ``admin_sessions`` until its socket closes.
+        The session is never counted against a limit; it leaves the client registry (so a
+        drain does not wait for it) and is a console session until its socket closes.
         """
         transport = client.transport
         assert transport is not None and client.startup is not None
-        self.clients.pop(client.id, None)
-        self._check_idle()
         session = AdminSession(
             self,
             transport,
@@ -532,40 +221,16 @@ class Server:
             peer=client.peer,
             connected_at=client.connected_at,
         )
-        self.admin_sessions[session.id] = session
+        self.control.console_opened(client, session)
         transport.set_protocol(session)
         session.begin(early)
-
-    def admin_closed(self, session: AdminSession) -> None:
-        self.admin_sessions.pop(session.id, None)
-
-    def bytes_relayed(self) -> tuple[int, int]:
-        """Bytes from clients and to clients since start, live sessions included."""
-        bytes_in, bytes_out = self.stats.bytes_in, self.stats.bytes_out
-        for client in self.clients.values():
-            bytes_in += client.bytes_in
-            bytes_out += client.bytes_out
-        return bytes_in, bytes_out
-
-    async def _start_control(self) -> None:
-        check_admin_config(self.config, log_event)
-        listen = self.config.metrics.listen
-        if listen is not None:
-            from .metrics import MetricsServer
-
-            host, port = config_mod.parse_address(listen)
-            self.metrics = MetricsServer(self, host, port)
-            await self.metrics.start()
-            log_event(logging.INFO, "metrics", listen="{}:{}".format(*self.metrics.address))
-        await self._start_mirror()
-        self._schedule_idle_sweep()
 
     async def _start_mirror(self) -> None:
         limits, dsn = self.config.limits, self.config.backend.monitor_dsn
         if limits.mirror_catalog and dsn:
             from .mirror import CatalogMirror
 
-            self.mirror = CatalogMirror(self, dsn, limits.mirror_interval)
+            self.mirror = CatalogMirror(self.control, dsn, limits.mirror_interval)
             await self.mirror.start()
 
     async def _restart_mirror(self) -> None:
@@ -573,94 +238,12 @@ class Server:
         if mirror is not None:
             await mirror.close()
         if not self.config.limits.mirror_catalog:
-            self.admit_waiters(self.gate.set_catalog_limits({}, {}))
+            self.control.apply_catalog({}, {})
         await self._start_mirror()
 
-    def _control_reloaded(self, old: Config) -> None:
-        new = self.config
-        check_admin_config(new, log_event)
-        for key, changed in (
-            ("server.listen", new.server.listen != old.server.listen),
-            ("metrics.listen", new.metrics != old.metrics),
-        ):
-            if changed:  # bound sockets stay as they are until a restart
-                log_event(logging.WARNING, "reload_needs_restart", key=key)
 
-        def mirror_keys(c: Config) -> tuple[object, ...]:
-            return (c.limits.mirror_catalog, c.limits.mirror_interval, c.backend.monitor_dsn)
-
-        if mirror_keys(new) != mirror_keys(old):
-            self._spawn(self._restart_mirror())
-        self._schedule_idle_sweep()
-
-    async def _stop_control(self) -> None:
-        if self._idle_sweep is not None:
-            self._idle_sweep.cancel()
-            self._idle_sweep = None
-        for session in list(self.admin_sessions.values()):
-            session.transport.abort()
-        metrics, self.metrics = self.metrics, None
-        if metrics is not None:
-            await metrics.close()
-        mirror, self.mirror = self.mirror, None
-        if mirror is not None:
-            await mirror.close()
-
-    def _schedule_idle_sweep(self) -> None:
-        if self._idle_sweep is not None:
-            self._idle_sweep.cancel()
-            self._idle_sweep = None
-        cfg = self.config
-        timeouts = [cfg.limits.idle_timeout] + [r.idle_timeout or 0.0 for r in cfg.roles.values()]
-        shortest = min((t for t in timeouts if t > 0), default=None)
-        if shortest is not None:
-            interval = min(max(shortest / 4, IDLE_SWEEP_MIN), IDLE_SWEEP_MAX)
-            self._idle_sweep = self.loop.call_later(interval, self._sweep_idle)
-
-    def _sweep_idle(self) -> None:
-        """Close live sessions idle (no bytes either way) past their role's idle_timeout."""
-        self._idle_sweep = None
-        now = time.monotonic()
-        timeouts: dict[str, float] = {}
-        for client in list(self.clients.values()):
-            if client.state is not State.ACTIVE or not client.idle_status:
-                continue  # not live yet, or a query is running
-            role = client.role
-            timeout = timeouts.get(role)
-            if timeout is None:
-                timeout = timeouts[role] = self.config.idle_timeout(role)
-            idle = now - client.last_active
-            if 0 < timeout < idle:
-                self.stats.idle_timeouts += 1
-                log_event(
-                    logging.INFO,
-                    "idle_timeout",
-                    role=role,
-                    database=client.database,
-                    idle=f"{idle:.1f}",
-                    idle_timeout=timeout,
-                    in_transaction=client.idle_status != IDLE,
-                    client=client.peer,
-                )
-                in_transaction = client.idle_status != IDLE
-                exc = IdleInTransactionTimeout() if in_transaction else IdleSessionTimeout()
-                self.kill(client, exc)
-        self._schedule_idle_sweep()
-
-
-class _SSLAnswer(asyncio.Protocol):
-    """Reads the server's answer to pgguard's SSLRequest (tls.read_ssl_response judges it)."""
-
-    def __init__(self) -> None:
-        self.byte: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        if not self.byte.done():
-            self.byte.set_result(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.byte.done():
-            self.byte.set_exception(exc or ConnectionResetError("server closed the connection"))
+def _mirror_keys(c: Config) -> tuple[object, ...]:
+    return (c.limits.mirror_catalog, c.limits.mirror_interval, c.backend.monitor_dsn)
 
 
 async def serve(config: Config) -> int:
@@ -679,7 +262,7 @@ async def serve(config: Config) -> int:
             stop.set()
         else:
             log_event(logging.INFO, "signal", name=signal.Signals(signum).name, action="stop")
-            server._spawn(server.close())
+            server.control.spawn(server.close())
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
@@ -701,6 +284,7 @@ async def serve(config: Config) -> int:
 
 def run(config: Config) -> int:
     """Run pgguard in this process on a fresh (uv)loop until it is drained."""
+    raise_fd_limit()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:

@@ -50,6 +50,7 @@ __all__ = [
     "ClientTLS",
     "BackendTLS",
     "parse_client_hello",
+    "ClientHelloReader",
     "direct_tls_refusal",
     "strip_channel_binding",
     "strip_needed",
@@ -103,29 +104,53 @@ def parse_client_hello(data: bytes | bytearray) -> ClientHello | _NeedData:
     ``ProtocolViolation`` (silent: the peer gets no reply) when the bytes are not a
     ClientHello or it is larger than ``MAX_CLIENT_HELLO``.
     """
-    message = bytearray()
-    offset = 0
-    while True:
-        if len(data) - offset < _RECORD_HEADER.size:
-            return NEED_DATA
-        content_type, _version, length = _RECORD_HEADER.unpack_from(data, offset)
-        if content_type != TLS_HANDSHAKE_RECORD or length == 0 or length > 16384 + 2048:
-            raise _bad("not a TLS handshake record")
-        if len(data) - offset - _RECORD_HEADER.size < length:
-            return NEED_DATA
-        start = offset + _RECORD_HEADER.size
-        message += data[start : start + length]
-        offset = start + length
-        if len(message) >= 4:
-            if message[0] != _HANDSHAKE_CLIENT_HELLO:
-                raise _bad("the first TLS handshake message is not a ClientHello")
-            needed = 4 + int.from_bytes(message[1:4], "big")
-            if needed > MAX_CLIENT_HELLO:
+    reader = ClientHelloReader()
+    return reader.feed(data)
+
+
+class ClientHelloReader:
+    """Collects a ClientHello from TLS records fed in any pieces; linear in the bytes fed.
+
+    Each record is consumed once, as soon as it is whole (a ClientHello dripped as 1-byte
+    records costs the same per byte as one sent whole); ``raw`` keeps every byte fed, for the
+    TLS layer to replay once the handshake starts.
+    """
+
+    def __init__(self) -> None:
+        self.raw = bytearray()
+        self._offset = 0  # end of the last whole record in raw
+        self._message = bytearray()  # handshake bytes reassembled from the records
+
+    def feed(self, data: bytes | bytearray) -> ClientHello | _NeedData:
+        """Add ``data``; the ClientHello once whole, else NEED_DATA. Raises ProtocolViolation."""
+        raw = self.raw
+        raw += data
+        message = self._message
+        while True:
+            offset = self._offset
+            if len(raw) - offset < _RECORD_HEADER.size:
+                break
+            content_type, _version, length = _RECORD_HEADER.unpack_from(raw, offset)
+            if content_type != TLS_HANDSHAKE_RECORD or length == 0 or length > 16384 + 2048:
+                raise _bad("not a TLS handshake record")
+            start = offset + _RECORD_HEADER.size
+            if len(raw) - start < length:
+                break
+            message += raw[start : start + length]
+            self._offset = offset = start + length
+            if len(message) >= 4:
+                if message[0] != _HANDSHAKE_CLIENT_HELLO:
+                    raise _bad("the first TLS handshake message is not a ClientHello")
+                needed = 4 + int.from_bytes(message[1:4], "big")
+                if needed > MAX_CLIENT_HELLO:
+                    raise _bad("TLS ClientHello too large")
+                if len(message) >= needed:
+                    return ClientHello(alpn=_alpn(bytes(message[4:needed])), length=offset)
+            if offset > MAX_CLIENT_HELLO:
                 raise _bad("TLS ClientHello too large")
-            if len(message) >= needed:
-                return ClientHello(alpn=_alpn(bytes(message[4:needed])), length=offset)
-        if offset > MAX_CLIENT_HELLO:
+        if len(raw) > MAX_CLIENT_HELLO + _RECORD_HEADER.size + 16384 + 2048:
             raise _bad("TLS ClientHello too large")
+        return NEED_DATA
 
 
 def _bad(why: str) -> ProtocolViolation:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import NoUserName, ProtocolViolation, UnsupportedProtocol
+from .errors import NoUserName, PgGuardError, ProtocolViolation, UnsupportedProtocol
 
 __all__ = [
     "NEED_DATA",
@@ -111,7 +111,28 @@ class StartupMessage:
 
     @property
     def is_replication(self) -> bool:
-        return "replication" in self.params
+        """True for a walsender connection: ``replication`` is "database" or a true boolean.
+
+        As PostgreSQL reads the parameter (backend_startup.c: "database" exactly, else
+        parse_bool: a case-insensitive prefix of true/yes, "on", or "1"). Any other value is
+        not replication here; the server refuses it with FATAL.
+        """
+        value = self.params.get("replication")
+        if value is None:
+            return False
+        return value == "database" or _parse_bool(value) is True
+
+
+def _parse_bool(value: str) -> bool | None:
+    """PostgreSQL's parse_bool (utils/adt/bool.c): True, False, or None when not a boolean."""
+    v = value.lower()
+    if not v:
+        return None
+    if "true".startswith(v) or "yes".startswith(v) or v == "1" or v == "on":
+        return True
+    if "false".startswith(v) or "no".startswith(v) or v == "0" or v in ("of", "off"):
+        return False
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,17 +258,25 @@ class MessageReader:
     ``NEED_DATA``. A length below 4 or absurdly large raises ``ProtocolViolation``.
     """
 
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("_buf", "_pos", "max_length")
 
-    def __init__(self) -> None:
+    def __init__(self, max_length: int = MAX_MESSAGE_LENGTH) -> None:
         self._buf = bytearray()
         self._pos = 0
+        # A peer that is not trusted yet (a console client before its login) gets a small
+        # bound, so a claimed length cannot make pgguard buffer more than that.
+        self.max_length = max_length
 
     def feed(self, data: bytes) -> None:
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
         self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed but not yet returned as a message (0: at a message boundary)."""
+        return len(self._buf) - self._pos
 
     def take_rest(self) -> bytes:
         rest = bytes(self._buf[self._pos :])
@@ -260,7 +289,7 @@ class MessageReader:
         if len(buf) - pos < 5:
             return NEED_DATA
         tag, length = _HEADER.unpack_from(buf, pos)
-        if length < 4 or length > MAX_MESSAGE_LENGTH:
+        if length < 4 or length > self.max_length:
             raise ProtocolViolation(f"invalid message length {length} for message type {tag!r}")
         end = pos + 1 + length
         if len(buf) < end:
@@ -290,6 +319,11 @@ def parse_backend_key_data(body: bytes) -> tuple[int, bytes]:
 def build_message(tag: bytes, body: bytes = b"") -> bytes:
     """One typed message: tag, Int32 length (counting itself), body."""
     return tag + _UINT32.pack(len(body) + 4) + body
+
+
+def build_error(exc: PgGuardError) -> bytes:
+    """The ErrorResponse for ``exc``: its SQLSTATE, severity, message and DETAIL."""
+    return build_error_response(exc.sqlstate, exc.message, severity=exc.severity, detail=exc.detail)
 
 
 def build_error_response(
@@ -368,3 +402,71 @@ def build_command_complete(tag: str) -> bytes:
 
 def build_empty_query_response() -> bytes:
     return build_message(b"I")
+
+
+# Authentication request codes (protocol-message-formats: AuthenticationSASL and its steps).
+AUTH_SASL: Final = 10
+AUTH_SASL_CONTINUE: Final = 11
+AUTH_SASL_FINAL: Final = 12
+# PostgreSQL's words for a frontend message it cannot parse (pqformat.c).
+INVALID_MESSAGE_FORMAT: Final = "invalid message format"
+_INT16 = struct.Struct("!h")
+
+
+def build_authentication_sasl(mechanisms: Sequence[str]) -> bytes:
+    """AuthenticationSASL: the mechanisms offered, each NUL-terminated, then an empty one."""
+    names = b"".join(m.encode() + b"\x00" for m in mechanisms) + b"\x00"
+    return build_message(b"R", _INT32.pack(AUTH_SASL) + names)
+
+
+def build_authentication_sasl_continue(data: bytes) -> bytes:
+    return build_message(b"R", _INT32.pack(AUTH_SASL_CONTINUE) + data)
+
+
+def build_authentication_sasl_final(data: bytes) -> bytes:
+    return build_message(b"R", _INT32.pack(AUTH_SASL_FINAL) + data)
+
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
+    """SASLInitialResponse: (mechanism, initial data). Raises ProtocolViolation when malformed."""
+    mech_end = body.find(b"\x00")
+    if mech_end < 0 or len(body) < mech_end + 5:
+        raise ProtocolViolation("malformed SASLInitialResponse message")
+    mechanism = body[:mech_end].decode("utf-8", "replace")
+    (length,) = _INT32.unpack_from(body, mech_end + 1)
+    data = body[mech_end + 5 :]
+    if length != len(data):
+        raise ProtocolViolation("malformed SASLInitialResponse message")
+    return mechanism, data
+
+
+def read_cstring(body: bytes, pos: int) -> tuple[str, int]:
+    """The NUL-terminated UTF-8 string at ``pos`` and the position after it.
+
+    Raises ProtocolViolation (PostgreSQL's "invalid message format") when there is none.
+    """
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolViolation(INVALID_MESSAGE_FORMAT)
+    try:
+        return body[pos:end].decode("utf-8"), end + 1
+    except UnicodeDecodeError:
+        raise ProtocolViolation(INVALID_MESSAGE_FORMAT) from None
+
+
+def parse_bind(body: bytes) -> tuple[str, str, int]:
+    """Bind: (portal, statement, number of parameters). Raises ProtocolViolation when malformed."""
+    portal, pos = read_cstring(body, 0)
+    statement, pos = read_cstring(body, pos)
+    try:
+        (nformats,) = _INT16.unpack_from(body, pos)
+        pos += 2 + 2 * max(nformats, 0)
+        (nparams,) = _INT16.unpack_from(body, pos)
+    except struct.error:
+        raise ProtocolViolation(INVALID_MESSAGE_FORMAT) from None
+    return portal, statement, nparams
+
+
+def build_parameter_description(count: int = 0) -> bytes:
+    """ParameterDescription for a statement with ``count`` parameters, all of unspecified type."""
+    return build_message(b"t", _INT16.pack(count) + b"\x00\x00\x00\x00" * count)

@@ -9,6 +9,7 @@ a slot or a waiter is still held 10 s after its clients are gone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,20 @@ settings.load_profile(os.environ.get("PGGUARD_HYPOTHESIS", "ci"))
 
 ROLES = ("app", "app2", "other", "boss")
 DATABASES = ("limdb", "otherdb")
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """Tests run pgguard on uvloop, the loop `pgguard run` uses (PGGUARD_TEST_LOOP=asyncio: asyncio's).
+
+    The two differ where it matters here (uvloop raises on a write into a closed transport,
+    asyncio only counts it), so the suite must see what production sees.
+    """
+    if os.environ.get("PGGUARD_TEST_LOOP") == "asyncio":
+        return asyncio.DefaultEventLoopPolicy()
+    import uvloop
+
+    return uvloop.EventLoopPolicy()
 
 
 @pytest.fixture(scope="session")
@@ -75,11 +90,24 @@ class Guard:
         parts = {"host": "127.0.0.1", "port": str(self.port), "user": user, "dbname": database, **extra}
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
+    def role_active(self, role: str) -> int:
+        """Slots ``role`` holds now (SHOW LIMITS' view)."""
+        return self._role_row(role)[0]
+
+    def role_waiting(self, role: str) -> int:
+        return self._role_row(role)[1]
+
+    def _role_row(self, role: str) -> tuple[int, int]:
+        for row in self.server.control.limit_rows():
+            if row.kind == "role" and row.name == role:
+                return row.active, row.waiting
+        return 0, 0
+
     async def wait_idle(self, timeout: float = 15.0) -> None:
         """Wait until no slot is held and nobody waits (every session fully gone)."""
-        gate = self.server.gate
+        control = self.server.control
         await await_until(
-            lambda: gate.total_active == 0 and gate.total_waiting == 0,
+            lambda: control.counts().sessions_active == 0 and control.counts().clients_waiting == 0,
             timeout=timeout,
             what="pgguard to hold no slots and no waiters",
         )
@@ -155,11 +183,57 @@ async def guard(pg: PostgresCluster) -> AsyncIterator[GuardFactory]:
             if not g.server.draining:
                 await g.wait_idle(timeout=10)
         except TimeoutError:
-            gate = g.server.gate
-            leaks.append(f"{gate.total_active} slot(s), {gate.total_waiting} waiter(s), clients {list(g.server.clients.values())}")
+            control = g.server.control
+            leaks.append(f"{control.counts().sessions_active} slot(s), {control.counts().clients_waiting} waiter(s), clients {list(g.server.clients.values())}")
         await g.server.close()
     if leaks:
         pytest.fail("pgguard leaked after the test: " + "; ".join(leaks))
+
+
+class _LogScan(logging.Handler):
+    """Collects every ERROR (or worse) and every traceback pgguard or asyncio logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def _no_errors_logged(request: pytest.FixtureRequest) -> Iterator[_LogScan]:
+    """Fail a test during which pgguard (or its event loop) logged an error or a traceback.
+
+    A traceback in pgguard's log is a bug, whatever a peer did. A test that provokes an error
+    on purpose (a bad config on reload) says which with ``@pytest.mark.log_errors("event=...")``:
+    records containing one of those strings are allowed, and nothing else is.
+    """
+    scan = _LogScan()
+    loggers = [logging.getLogger("pgguard"), logging.getLogger("asyncio")]
+    for logger in loggers:
+        logger.addHandler(scan)
+    try:
+        yield scan
+    finally:
+        for logger in loggers:
+            logger.removeHandler(scan)
+    marker = request.node.get_closest_marker("log_errors")
+    allowed = tuple(marker.args) if marker else ()
+    unexpected = [
+        r for r in scan.records if not any(a in r.getMessage() for a in allowed)
+    ]
+    if unexpected:
+        lines = []
+        for r in unexpected[:5]:
+            text = f"{r.name} {r.levelname}: {r.getMessage()}"
+            if r.exc_info and r.exc_info[1] is not None:
+                text += f" ({type(r.exc_info[1]).__name__}: {r.exc_info[1]})"
+            lines.append(text)
+        pytest.fail(
+            f"{len(unexpected)} unexpected error(s)/traceback(s) logged:\n" + "\n".join(lines)
+        )
 
 
 @pytest.fixture(autouse=True)

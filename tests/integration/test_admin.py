@@ -84,7 +84,7 @@ async def test_non_admin_user_gets_the_same_28p01(guard) -> None:
     for user in ("app", "nosuchuser"):
         with pytest.raises(asyncpg.InvalidPasswordError, match=f'failed for user "{user}"'):
             await admin_connect(g.port, user=user, password=ADMIN_PASSWORD)
-    assert not g.server.admin_sessions and not g.server.clients
+    assert not g.server.control.consoles and not g.server.clients
 
 
 async def test_plain_password_is_accepted_with_a_warning(guard, caplog) -> None:
@@ -123,7 +123,7 @@ async def test_set_limit_admits_waiter_at_once_and_reload_goes_back_to_file(tmp_
         dsn = f"postgresql://app@127.0.0.1:{server.port}/postgres"
         first = await asyncpg.connect(dsn)
         second = asyncio.create_task(asyncpg.connect(dsn))
-        await await_until(lambda: server.gate.total_waiting == 1, what="the second client to queue")
+        await await_until(lambda: server.control.counts().clients_waiting == 1, what="the second client to queue")
         console = await admin_connect(server.port)
         assert await console.execute("SET LIMIT ROLE app = 2") == "SET"
         second_conn = await asyncio.wait_for(second, 20)  # admitted at once, not at a release
@@ -138,12 +138,13 @@ async def test_set_limit_admits_waiter_at_once_and_reload_goes_back_to_file(tmp_
         await asyncio.gather(first.close(), second_conn.close(), console.close())
 
 
+@pytest.mark.log_errors("event=reload_failed")
 async def test_bad_file_on_reload_keeps_old_config_and_says_why(tmp_path, pg) -> None:
     path = write_config(tmp_path / "pgguard.toml", pg, ADMIN_TOML + "[roles.app]\nmax_connections = 0\n")
     async with file_server(path) as server:
         console = await admin_connect(server.port)
         waiter = asyncio.create_task(asyncpg.connect(f"postgresql://app@127.0.0.1:{server.port}/postgres"))
-        await await_until(lambda: server.gate.total_waiting == 1, what="the client to queue")
+        await await_until(lambda: server.control.counts().clients_waiting == 1, what="the client to queue")
         path.write_text(path.read_text().replace("max_connections = 0", "max_connections = \"many\""))
         with pytest.raises(asyncpg.PostgresError, match="roles.app.max_connections") as info:
             await console.execute("RELOAD")
@@ -188,7 +189,7 @@ async def test_set_commands_change_limits_and_policy(guard) -> None:
     await console.execute("SET LIMIT TOTAL = -1")
     await console.execute("SET POLICY ROLE app = queue")
     waiter = asyncio.create_task(asyncpg.connect(g.dsn("app")))
-    await await_until(lambda: g.server.gate.total_waiting == 1, what="app to queue under policy queue")
+    await await_until(lambda: g.server.control.counts().clients_waiting == 1, what="app to queue under policy queue")
     await console.execute('SET LIMIT ROLE "app" = 1')
     conn = await asyncio.wait_for(waiter, 20)
     await console.execute('SET LIMIT ROLE "Mixed Case" = 7')
@@ -205,7 +206,7 @@ async def test_pause_queues_everyone_and_resume_admits_them(guard) -> None:
     console = await admin_connect(g.port)
     assert await console.execute("PAUSE") == "PAUSE"
     waiters = [asyncio.create_task(asyncpg.connect(g.dsn(role))) for role in ("app", "app", "other")]
-    await await_until(lambda: g.server.gate.total_waiting == 3, what="three clients queued by PAUSE")
+    await await_until(lambda: g.server.control.counts().clients_waiting == 3, what="three clients queued by PAUSE")
     queues = await fetch(console, "SHOW QUEUES")
     assert by(queues, role="app")["waiting"] == "2" and by(queues, role="other")["waiting"] == "1"
     states = [r["state"] for r in await fetch(console, "SHOW CLIENTS") if r["role"] != "admin"]

@@ -192,24 +192,24 @@ async def test_cancel_request_is_forwarded_and_never_counted(guard) -> None:  # 
     await await_until(lambda: g.server.stats.cancels_forwarded == 1, what="the cancel to be forwarded")
     stats = g.server.stats
     assert stats.admissions == 0 and sum(stats.rejections.values()) == 0
-    g.server.gate.set_total_limit(-1)
+    g.server.control.set_limit("total", "", -1)
     await settled(g)
 
 
 async def test_clients_vanishing_while_queued_leave_nothing(guard) -> None:  # type: ignore[no-untyped-def]
     g = await guard(TOML + "[roles.app]\nmax_connections = 0\nqueue_timeout = 60\n")
-    gate = g.server.gate
+    control = g.server.control
     raws = []
     for _ in range(20):
         raw = await Raw.open(g)
         raw.send(_startup({"user": "app", "database": "postgres"}))
         raws.append(raw)
-    await await_until(lambda: gate.total_waiting == 20, what="20 clients to queue")
+    await await_until(lambda: control.counts().clients_waiting == 20, what="20 clients to queue")
     for raw in raws:
         await raw.close()
-    await await_until(lambda: gate.total_waiting == 0, what="the queue to empty")
-    assert gate.total_active == 0
-    g.server.admit_waiters(gate.set_role_limit("app", -1))
+    await await_until(lambda: control.counts().clients_waiting == 0, what="the queue to empty")
+    assert control.counts().sessions_active == 0
+    g.server.control.set_limit("role", "app", -1)
     await settled(g)
 
 
@@ -252,7 +252,7 @@ async def test_bad_clients_leave_no_file_descriptors(guard) -> None:  # type: ig
     async def vanish_queued() -> None:
         raw = await Raw.open(g)
         raw.send(_startup({"user": "app2"}))
-        await await_until(lambda: g.server.gate.total_waiting > 0, what="a waiter")
+        await await_until(lambda: g.server.control.counts().clients_waiting > 0, what="a waiter")
         await raw.close()
 
     async def vanish_mid_auth() -> None:

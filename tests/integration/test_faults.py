@@ -13,7 +13,7 @@ from console_client import ADMIN_TOML, psql, psql_rows
 
 from pgguard import config as config_mod
 from pgguard.errors import ConfigError
-from pgguard.faults import parse_rule
+from pgguard.rules import parse_rule
 from pgguard.testing.wait import await_until
 
 
@@ -31,7 +31,7 @@ async def _psycopg(g, user: str = "app", database: str = "postgres", **extra: st
 
 async def test_reject_next_n_answers_53300_for_that_role_only(guard) -> None:
     g = await guard()
-    faults = g.server.faults
+    faults = g.server.control.faults
     assert not faults.active  # no rules: Server.admit pays one attribute test
     rule = faults.add(parse_rule("REJECT NEXT 2 ROLE app"))
     assert faults.active
@@ -53,8 +53,8 @@ async def test_reject_next_n_answers_53300_for_that_role_only(guard) -> None:
 
 async def test_reject_with_any_sqlstate_and_message_for_a_database(guard) -> None:
     g = await guard()
-    g.server.faults.add(parse_rule("REJECT NEXT 1 DATABASE limdb SQLSTATE 57P03"))
-    g.server.faults.add(
+    g.server.control.inject(parse_rule("REJECT NEXT 1 DATABASE limdb SQLSTATE 57P03"))
+    g.server.control.inject(
         parse_rule(
             "REJECT NEXT 1 DATABASE limdb SQLSTATE 3D000 MESSAGE 'no {database} for {role} today'"
         )
@@ -84,18 +84,18 @@ async def test_reject_fraction_is_seeded_and_reproducible(guard) -> None:
             await conn.close()
     assert seen == expected
     assert 0 < sum(seen) < 16
-    (rule,) = g.server.faults.rules
+    (rule,) = g.server.control.faults.rules
     assert (rule.source, rule.fired) == ("config", sum(expected))
 
 
 async def test_delay_holds_the_client_without_a_slot_then_admits_it(guard) -> None:
     g = await guard()
-    faults = g.server.faults
+    faults = g.server.control.faults
     rule = faults.add(parse_rule("DELAY 0.4 NEXT 1 ROLE app"))
     t0 = time.monotonic()
     task = asyncio.create_task(_connect(g))
     await await_until(lambda: rule.fired == 1, what="the delay rule to fire")
-    assert g.server.gate.total_active == 0 and g.server.gate.total_waiting == 0
+    assert g.server.control.counts().sessions_active == 0 and g.server.control.counts().clients_waiting == 0
     conn = await task
     assert time.monotonic() - t0 >= 0.4
     assert rule.state == "spent"
@@ -105,7 +105,7 @@ async def test_delay_holds_the_client_without_a_slot_then_admits_it(guard) -> No
 
 async def test_random_delay_stays_within_its_bounds(guard) -> None:
     g = await guard()
-    g.server.faults.add(parse_rule("DELAY 0.1..0.3 NEXT 2 SEED 5"))
+    g.server.control.inject(parse_rule("DELAY 0.1..0.3 NEXT 2 SEED 5"))
     for _ in range(2):
         t0 = time.monotonic()
         conn = await _connect(g)
@@ -115,7 +115,7 @@ async def test_random_delay_stays_within_its_bounds(guard) -> None:
 
 async def test_delayed_client_that_leaves_holds_nothing(guard) -> None:
     g = await guard()
-    rule = g.server.faults.add(parse_rule("DELAY 0.3 NEXT 1"))
+    rule = g.server.control.inject(parse_rule("DELAY 0.3 NEXT 1"))
     task = asyncio.create_task(_connect(g))
     await await_until(lambda: rule.fired == 1, what="the delay rule to fire")
     task.cancel()
@@ -123,18 +123,18 @@ async def test_delayed_client_that_leaves_holds_nothing(guard) -> None:
         await task
     await await_until(lambda: not g.server.clients, what="the cancelled client to be gone")
     await asyncio.sleep(0.4)  # past the delay: its timer must find the client gone
-    assert g.server.gate.total_active == 0 and g.server.stats.admissions == 0
+    assert g.server.control.counts().sessions_active == 0 and g.server.stats.admissions == 0
 
 
 async def test_drop_closes_the_connection_mid_startup(guard) -> None:
     g = await guard()
-    rule = g.server.faults.add(parse_rule("DROP NEXT 1 ROLE app"))
+    rule = g.server.control.inject(parse_rule("DROP NEXT 1 ROLE app"))
     with pytest.raises(psycopg.OperationalError, match="closed the connection unexpectedly"):
         await _psycopg(g)
     assert rule.fired == 1
     conn = await _psycopg(g)
     await conn.close()
-    assert g.server.gate.total_active <= 1 and not g.server.stats.rejections
+    assert g.server.control.counts().sessions_active <= 1 and not g.server.stats.rejections
 
 
 async def test_terminate_sends_57p01_to_the_role_and_frees_its_slots(guard, pg) -> None:
@@ -142,7 +142,7 @@ async def test_terminate_sends_57p01_to_the_role_and_frees_its_slots(guard, pg) 
     a = await _connect(g)
     p = await _psycopg(g)
     other = await _connect(g, user="other")
-    rule = g.server.faults.add(parse_rule("TERMINATE ROLE app"))
+    rule = g.server.control.inject(parse_rule("TERMINATE ROLE app"))
     assert (rule.fired, rule.state) == (2, "done")
     with pytest.raises((asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError)):
         await a.fetchval("SELECT 1")
@@ -152,7 +152,7 @@ async def test_terminate_sends_57p01_to_the_role_and_frees_its_slots(guard, pg) 
         await p.execute("SELECT 1")
     assert await other.fetchval("SELECT current_user") == "other"
     await await_until(
-        lambda: g.server.gate.role_active.get("app", 0) == 0, what="app's slots to be released"
+        lambda: g.role_active("app") == 0, what="app's slots to be released"
     )
     assert pg.connection_count(users=["app"]) == 0
     await other.close()
@@ -162,7 +162,7 @@ async def test_terminate_sends_57p01_to_the_role_and_frees_its_slots(guard, pg) 
 async def test_terminate_after_a_delay(guard) -> None:
     g = await guard()
     conn = await _psycopg(g)
-    rule = g.server.faults.add(parse_rule("TERMINATE ROLE app AFTER 0.3 MESSAGE 'bye {role}'"))
+    rule = g.server.control.inject(parse_rule("TERMINATE ROLE app AFTER 0.3 MESSAGE 'bye {role}'"))
     assert rule.state == "pending"
     await conn.execute("SELECT 1")  # still alive before the delay
     await await_until(lambda: rule.state == "done", what="the terminate rule to fire")
@@ -175,7 +175,7 @@ async def test_terminate_after_a_delay(guard) -> None:
 async def test_clear_cancels_a_pending_terminate(guard) -> None:
     g = await guard()
     conn = await _connect(g)
-    faults = g.server.faults
+    faults = g.server.control.faults
     faults.add(parse_rule("TERMINATE AFTER 0.2"))
     faults.add(parse_rule("REJECT"))
     assert faults.active and faults.clear() == 2 and not faults.active
@@ -187,7 +187,7 @@ async def test_clear_cancels_a_pending_terminate(guard) -> None:
 
 async def test_reload_replaces_config_rules_and_keeps_runtime_ones(guard, pg) -> None:
     g = await guard('[faults]\nrules = ["REJECT ROLE app2"]')
-    faults = g.server.faults
+    faults = g.server.control.faults
     runtime = faults.add(parse_rule("DELAY 0.01 ROLE app"))
     new = config_mod.loads(_config_text(pg, 'rules = ["DROP ROLE app2"]'), "<reload>")
     assert g.server.reload(new)

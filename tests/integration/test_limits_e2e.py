@@ -125,7 +125,7 @@ async def test_exempt_role_is_never_limited(guard) -> None:  # type: ignore[no-u
     g = await guard('[limits]\nmax_connections = 1\npolicy = "reject"\nexempt_roles = ["boss"]')
     app = await connect(g, "app")
     bosses = [await connect(g, "boss") for _ in range(3)]
-    assert g.server.gate.total_active == 4
+    assert g.server.control.counts().sessions_active == 4
     with pytest.raises(asyncpg.TooManyConnectionsError, match="sorry, too many clients already"):
         await connect(g, "app2")
     for conn in [app, *bosses]:
@@ -138,12 +138,12 @@ async def test_exempt_role_is_never_limited(guard) -> None:  # type: ignore[no-u
 
 async def test_queued_clients_admitted_in_fifo_order(pg, guard) -> None:  # type: ignore[no-untyped-def]
     g = await guard('[roles.app]\nmax_connections = 1\npolicy = "queue"\nqueue_timeout = 60')
-    gate = g.server.gate
+    control = g.server.control
     held = await connect(g)
     tasks = []
     for i in range(4):
         tasks.append(asyncio.create_task(connect(g, timeout=90)))
-        await await_until(lambda i=i: gate.total_waiting == i + 1, what=f"client {i} to queue")
+        await await_until(lambda i=i: control.counts().clients_waiting == i + 1, what=f"client {i} to queue")
     current = held
     for i, task in enumerate(tasks):
         assert not any(t.done() for t in tasks[i:]), "admitted while the slot was held"
@@ -151,7 +151,7 @@ async def test_queued_clients_admitted_in_fifo_order(pg, guard) -> None:  # type
         await current.close()
         current = await asyncio.wait_for(task, 30)
         assert await current.fetchval("select 1") == 1
-        assert gate.role_active == {"app": 1}
+        assert g.role_active("app") == 1
     await current.close()
     await g.wait_idle()
     assert g.server.stats.queued == 4
@@ -167,7 +167,7 @@ async def test_queue_timeout_rejects_with_53300(guard) -> None:  # type: ignore[
     with pytest.raises(psycopg.OperationalError, match=ROLE_MSG):
         await psycopg.AsyncConnection.connect(g.conninfo("app"), connect_timeout=20)
     assert g.server.stats.queue_timeouts == 2
-    assert g.server.gate.total_waiting == 0
+    assert g.server.control.counts().clients_waiting == 0
     await held.close()
     await g.wait_idle()
 
@@ -175,10 +175,10 @@ async def test_queue_timeout_rejects_with_53300(guard) -> None:  # type: ignore[
 async def test_max_queue_rejects_at_once(guard) -> None:  # type: ignore[no-untyped-def]
     g = await guard('[roles.app]\nmax_connections = 0\nmax_queue = 1\nqueue_timeout = 60')
     waiting = asyncio.create_task(connect(g, timeout=90))
-    await await_until(lambda: g.server.gate.total_waiting == 1, what="the first client to queue")
+    await await_until(lambda: g.server.control.counts().clients_waiting == 1, what="the first client to queue")
     with pytest.raises(asyncpg.TooManyConnectionsError, match=ROLE_MSG):
         await connect(g)
-    g.server.admit_waiters(g.server.gate.set_role_limit("app", 1))
+    g.server.control.set_limit("role", "app", 1)
     conn = await asyncio.wait_for(waiting, 30)
     await conn.close()
     await g.wait_idle()
@@ -186,17 +186,17 @@ async def test_max_queue_rejects_at_once(guard) -> None:  # type: ignore[no-unty
 
 async def test_client_that_leaves_the_queue_is_forgotten(pg, guard) -> None:  # type: ignore[no-untyped-def]
     g = await guard('[roles.app]\nmax_connections = 1\nqueue_timeout = 60')
-    gate = g.server.gate
+    control = g.server.control
     held = await connect(g)
     # asyncpg gives up after its own timeout and closes the socket while queued.
     with pytest.raises(TimeoutError):
         await connect(g, timeout=0.5)
-    await await_until(lambda: gate.total_waiting == 0, what="the departed client to leave the queue")
-    assert gate.role_active == {"app": 1}
+    await await_until(lambda: control.counts().clients_waiting == 0, what="the departed client to leave the queue")
+    assert g.role_active("app") == 1
     # psql gives up too (connect_timeout is at least 2 s in libpq).
     code, _, err = await psql(g.conninfo("app", connect_timeout="2"))
     assert code != 0 and "timeout" in err
-    await await_until(lambda: gate.total_waiting == 0, what="psql to leave the queue")
+    await await_until(lambda: control.counts().clients_waiting == 0, what="psql to leave the queue")
     await held.close()
     await g.wait_idle()
     assert await _count(pg, "app") == 0

@@ -34,8 +34,8 @@ def _mirror_toml(dsn: str) -> str:
 
 async def test_a_storm_queues_at_pgguard_under_the_catalog_limit(guard, pg, mirrored_role) -> None:
     g = await guard(_mirror_toml(pg.dsn()))
-    gate = g.server.gate
-    assert gate.role_limit(ROLE) == (2, "catalog")  # read before the first client was accepted
+    control = g.server.control
+    assert control.role_limit(ROLE) == (2, "catalog")  # read before the first client was accepted
 
     async def client() -> int:
         conn = await asyncpg.connect(g.dsn(ROLE), timeout=60)
@@ -56,24 +56,24 @@ async def test_a_storm_queues_at_pgguard_under_the_catalog_limit(guard, pg, mirr
 
 async def test_limits_follow_alter_role_and_alter_database(guard, pg, mirrored_role) -> None:
     g = await guard(_mirror_toml(pg.dsn()))
-    gate = g.server.gate
+    control = g.server.control
     console = await admin_connect(g.port)
     assert by(await fetch(console, "SHOW LIMITS"), kind="role", name=ROLE)["source"] == "catalog"
     held = [await asyncpg.connect(g.dsn(ROLE)) for _ in range(2)]
     third = asyncio.create_task(asyncpg.connect(g.dsn(ROLE)))
-    await await_until(lambda: gate.total_waiting == 1, what="the third client to queue at pgguard")
+    await await_until(lambda: control.counts().clients_waiting == 1, what="the third client to queue at pgguard")
 
     pg.execute(f"ALTER ROLE {ROLE} CONNECTION LIMIT 3")
     held.append(await asyncio.wait_for(third, 20))  # admitted as soon as the mirror read 3
-    assert gate.role_limit(ROLE) == (3, "catalog")
+    assert control.role_limit(ROLE) == (3, "catalog")
 
     pg.execute("ALTER DATABASE otherdb CONNECTION LIMIT 4")
     await await_until(
-        lambda: gate.database_limit("otherdb") == (4, "catalog"), what="otherdb's limit mirrored"
+        lambda: control.database_limit("otherdb") == (4, "catalog"), what="otherdb's limit mirrored"
     )
     pg.execute(f"ALTER ROLE {ROLE} CONNECTION LIMIT -1")
     await await_until(
-        lambda: gate.role_limit(ROLE) == (-1, "default"), what="the role's limit to be lifted"
+        lambda: control.role_limit(ROLE) == (-1, "default"), what="the role's limit to be lifted"
     )
     # A limit set in pgguard wins over the catalog.
     await console.execute("SET LIMIT DATABASE otherdb = 1")
@@ -86,4 +86,4 @@ async def test_an_unreachable_server_is_logged_and_retried(guard, caplog) -> Non
     g = await guard(_mirror_toml(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"))
     await await_until(lambda: g.server.stats.mirror_failures >= 2, what="a second mirror attempt")
     assert caplog.text.count("event=mirror_failed") == 1  # one line per failure streak
-    assert g.server.gate.role_limit(ROLE) == (-1, "default")
+    assert g.server.control.role_limit(ROLE) == (-1, "default")

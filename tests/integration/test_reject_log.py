@@ -7,14 +7,14 @@ import logging
 import asyncpg
 import pytest
 
-from pgguard import server as server_mod
+from pgguard import control as control_mod
 
 pytestmark = pytest.mark.asyncio
 
 
 async def test_reject_flood_logs_one_line_then_a_summary(guard, caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # A window longer than the test, however slow the machine: it ends only at close().
-    monkeypatch.setattr(server_mod, "REJECT_LOG_WINDOW", 300.0)
+    monkeypatch.setattr(control_mod, "REJECT_LOG_WINDOW", 300.0)
     caplog.set_level(logging.INFO, logger="pgguard")
     g = await guard('[roles.app]\nmax_connections = 0\npolicy = "reject"')
     for _ in range(5):

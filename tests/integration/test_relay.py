@@ -1,5 +1,7 @@
 """The relay: after admission pgguard is invisible. Real clients do real work through it.
 
+Every test runs on both relays: the native one (pgguard._relay, skipped when it is not
+built) and the Python one, chosen through PGGUARD_RELAY, the default of ``[server] relay``.
 Also the backend failures: a closed port, a listener that never completes the TCP handshake
 and one that accepts but never answers.
 """
@@ -12,6 +14,7 @@ import io
 import os
 import re
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 
@@ -19,10 +22,21 @@ import asyncpg
 import psycopg
 import pytest
 
+from pgguard import relay as relay_mod
+from pgguard.errors import AdminShutdown
 from pgguard.testing.cluster import free_port
 from pgguard.testing.wait import await_until
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(params=["native", "python"], autouse=True)
+def relay_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which relay the guards of this test use."""
+    if request.param == "native" and not relay_mod.available():
+        pytest.skip("pgguard._relay is not built")
+    monkeypatch.setenv("PGGUARD_RELAY", request.param)
+    return str(request.param)
 
 
 def _env() -> dict[str, str]:
@@ -133,7 +147,7 @@ async def test_query_cancel_asyncpg_timeout(relay, app: asyncpg.Connection, dire
     assert time.monotonic() - start < 10
     assert await _sleeping(direct) == 0
     assert relay.server.stats.cancels_forwarded == 1
-    assert relay.server.gate.total_active == 1  # the cancel connection was never counted
+    assert relay.server.control.counts().sessions_active == 1  # the cancel connection was never counted
 
 
 async def test_query_cancel_asyncpg_wait_for(app: asyncpg.Connection, direct) -> None:  # type: ignore[no-untyped-def]
@@ -213,15 +227,18 @@ async def test_pgbench_through_pgguard_has_no_failures(guard, pg) -> None:  # ty
 # -------------------------------------------------------------- backend failures
 
 
-async def test_closed_backend_port_gives_08006_and_frees_the_slot(guard) -> None:  # type: ignore[no-untyped-def]
+async def test_closed_backend_port_gives_57p03_and_frees_the_slot(guard) -> None:  # type: ignore[no-untyped-def]
+    """An unreachable server is answered as PostgreSQL answers when it cannot take
+    connections (57P03), the reason in DETAIL, so health checks read "rejecting"."""
     g = await guard(f'[backend]\nport = {free_port()}\n[roles.app]\nmax_connections = 1\npolicy = "reject"')
     for _ in range(2):  # the slot is free again each time
-        with pytest.raises(asyncpg.PostgresError) as info:
+        with pytest.raises(asyncpg.CannotConnectNowError) as info:
             await asyncpg.connect(g.dsn("app"), timeout=30)
-        assert info.value.sqlstate == "08006"
-        assert str(info.value).startswith("pgguard could not connect to the server: ")
+        assert info.value.sqlstate == "57P03"
+        assert info.value.message == "the database system is not accepting connections"
+        assert info.value.detail.startswith("pgguard could not connect to the server: ")
         await g.wait_idle()
-    with pytest.raises(psycopg.OperationalError, match="pgguard could not connect to the server"):
+    with pytest.raises(psycopg.OperationalError, match="the database system is not accepting connections"):
         await psycopg.AsyncConnection.connect(g.conninfo("app"), connect_timeout=20)
     await g.wait_idle()
     assert g.server.stats.dial_failures == 3
@@ -247,21 +264,21 @@ def full_backlog() -> AsyncIterator[int]:  # type: ignore[misc]
     lsock.close()
 
 
-async def test_backend_dial_timeout_gives_08006(guard, full_backlog: int) -> None:  # type: ignore[no-untyped-def]
+async def test_backend_dial_timeout_gives_57p03(guard, full_backlog: int) -> None:  # type: ignore[no-untyped-def]
     g = await guard(f"[backend]\nport = {full_backlog}\nconnect_timeout = 0.5\n[roles.app]\nmax_connections = 1")
     start = time.monotonic()
     with pytest.raises(asyncpg.PostgresError) as info:
         await asyncpg.connect(g.dsn("app"), timeout=30)
-    assert info.value.sqlstate == "08006"
-    assert str(info.value) == "pgguard could not connect to the server: timeout expired"
+    assert info.value.sqlstate == "57P03"
+    assert info.value.detail == "pgguard could not connect to the server: timeout expired"
     assert 0.4 < time.monotonic() - start < 10
     await g.wait_idle()
 
 
-async def test_backend_that_accepts_and_never_answers_gives_08006(guard) -> None:  # type: ignore[no-untyped-def]
+async def test_backend_that_accepts_and_never_answers_gives_57p03(guard) -> None:  # type: ignore[no-untyped-def]
     """A fake backend: accepts the TCP connection, reads the startup packet, never replies
     (a real PostgreSQL cannot be made to hang like this). connect_timeout covers the wait for
-    the server's first reply, so the client gets 08006 and the slot comes back."""
+    the server's first reply, so the client gets 57P03 and the slot comes back."""
     accepted: list[asyncio.StreamWriter] = []
 
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -275,8 +292,8 @@ async def test_backend_that_accepts_and_never_answers_gives_08006(guard) -> None
         start = time.monotonic()
         with pytest.raises(asyncpg.PostgresError) as info:
             await asyncpg.connect(g.dsn("app"), timeout=30)
-        assert info.value.sqlstate == "08006"
-        assert str(info.value) == "pgguard could not connect to the server: timeout expired"
+        assert info.value.sqlstate == "57P03"
+        assert info.value.detail == "pgguard could not connect to the server: timeout expired"
         assert 0.4 < time.monotonic() - start < 10
         assert len(accepted) == 1
         await g.wait_idle()
@@ -286,3 +303,89 @@ async def test_backend_that_accepts_and_never_answers_gives_08006(guard) -> None
             w.close()
         server.close()
         await server.wait_closed()
+
+
+# ------------------------------------------------------------- the relay itself
+
+
+async def test_live_sessions_use_the_relay_asked_for(relay, relay_kind: str) -> None:  # type: ignore[no-untyped-def]
+    before = relay_mod.native_sessions()
+    conn = await asyncpg.connect(relay.dsn("app"), timeout=30)
+    assert await conn.fetchval("select 1") == 1
+    assert relay_mod.native_sessions() - before == (1 if relay_kind == "native" else 0)
+    [client] = relay.server.clients.values()
+    # the control plane's view of the session, whichever relay moves its bytes
+    bytes_in, bytes_out = client.bytes_in, client.bytes_out
+    idle_before = client.last_active
+    assert await conn.fetchval("select repeat('x', 100000)") == "x" * 100000
+    assert client.bytes_in > bytes_in and client.bytes_out > bytes_out + 100000
+    assert client.last_active > idle_before
+    assert client.idle_status == ord("I")
+    async with conn.transaction():
+        await conn.execute("select 1")
+        assert client.idle_status == ord("T")
+    assert client.idle_status == ord("I")
+    await conn.close()
+    await relay.wait_idle()
+    assert relay.server.control.bytes_relayed()[1] >= client.bytes_out
+    await await_until(lambda: relay_mod.native_sessions() == before, what="the relay to let go")
+
+
+async def test_kill_mid_result_gives_a_clean_fatal(relay, relay_kind: str) -> None:  # type: ignore[no-untyped-def]
+    """A session killed while the server streams a large result: on the native relay the
+    FATAL goes in between two messages, so the client reads PostgreSQL's 57P01, not a torn
+    message. (The Python relay writes it at a chunk boundary: only native is checked.)"""
+    if relay_kind != "native":
+        pytest.skip("the Python relay writes a take-back at a chunk boundary")
+    conn = await psycopg.AsyncConnection.connect(relay.conninfo("app"), connect_timeout=20)
+    [client] = relay.server.clients.values()
+    start = client.bytes_out
+    cur = conn.cursor()
+    query = asyncio.create_task(cur.execute("select repeat('x', 1000) from generate_series(1, 2000000)"))
+    await await_until(lambda: client.bytes_out > start + 1_000_000, what="the result to stream")
+    relay.server.control.terminate(client, AdminShutdown())
+    with pytest.raises(psycopg.errors.AdminShutdown, match="terminating connection due to administrator command"):
+        await query
+    await relay.wait_idle()
+    await conn.close()
+
+
+async def test_client_reset_mid_query_cancels_it_and_frees_the_slot(guard, direct) -> None:  # type: ignore[no-untyped-def]
+    """An abortive close (RST) while a query runs: as for a FIN, the query is cancelled.
+    The client speaks the protocol on a raw socket, to close it with SO_LINGER 0."""
+    g = await guard("[backend]\nclose_timeout = 60\n[roles.app]\nmax_connections = 1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.port)
+    params = b"user\x00app\x00database\x00postgres\x00\x00"
+    writer.write(struct.pack("!II", 8 + len(params), 196608) + params)
+    await asyncio.wait_for(reader.readuntil(b"Z\x00\x00\x00\x05I"), 30)
+    writer.write(b"Q" + struct.pack("!I", 4 + 20) + b"select pg_sleep(30)\x00")
+    await await_until(lambda: _sleeping(direct), what="pg_sleep to run on the server")
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    start = time.monotonic()
+    await g.wait_idle(timeout=20)
+    assert time.monotonic() - start < 10
+    assert await _sleeping(direct) == 0
+
+
+async def test_server_ending_the_session_closes_the_client_and_frees_the_slot(relay, direct) -> None:  # type: ignore[no-untyped-def]
+    conn = await asyncpg.connect(relay.dsn("app"), timeout=30)
+    pid = await conn.fetchval("select pg_backend_pid()")
+    assert await direct.fetchval("select pg_terminate_backend($1)", pid)
+    await relay.wait_idle()
+    await await_until(lambda: not relay.server.clients, what="the client to be closed")
+    await await_until(conn.is_closed, what="asyncpg to see its connection closed")
+
+
+async def test_many_sessions_at_once_each_get_their_own_bytes(relay) -> None:  # type: ignore[no-untyped-def]
+    conns = [await asyncpg.connect(relay.dsn("app"), timeout=30) for _ in range(8)]
+
+    async def work(i: int, conn: asyncpg.Connection) -> None:
+        for j in range(50):
+            assert await conn.fetchval("select $1::text || repeat('y', $2)", f"{i}:{j}", 3000) == f"{i}:{j}" + "y" * 3000
+
+    await asyncio.gather(*(work(i, c) for i, c in enumerate(conns)))
+    for c in conns:
+        await c.close()
+    await relay.wait_idle()

@@ -83,7 +83,7 @@ async def _server_sessions(direct: asyncpg.Connection, role: str) -> int:
 
 async def test_queue_storm_never_exceeds_the_limit(guard, direct: asyncpg.Connection) -> None:  # type: ignore[no-untyped-def]
     g = await guard(f'[roles.app]\nmax_connections = {LIMIT}\npolicy = "queue"\nqueue_timeout = 120\nmax_queue = 1000')
-    gate = g.server.gate
+    control = g.server.control
     proxy_peak = 0
 
     async def client(i: int) -> int:
@@ -93,7 +93,7 @@ async def test_queue_storm_never_exceeds_the_limit(guard, direct: asyncpg.Connec
             return i
         conn = await asyncpg.connect(g.dsn("app"), timeout=150)
         try:
-            proxy_peak = max(proxy_peak, gate.role_active.get("app", 0))
+            proxy_peak = max(proxy_peak, g.role_active("app"))
             await conn.execute("select pg_sleep(0.01)")
             return i
         finally:
@@ -111,7 +111,7 @@ async def test_queue_storm_never_exceeds_the_limit(guard, direct: asyncpg.Connec
         lambda: _zero(direct, "app"), timeout=30, what="no app session left on the server"
     )
     await g.wait_idle()
-    assert gate.total_active == 0 and gate.total_waiting == 0 and list(gate.waiters()) == []
+    assert control.counts().sessions_active == 0 and control.counts().clients_waiting == 0 and not g.server.control.queue_rows()
     stats = g.server.stats
     assert stats.admissions == CLIENTS and sum(stats.rejections.values()) == 0
     assert stats.queued > 0

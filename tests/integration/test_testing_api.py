@@ -11,7 +11,7 @@ import pytest
 
 import pgguard.testing
 from pgguard.errors import ConfigError
-from pgguard.faults import FaultSpecError
+from pgguard.rules import FaultSpecError
 from pgguard.testing import aguard, guard
 from pgguard.testing.guard import parse_dsn
 from pgguard.testing.wait import await_until
@@ -69,8 +69,8 @@ def test_reset_returns_to_the_config(pg) -> None:
         g.inject(drop_next=5)
         g.pause()
         g.reset()
-        assert g.faults() == [] and not g.server.gate.paused
-        assert g.server.gate.role_limit("app") == (3, "config")
+        assert g.faults() == [] and not g.server.control.counts().paused
+        assert g.server.control.role_limit("app") == (3, "config")
         with psycopg.connect(g.dsn, sslmode="disable"):
             pass
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgguard import admin, config
+from pgguard import admin, config, console
 from pgguard.errors import AdminCommandError, ConfigError
 
 
@@ -20,21 +20,21 @@ from pgguard.errors import AdminCommandError, ConfigError
     ],
 )
 def test_split_statements(text: str, statements: list[str]) -> None:
-    assert admin.split_statements(text) == statements
+    assert console.split_statements(text) == statements
 
 
 @pytest.mark.parametrize(
     ("text", "name"), [("App", "app"), ('"App"', "App"), ('"a ""q"" b"', 'a "q" b'), ("x_1", "x_1")]
 )
 def test_parse_name_follows_sql_identifier_rules(text: str, name: str) -> None:
-    assert admin.parse_name(text) == name
+    assert console.parse_name(text) == name
 
 
 def test_every_command_is_found_case_insensitively_and_unknown_ones_are_42601() -> None:
     for statement in ("show limits", "Set Limit Role app = 3", "kill client 7", "RELOAD", "begin"):
-        admin._find(statement)
+        console.find(statement)
     with pytest.raises(AdminCommandError) as info:
-        admin._find("SELECT 1")
+        console.find("SELECT 1")
     assert info.value.sqlstate == "42601" and info.value.severity == "ERROR"
 
 
@@ -69,7 +69,7 @@ def test_show_config_masks_passwords() -> None:
         '[backend]\nmonitor_dsn = "postgres://mon:pw@db/postgres"\n'
         '[admin]\nusers = ["a"]\npassword = "plain"\n[roles.app]\nmax_connections = 3\n'
     )
-    rows = dict(admin.config_rows(cfg))
+    rows = dict(console.config_rows(cfg))
     assert rows["backend.monitor_dsn"] == "postgres://mon:********@db/postgres"
     assert rows["admin.password"] == "(plain text)"
     assert rows["roles.app.max_connections"] == "3" and "roles.app.policy" not in rows

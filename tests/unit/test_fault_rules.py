@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgguard.faults import FaultRule, FaultSpecError, parse_rule, rule_from_kwargs
+from pgguard.rules import FaultRule, FaultSpecError, parse_rule, rule_from_kwargs
 
 names = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=12)
 

@@ -584,3 +584,23 @@ GateMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestGateInvariants = GateMachine.TestCase
+
+
+def test_role_memo_is_bounded_whatever_names_clients_present() -> None:
+    """Role names come from clients: the per-role memo never outgrows ROLE_CACHE_MAX."""
+    from pgguard.limits import ROLE_CACHE_MAX
+
+    gate = Gate(Rules(role_max_connections=0, policy=Policy.REJECT))
+    for i in range(3 * ROLE_CACHE_MAX):
+        assert gate.arrive(f"role{i}", "db", now=0.0).kind is Kind.REJECT
+    assert len(gate._role_cache) <= ROLE_CACHE_MAX
+    assert gate.limit_rows()[1:] == []  # nothing per name once those clients are gone
+
+
+def test_max_queue_total_caps_waiters_across_roles() -> None:
+    gate = Gate(Rules(role_max_connections=0, max_queue=10, max_queue_total=2))
+    kinds = [gate.arrive(f"r{i}", "db", now=0.0).kind for i in range(3)]
+    assert kinds == [Kind.QUEUE, Kind.QUEUE, Kind.REJECT]
+    third = gate.arrive("r9", "db", now=0.0)
+    assert third.rejection is not None and third.rejection.cause == "max_queue_total"
+    assert third.rejection.error().message == 'too many connections for role "r9"'

@@ -331,3 +331,32 @@ def test_tls_keys_are_checked_together() -> None:
         load('[tls]\nclient_mode = "always"\n')
     with pytest.raises(ConfigError):
         load('[backend]\nsslmode = "verify"\n')
+
+
+def test_client_hello_dripped_as_one_byte_records_is_read_in_linear_work(monkeypatch) -> None:
+    """Each record header is read once however the bytes arrive (it used to be re-parsed)."""
+    body = HELLO_PG[5:]
+    records = b"".join(b"\x16\x03\x01\x00\x01" + body[i : i + 1] for i in range(len(body)))
+    calls = 0
+    real = tls._RECORD_HEADER
+
+    class Counting:
+        size = real.size
+
+        def unpack_from(self, data, offset=0):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            return real.unpack_from(data, offset)
+
+    monkeypatch.setattr(tls, "_RECORD_HEADER", Counting())
+    reader = tls.ClientHelloReader()
+    result = None
+    for i in range(len(records)):
+        result = reader.feed(records[i : i + 1])
+        if result is not NEED_DATA:
+            break
+    assert isinstance(result, tls.ClientHello) and result.alpn == tls.parse_client_hello(HELLO_PG).alpn
+    # At most one header read per feed and per record: linear in the bytes received (the old
+    # parser re-read every record on every byte: about len(body)**2 / 2 = 131,000 reads here).
+    assert calls <= (i + 1) + len(body)
+    assert bytes(reader.raw) == records[: i + 1]

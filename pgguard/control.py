@@ -1,0 +1,655 @@
+"""The control layer: the one owner of the Gate; every admission, limit change, kill and fault goes through it.
+
+Theory
+------
+``limits.Gate`` decides; ``Control`` acts on its decisions and is the only code that holds
+it. Each operation here is whole: it changes the gate, starts the sessions of every waiter
+the change admitted, counts what happened in ``Stats`` and logs it. Nobody else calls a Gate
+setter or has to remember a follow-up call.
+
+- Sockets: ``client_opened`` / ``client_closed`` keep the registry of client sockets and
+  enforce ``[server] max_client_connections``; ``console_opened`` / ``console_closed`` the
+  console sessions, which count toward the same cap.
+- Admission: ``admit`` (fault rules first, then the gate), ``leave_queue``, ``release``.
+- Intents: ``set_limit``, ``set_policy``, ``pause``, ``resume``, ``apply_config`` (reload),
+  ``apply_catalog`` (mirror mode), ``kill``, ``inject`` / ``remove_fault`` / ``clear_faults``,
+  ``shut`` (drain), ``terminate_all``.
+- Snapshots, read by SHOW, ``/metrics`` and ``pgguard.testing`` alike so they cannot
+  disagree: ``counts``, ``limit_rows``, ``stats_rows``, ``client_rows``, ``queue_rows``,
+  ``fault_rows``, ``pair_counts``.
+
+Time for queue deadlines and the idle sweep comes from the event loop; the gate itself keeps
+no clock. Rejections and refused sockets are logged through rate-limited windows, so a flood
+costs one line per key per second.
+
+Size: about 650 lines, kept as one job on purpose: every change to what is admitted goes
+through this one class (that is the point of the layer); the rows SHOW prints are in
+``stats.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import resource
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final, Literal
+
+from . import stats, tls, wire
+from .backend import Backend
+from .config import Config
+from .errors import (
+    AdminShutdown,
+    IdleInTransactionTimeout,
+    IdleSessionTimeout,
+    PgGuardError,
+    ShuttingDown,
+    TooManyConnections,
+)
+from .faults import Faults
+from .limits import Gate, Kind, LimitRow, Policy, Rejection, RejectReason, Ticket, Waiter
+from .log import RateLimitedLog, log, log_event
+from .proxy import ClientConnection, State
+from .rules import FaultRule
+from .stats import Console, Counts, Stats
+
+__all__ = [
+    "ADMIN_DATABASE",
+    "Control",
+    "Console",
+    "Counts",
+    "Stats",
+    "client_cap",
+    "raise_fd_limit",
+]
+
+# The idle sweep runs every quarter of the shortest idle_timeout, within these bounds, so a
+# session is closed at most that much past its timeout, at the cost of one pass per sweep.
+IDLE_SWEEP_MIN: Final = 0.05
+IDLE_SWEEP_MAX: Final = 5.0
+IDLE: Final = ord("I")  # ReadyForQuery status: idle, not in a transaction
+# Under a flood of rejections a log line per client costs more than the rejection itself
+# (a third of its CPU, measured) and floods the log: the first rejection per (role,
+# database, reason) in each window is logged in full, the rest are counted and logged as
+# one `reject_summary` line when the window ends.
+REJECT_LOG_WINDOW: Final = 1.0
+# The fields that name a rate-limited log's key, per event (see _log_limited).
+_LOG_KEYS: Final = {"reject": ("role", "database", "reason"), "refuse": ("reason",)}
+# File descriptors kept for what is not a client or its server socket (listeners, metrics,
+# console, catalog mirror, forwarded cancels, log files) when max_client_connections is
+# derived from the open-file limit.
+FD_RESERVE: Final = 64
+# CancelRequests matching no session of this process that may be in flight to the server at
+# once (see forward_cancel); a flood of forged ones is dropped instead of passed on.
+MAX_UNMATCHED_CANCELS: Final = 16
+# PostgreSQL's words when it has no room for another connection at all (proc.c, InitProcess).
+TOO_MANY_CLIENTS: Final = "sorry, too many clients already"
+# The database name that reaches the admin console instead of the server.
+ADMIN_DATABASE: Final = "pgguard"
+def client_cap(configured: int) -> int:
+    """``[server] max_client_connections``, or (0) what the open-file limit leaves room for.
+
+    Each client may need two descriptors (its own socket and its server's), so the derived
+    cap is half of what remains of ``RLIMIT_NOFILE`` after ``FD_RESERVE``.
+    """
+    if configured > 0:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, (soft - FD_RESERVE) // 2)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-file limit to the hard one (as servers do); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Control:
+    """The gate's owner and the counters' keeper for one pgguard process."""
+
+    def __init__(self, config: Config, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.backend = backend
+        self.loop = loop
+        self._gate = Gate(config.rules())
+        self.stats = Stats()
+        self.clients: dict[int, ClientConnection] = {}
+        self.consoles: dict[int, Console] = {}
+        self.max_clients = client_cap(config.server.max_client_connections)
+        self.draining = False
+        self.started_at = time.time()
+        self.faults = Faults(self, config.faults)
+        # Server process id -> the session it serves, to tell known CancelRequests from others.
+        self._backend_keys: dict[int, ClientConnection] = {}
+        self._unmatched_cancels = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._queue_timer: asyncio.TimerHandle | None = None
+        self._queue_deadline: float | None = None
+        self._idle_sweep: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Floods are logged as one line per key per window plus a summary (see _log_limited):
+        # rejections by (role, database, reason), refused sockets and fd exhaustion by reason.
+        self._reject_log = RateLimitedLog("reject", REJECT_LOG_WINDOW, overflow=("", "", "other"))
+        self._refuse_log = RateLimitedLog("refuse", REJECT_LOG_WINDOW, overflow=("other",))
+        self._log_windows: dict[RateLimitedLog, asyncio.TimerHandle] = {}
+        # Set by the Server: client TLS (None: SSLRequest gets "N") and the console hand-off.
+        self.client_tls: tls.ClientTLS | None = None
+        self.open_console: Callable[[ClientConnection, bytes], None] | None = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._schedule_idle_sweep()
+
+    def close(self) -> None:
+        """Stop timers and tasks, log what the rate-limited windows still hold."""
+        self.draining = True
+        for timer in (self._queue_timer, self._idle_sweep):
+            if timer is not None:
+                timer.cancel()
+        self._queue_timer = self._idle_sweep = None
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        for limiter, timer in list(self._log_windows.items()):
+            timer.cancel()
+            self._end_log_window(limiter)
+        self.faults.clear()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task this process cancels when it closes."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def idle(self) -> bool:
+        """True when no slot is held, nobody waits and no client socket is open."""
+        return not self.clients and not self._gate.total_active and not self._gate.total_waiting
+
+    async def wait_idle(self) -> None:
+        """Until no client socket is open and no slot is held."""
+        while self.clients or self._gate.total_active:
+            self._idle.clear()
+            await self._idle.wait()
+
+    def _check_idle(self) -> None:
+        if not self.clients and not self._gate.total_active:
+            self._idle.set()
+
+    # ----------------------------------------------------------------- sockets
+
+    def client_opened(self, client: ClientConnection) -> bool:
+        """Count a new client socket; False (and 53300 sent) past ``max_client_connections``."""
+        if len(self.clients) + len(self.consoles) >= self.max_clients:
+            self._count_rejection(RejectReason.MAX_CLIENT_CONNECTIONS)
+            self._log_limited(
+                self._refuse_log,
+                (RejectReason.MAX_CLIENT_CONNECTIONS.value,),
+                reason=RejectReason.MAX_CLIENT_CONNECTIONS.value,
+                client=client.peer,
+                limit=self.max_clients,
+            )
+            client.refuse(TooManyConnections(TOO_MANY_CLIENTS))
+            return False
+        self.clients[client.id] = client
+        self._idle.clear()
+        return True
+
+    def client_closed(self, client: ClientConnection) -> None:
+        pid = client.backend_pid
+        if pid is not None and self._backend_keys.get(pid) is client:
+            del self._backend_keys[pid]
+        self.stats.bytes_in += client.bytes_in
+        self.stats.bytes_out += client.bytes_out
+        self.clients.pop(client.id, None)
+        self._check_idle()
+
+    def console_opened(self, client: ClientConnection, session: Console) -> None:
+        """``client``'s socket now belongs to a console session (never counted on a limit)."""
+        self.clients.pop(client.id, None)
+        self._check_idle()
+        self.consoles[session.id] = session
+
+    def console_closed(self, session: Console) -> None:
+        self.consoles.pop(session.id, None)
+
+    def fd_exhausted(self, where: str, exc: OSError) -> None:
+        """The process ran out of file descriptors (EMFILE/ENFILE): count it, log it (limited)."""
+        self.stats.fd_exhausted += 1
+        self._log_limited(self._refuse_log, (where,), reason=where, error=exc.strerror or str(exc))
+
+    def wants_admin(self, packet: wire.StartupMessage) -> bool:
+        """True when this StartupMessage is for the admin console, not the server."""
+        return packet.database == ADMIN_DATABASE and bool(self.config.admin.users)
+
+    def open_admin(self, client: ClientConnection, early: bytes) -> None:
+        """Hand ``client``'s socket to a console session (the Server makes it)."""
+        assert self.open_console is not None
+        self.open_console(client, early)
+
+    async def open_backend(
+        self, factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        """The server connection of an admitted session (see ``backend.Backend.open``)."""
+        return await self.backend.open(factory)
+
+    # -------------------------------------------------------------- admission
+
+    def admit(self, client: ClientConnection) -> None:
+        """Route a client that sent its StartupMessage: a fault rule, else admit, queue or reject it."""
+        if self.faults.active and not self.draining and self.faults.intercept(client):
+            return  # rejected, dropped or delayed by a fault rule (a delayed one comes back below)
+        self.admit_now(client)
+
+    def admit_now(self, client: ClientConnection) -> None:
+        """Admit, queue or reject ``client`` through the gate."""
+        if self.draining:
+            client.reject(ShuttingDown())
+            return
+        replication = client.startup is not None and client.startup.is_replication
+        decision = self._gate.arrive(
+            client.role, client.database, self.loop.time(), client, replication=replication
+        )
+        if decision.kind is Kind.ADMIT:
+            assert decision.ticket is not None
+            self.stats.admissions += 1
+            self.stats.record_wait(0.0)
+            client.admitted(decision.ticket)
+        elif decision.kind is Kind.QUEUE:
+            assert decision.waiter is not None
+            self.stats.queued += 1
+            client.queued(decision.waiter)
+            self._schedule_queue_timer(decision.waiter.deadline)
+        else:
+            assert decision.rejection is not None
+            self._reject(client, decision.rejection)
+
+    def leave_queue(self, waiter: Waiter) -> None:
+        """A queued client left (or was answered): it holds nothing any more."""
+        self._gate.cancel(waiter)
+
+    def release(self, ticket: Ticket) -> None:
+        """A session's backend is gone: free its slots and admit whoever now fits."""
+        self._admit_waiters(self._gate.release(ticket))
+        self._check_idle()
+
+    def _admit_waiters(self, waiters: list[Waiter]) -> None:
+        """Start the sessions of waiters the gate just admitted (every Gate call that can
+        admit returns them; only this class makes those calls)."""
+        now = self.loop.time()
+        for waiter in waiters:
+            client = waiter.context
+            assert isinstance(client, ClientConnection) and waiter.ticket is not None
+            self.stats.admissions += 1
+            self.stats.record_wait(now - waiter.arrived)
+            client.admitted(waiter.ticket)
+
+    def _reject(self, client: ClientConnection, rejection: Rejection) -> None:
+        self._count_rejection(rejection.cause)
+        if rejection.cause is RejectReason.QUEUE_TIMEOUT:
+            self.stats.queue_timeouts += 1
+        if log.isEnabledFor(logging.INFO):
+            self._log_limited(
+                self._reject_log,
+                (client.role, client.database, rejection.cause),
+                role=client.role,
+                database=client.database,
+                limit=rejection.limit.value,
+                value=rejection.value,
+                reason=rejection.cause,
+                client=client.peer,
+            )
+        client.reject(rejection.error(with_detail=self.config.errors.detail))
+
+    def _count_rejection(self, reason: RejectReason) -> None:
+        self.stats.rejections[reason] += 1  # a StrEnum: the same key as its value
+
+    def count_rejection(self, reason: str) -> None:
+        """A fault rule turned a client away (FaultHost)."""
+        self._count_rejection(RejectReason(reason))
+
+    def _schedule_queue_timer(self, deadline: float) -> None:
+        if self._queue_deadline is not None and self._queue_deadline <= deadline:
+            return
+        if self._queue_timer is not None:
+            self._queue_timer.cancel()
+        self._queue_deadline = deadline
+        self._queue_timer = self.loop.call_at(deadline, self._expire_waiters)
+
+    def _expire_waiters(self) -> None:
+        self._queue_timer = None
+        self._queue_deadline = None
+        for waiter, rejection in self._gate.expire(self.loop.time()):
+            client = waiter.context
+            assert isinstance(client, ClientConnection)
+            client.waiter = None
+            self._reject(client, rejection)
+        deadline = self._gate.next_deadline()
+        if deadline is not None:
+            self._schedule_queue_timer(deadline)
+
+    # ------------------------------------------------------------ rate limits
+
+    def _log_limited(self, limiter: RateLimitedLog, key: tuple[object, ...], **fields: object) -> None:
+        """Log ``fields`` unless ``key`` was logged in this window (then it is only counted)."""
+        if limiter.event_now(key):
+            log_event(logging.INFO, limiter.event, **fields)
+            if limiter not in self._log_windows:
+                self._log_windows[limiter] = self.loop.call_later(
+                    limiter.window, self._end_log_window, limiter
+                )
+
+    def _end_log_window(self, limiter: RateLimitedLog) -> None:
+        """Log how many events per key went unlogged in the window that just ended."""
+        self._log_windows.pop(limiter, None)
+        limiter.flush(_LOG_KEYS[limiter.event])
+
+    # ---------------------------------------------------------- session events
+
+    def session_started(self, client: ClientConnection) -> None:
+        """The backend sent its first ReadyForQuery: the session is live."""
+        client.last_active = time.monotonic()  # idle time counts from here, not from arrival
+        client.idle_status = IDLE  # the first ReadyForQuery is always 'I'
+
+    def session_key(self, client: ClientConnection) -> None:
+        """The server sent ``client`` its BackendKeyData: cancels naming it are known ones."""
+        if client.backend_pid is not None:
+            self._backend_keys[client.backend_pid] = client
+
+    def dial_failed(self, client: ClientConnection, reason: str) -> None:
+        self.stats.dial_failures += 1
+        log_event(
+            logging.WARNING,
+            "dial_failure",
+            backend=self.backend.address,
+            reason=reason,
+            role=client.role,
+            client=client.peer,
+        )
+
+    def backend_error(self, client: ClientConnection, fields: dict[str, str]) -> None:
+        """An ErrorResponse during the backend's startup (a wrong password, a missing db)."""
+        self.stats.backend_errors += 1
+        log_event(
+            logging.INFO,
+            "backend_error",
+            role=client.role,
+            database=client.database,
+            sqlstate=fields.get("C", ""),
+            message=fields.get("M", ""),
+        )
+
+    def backend_closed_early(self, client: ClientConnection) -> None:
+        """The server closed a session before it started, without an ErrorResponse."""
+        self.stats.backend_errors += 1
+        log_event(
+            logging.WARNING,
+            "backend_closed",
+            role=client.role,
+            database=client.database,
+            client=client.peer,
+            reason="server closed the connection before the session started",
+        )
+
+    def forward_cancel(self, packet: wire.CancelRequest) -> None:
+        """Send a CancelRequest to the server at once; it is never counted or queued.
+
+        A cancel whose key matches a session pgguard relays always goes through. Others (a
+        session of another pgguard process behind the same port, or a forged key) go through
+        at most MAX_UNMATCHED_CANCELS at a time: each costs the server a connection, so a
+        flood of them is dropped here (counted, logged once a second), not passed on.
+        """
+        client = self._backend_keys.get(packet.pid)
+        matched = client is not None and hmac.compare_digest(client.backend_key, packet.key)
+        if not matched:
+            if self._unmatched_cancels >= MAX_UNMATCHED_CANCELS:
+                self.stats.cancels_dropped += 1
+                self._log_limited(self._refuse_log, ("cancel_flood",), reason="cancel_flood")
+                return
+            self._unmatched_cancels += 1
+        self.stats.cancels_forwarded += 1
+        self.spawn(self._send_cancel(packet.raw, matched))
+
+    async def _send_cancel(self, raw: bytes, matched: bool) -> None:
+        try:
+            await self.backend.send_cancel(raw)
+        except (OSError, TimeoutError) as exc:
+            log_event(logging.WARNING, "cancel_failed", reason=str(exc) or type(exc).__name__)
+        finally:
+            if not matched:
+                self._unmatched_cancels -= 1
+
+    # ----------------------------------------------------------------- intents
+
+    def set_limit(self, kind: Literal["role", "database", "total"], name: str, value: int) -> None:
+        """A run-time limit (SET LIMIT), in force until the next reload; admits whoever fits."""
+        gate = self._gate
+        if kind == "role":
+            admitted = gate.set_role_limit(name, value)
+        elif kind == "database":
+            admitted = gate.set_database_limit(name, value)
+        else:
+            admitted = gate.set_total_limit(value)
+        self._admit_waiters(admitted)
+
+    def set_policy(self, role: str, policy: Policy) -> None:
+        self._admit_waiters(self._gate.set_role_policy(role, policy))
+
+    def pause(self) -> None:
+        """Admit nobody new (exempt roles excepted); arrivals queue."""
+        self._gate.pause()
+
+    def resume(self) -> None:
+        self._admit_waiters(self._gate.resume())
+
+    def apply_config(self, config: Config, *, keep_runtime: bool = False) -> None:
+        """A new configuration (reload): rules, faults, the socket cap, the idle sweep."""
+        self.config = config
+        self.max_clients = client_cap(config.server.max_client_connections)
+        self.faults.configure(config.faults)
+        self._admit_waiters(self._gate.reconfigure(config.rules(), keep_runtime=keep_runtime))
+        self._schedule_idle_sweep()
+
+    def reset(self) -> None:
+        """Back to the configuration (pgguard.testing): run-time limits and policies dropped,
+        faults cleared, resumed, counters zeroed. Live sessions are left alone."""
+        self.faults.clear()
+        self.faults.totals.clear()
+        self.faults.configure(self.config.faults)
+        self.stats = Stats()
+        self._admit_waiters(self._gate.reconfigure(self.config.rules()))
+        self._admit_waiters(self._gate.resume())
+
+    def apply_catalog(self, roles: dict[str, int], databases: dict[str, int]) -> None:
+        """The server's rolconnlimit / datconnlimit (mirror mode); {} and {} forget them."""
+        self._admit_waiters(self._gate.set_catalog_limits(roles, databases))
+
+    def kill(self, client_id: int, exc: PgGuardError) -> bool:
+        """Close client or console session ``client_id`` with ``exc``; False if there is none."""
+        client = self.clients.get(client_id)
+        if client is not None:
+            self.stats.kills += 1
+            client.terminate(exc)
+            return True
+        console = self.consoles.get(client_id)
+        if console is not None:
+            console.terminate(exc)
+            return True
+        return False
+
+    def terminate(self, client: ClientConnection, exc: PgGuardError) -> None:
+        """Close one live session with ``exc`` (faults, idle timeout; FaultHost's kill)."""
+        client.terminate(exc)
+
+    def live_clients(self) -> Iterable[ClientConnection]:
+        return self.clients.values()
+
+    def inject(self, rule: FaultRule, *, source: str = "runtime") -> FaultRule:
+        """Install a fault rule (a TERMINATE without AFTER fires now); returns it with its id."""
+        return self.faults.add(rule, source=source)
+
+    def remove_fault(self, rule_id: int) -> bool:
+        return self.faults.remove(rule_id)
+
+    def clear_faults(self) -> int:
+        return self.faults.clear()
+
+    def shut(self) -> None:
+        """Draining: queued clients and clients still in startup get 57P03; nobody new is admitted."""
+        self.draining = True
+        log_event(
+            logging.INFO,
+            "drain",
+            sessions=self._gate.total_active,
+            queued=self._gate.total_waiting,
+        )
+        for waiter in self._gate.clear_queues():
+            client = waiter.context
+            assert isinstance(client, ClientConnection)
+            client.waiter = None
+            self._count_rejection(RejectReason.SHUTDOWN)
+            client.reject(ShuttingDown())
+        for client in list(self.clients.values()):
+            if client.state is State.STARTUP:
+                client.fail(ShuttingDown())
+
+    def terminate_all(self) -> None:
+        """Every remaining session gets PostgreSQL's fast-shutdown FATAL 57P01."""
+        for client in list(self.clients.values()):
+            client.terminate(AdminShutdown())
+
+    def abort_all(self) -> None:
+        """Close every client and server socket at once (a stop without drain)."""
+        for client in list(self.clients.values()):
+            client.abort()
+        for console in list(self.consoles.values()):
+            console.terminate(AdminShutdown())
+
+    # -------------------------------------------------------------- idle sweep
+
+    def _schedule_idle_sweep(self) -> None:
+        if self._idle_sweep is not None:
+            self._idle_sweep.cancel()
+            self._idle_sweep = None
+        cfg = self.config
+        timeouts = [cfg.limits.idle_timeout] + [r.idle_timeout or 0.0 for r in cfg.roles.values()]
+        shortest = min((t for t in timeouts if t > 0), default=None)
+        if shortest is not None and not self.draining:
+            interval = min(max(shortest / 4, IDLE_SWEEP_MIN), IDLE_SWEEP_MAX)
+            self._idle_sweep = self.loop.call_later(interval, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Close live sessions idle (no bytes either way) past their role's idle_timeout."""
+        self._idle_sweep = None
+        now = time.monotonic()
+        timeouts: dict[str, float] = {}
+        for client in list(self.clients.values()):
+            if client.state is not State.ACTIVE or not client.idle_status:
+                continue  # not live yet, or a query is running
+            role = client.role
+            timeout = timeouts.get(role)
+            if timeout is None:
+                timeout = timeouts[role] = self.config.idle_timeout(role)
+            idle = now - client.last_active
+            if 0 < timeout < idle:
+                self.stats.idle_timeouts += 1
+                in_transaction = client.idle_status != IDLE
+                log_event(
+                    logging.INFO,
+                    "idle_timeout",
+                    role=role,
+                    database=client.database,
+                    idle=f"{idle:.1f}",
+                    idle_timeout=timeout,
+                    in_transaction=in_transaction,
+                    client=client.peer,
+                )
+                exc = IdleInTransactionTimeout() if in_transaction else IdleSessionTimeout()
+                client.terminate(exc)
+        self._schedule_idle_sweep()
+
+    # --------------------------------------------------------------- snapshots
+
+    def counts(self) -> Counts:
+        gate = self._gate
+        return Counts(
+            sessions_active=gate.total_active,
+            clients_waiting=gate.total_waiting,
+            clients_connected=len(self.clients),
+            consoles=len(self.consoles),
+            paused=gate.paused,
+            draining=self.draining,
+        )
+
+    def role_limit(self, role: str) -> tuple[int, str]:
+        """The role's effective limit and where it comes from (default, config, runtime, catalog)."""
+        return self._gate.role_limit(role)
+
+    def database_limit(self, database: str) -> tuple[int, str]:
+        return self._gate.database_limit(database)
+
+    def limit_rows(self) -> list[LimitRow]:
+        """SHOW LIMITS: the total, then every role and database configured or in use."""
+        return self._gate.limit_rows()
+
+    def configured_role(self, role: str) -> bool:
+        return self._gate.configured_role(role)
+
+    def configured_database(self, database: str) -> bool:
+        return self._gate.configured_database(database)
+
+    def pair_counts(self) -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str]]]:
+        """Slots held and waiters, per (role, database): what the gate counts, not the sockets."""
+        gate = self._gate
+        waiting = Counter((w.role, w.database) for w in gate.waiters())
+        return Counter(gate.pair_active), waiting
+
+    def state_counts(self) -> Counter[str]:
+        """Client sockets by state (``State`` values), plus ``admin`` for console sessions."""
+        states = Counter(client.state.value for client in self.clients.values())
+        states["admin"] = len(self.consoles)
+        return states
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        """Bytes from clients and to clients since start, live sessions included."""
+        bytes_in, bytes_out = self.stats.bytes_in, self.stats.bytes_out
+        for client in self.clients.values():
+            bytes_in += client.bytes_in
+            bytes_out += client.bytes_out
+        return bytes_in, bytes_out
+
+    def stats_rows(self) -> list[tuple[str, str]]:
+        """SHOW STATS: every counter since start, and what is held and waiting now."""
+        return stats.stats_rows(self.stats, self.counts(), self.bytes_relayed(), self.started_at)
+
+    def client_rows(self) -> list[tuple[str, ...]]:
+        """SHOW CLIENTS: every client socket and console session, longest idle first."""
+        return stats.client_rows(self.clients.values(), self.consoles.values())
+
+    def queue_rows(self) -> list[tuple[str, ...]]:
+        """SHOW QUEUES: per (role, database): waiters, oldest wait, time to the next timeout, policy."""
+        gate = self._gate
+        return stats.queue_rows(gate.waiters(), self.loop.time(), gate.role_policy)
+
+    def fault_rows(self) -> list[tuple[int, str, str, str, str, int, str, str, str]]:
+        """SHOW FAULTS: id, kind, role, database, remaining, fired, state, source, rule."""
+        return self.faults.table()
+
+    def waiting_clients(self) -> Iterator[ClientConnection]:
+        """Queued clients in arrival order (the demo's view)."""
+        for waiter in self._gate.waiters():
+            client = waiter.context
+            assert isinstance(client, ClientConnection)
+            yield client
