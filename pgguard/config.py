@@ -34,6 +34,7 @@ __all__ = [
     "ErrorsConfig",
     "TLSConfig",
     "FaultsConfig",
+    "ClusterConfig",
     "load",
     "loads",
     "from_dict",
@@ -206,6 +207,49 @@ class FaultsConfig:
     rules: tuple[str, ...] = field(default=(), metadata=_check(_fault_rules))
 
 
+def _redis_url(value: str) -> str | None:
+    scheme = value.partition("://")[0]
+    if scheme in ("redis", "rediss", "unix") and value != f"{scheme}://":
+        return None
+    return "must be a redis://host:port/db, rediss://... (TLS) or unix:///path URL"
+
+
+def _instance_name(value: str | None) -> str | None:
+    if value is None or (value and value.isprintable()):
+        return None
+    return "must be a non-empty printable name"
+
+
+RedisFailurePolicy = Literal["local", "reject", "open"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    """[cluster]: limits shared by several pgguards through one Redis (see leases.py).
+
+    Absent (``Config.cluster is None``): single-process limits, Redis is never imported.
+    """
+
+    # redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path/to/redis.sock
+    redis: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(_redis_url))
+    # This process's name in the store; None: hostname:pid. Must be unique among live pgguards.
+    instance: str | None = field(default=None, metadata=_check(_instance_name))
+    # An instance that has not renewed for this long loses all its slots to the others.
+    lease_ttl: float = field(default=10.0, metadata=_check(_positive))
+    # How often the instance renews (one call for all its sessions); None: lease_ttl / 3.
+    heartbeat_interval: float | None = field(default=None, metadata=_check(_positive))
+    # Bound on every Redis call; past it the store counts as unavailable.
+    timeout: float = field(default=1.0, metadata=_check(_positive))
+    on_redis_failure: RedisFailurePolicy = "local"
+    # Key prefix, so several pgguard fleets can share one Redis database.
+    prefix: str = field(default="pgguard", metadata=_check(_instance_name))
+
+    @property
+    def renew_every(self) -> float:
+        """The heartbeat interval in seconds (the explicit one, else a third of lease_ttl)."""
+        return self.heartbeat_interval if self.heartbeat_interval is not None else self.lease_ttl / 3
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     path: str = DEFAULT_PATH
@@ -219,6 +263,7 @@ class Config:
     errors: ErrorsConfig = field(default_factory=ErrorsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    cluster: ClusterConfig | None = None
 
     def rules(self) -> Rules:
         """The admission rules for ``limits.Gate``."""
@@ -262,6 +307,7 @@ _SECTIONS: Final[dict[str, type]] = {
     "errors": ErrorsConfig,
     "tls": TLSConfig,
     "faults": FaultsConfig,
+    "cluster": ClusterConfig,
 }
 _NAMED: Final[dict[str, type]] = {"roles": RoleConfig, "databases": DatabaseConfig}
 
@@ -364,7 +410,17 @@ def _build(data: dict[str, Any], path: str) -> Config:
     config = Config(**kwargs)
     _check_control(config)
     _check_tls(config)
+    _check_cluster(config)
     return config
+
+
+def _check_cluster(config: Config) -> None:
+    """A heartbeat must come more often than the lease expires, or every lease lapses."""
+    cluster = config.cluster
+    if cluster is not None and cluster.renew_every >= cluster.lease_ttl:
+        raise ConfigError(
+            config.path, "cluster.heartbeat_interval", "must be less than cluster.lease_ttl"
+        )
 
 
 def _check_tls(config: Config) -> None:

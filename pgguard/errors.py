@@ -20,6 +20,7 @@ __all__ = [
     "IdleInTransactionTimeout",
     "AdminCommandError",
     "EncryptionRequired",
+    "RedisUnavailable",
 ]
 
 
@@ -195,3 +196,18 @@ class EncryptionRequired(PgGuardError):
             f'no pg_hba.conf entry for host "{host}", user "{user}", '
             f'database "{database}", no encryption'
         )
+
+
+class RedisUnavailable(PgGuardError):
+    """Cluster mode: the shared lease store (Redis) did not answer within ``[cluster] timeout``.
+
+    The shell applies ``[cluster] on_redis_failure`` (local, reject or open). If a client is
+    turned away for it, it gets PostgreSQL's "cannot connect now" class (57P03), the one a
+    server uses when it is up but not accepting sessions for now.
+    """
+
+    sqlstate = "57P03"  # cannot_connect_now
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"pgguard cannot reach its cluster store: {reason}")
+        self.reason = reason

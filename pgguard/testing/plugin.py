@@ -8,6 +8,10 @@ Fixtures
 ``pgguard_backend_dsn`` (session)
     The server pgguard fronts: ``--pgguard-backend-dsn`` or ``$PGGUARD_BACKEND_DSN`` when
     given (no cluster is started then), else ``pg_cluster``'s DSN.
+``redis_server`` (session)
+    A throwaway, non-persistent ``redis-server`` (``pgguard.testing.redis.RedisServer``) on a
+    free loopback port, for cluster mode: ``url``, ``kill()``, ``restart()`` (same port,
+    empty). Skips the test if no redis-server binary is installed.
 ``pgguard`` (function)
     A ``pgguard.testing.Guard`` in front of that server: ``pgguard.dsn`` (the backend DSN's
     user and database, at pgguard's address), ``dsn_for(user, database)``, ``set_limit``,
@@ -38,6 +42,7 @@ import pytest
 if TYPE_CHECKING:
     from .cluster import PostgresCluster
     from .guard import Guard
+    from .redis import RedisServer
 
 BACKEND_DSN_ENV = "PGGUARD_BACKEND_DSN"
 
@@ -82,6 +87,17 @@ def pg_cluster() -> Iterator[PostgresCluster]:
 
     with PostgresCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A throwaway redis-server for the whole run; skips if redis-server is not installed."""
+    from .redis import RedisServer, find_redis_server
+
+    if find_redis_server() is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

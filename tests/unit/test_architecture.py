@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     # 0: core: no asyncio, no sockets, no clock of its own
     "errors": 0, "log": 0, "wire": 0, "limits": 0, "rules": 0, "scram": 0, "config": 0,
     # 1: shell: one connection's I/O
-    "tls": 1, "backend": 1, "pump": 1, "relay": 1, "proxy": 1,
+    "tls": 1, "backend": 1, "pump": 1, "relay": 1, "proxy": 1, "leases": 1,
     # 2: control: the gate's owner and what reads or drives it
     "stats": 2, "faults": 2, "control": 2, "console": 2, "admin": 2, "metrics": 2, "mirror": 2,
     # 3: the process
@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     # 4: entry points and tools
     "cli": 4, "demo": 4, "__main__": 4, "__init__": 4,
     "testing": 4, "testing.cluster": 4, "testing.guard": 4, "testing.plugin": 4, "testing.wait": 4,
+    "testing.redis": 4,
 }  # fmt: skip
 
 
