@@ -152,8 +152,13 @@ class Target:
 
 
 def clean_env() -> dict[str, str]:
-    """Our environment without libpq's PG* variables, so every client goes where we say."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    """Our environment without libpq's PG* variables, so every client goes where we say.
+
+    pgguard's own PGGUARD_* variables (PGGUARD_RELAY=python, ...) are kept.
+    """
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PG") or k.startswith("PGGUARD_")
+    }
     env["PGCONNECT_TIMEOUT"] = "30"
     env["PGPASSFILE"] = "/nonexistent"
     return env
