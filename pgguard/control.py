@@ -297,20 +297,24 @@ class Control:
             client.admitted(waiter.ticket)
 
     def _reject(self, client: ClientConnection, rejection: Rejection) -> None:
-        self._count_rejection(rejection.cause)
-        if rejection.cause is RejectReason.QUEUE_TIMEOUT:
+        cause = rejection.cause
+        self.stats.rejections[cause] += 1
+        if cause is RejectReason.QUEUE_TIMEOUT:
             self.stats.queue_timeouts += 1
-        if log.isEnabledFor(logging.INFO):
-            self._log_limited(
-                self._reject_log,
-                (client.role, client.database, rejection.cause),
+        limiter = self._reject_log
+        # Under a flood only the first of a window is logged: build its fields only then.
+        if log.isEnabledFor(logging.INFO) and limiter.event_now((client.role, client.database, cause)):
+            log_event(
+                logging.INFO,
+                "reject",
                 role=client.role,
                 database=client.database,
                 limit=rejection.limit.value,
                 value=rejection.value,
-                reason=rejection.cause,
+                reason=cause,
                 client=client.peer,
             )
+            self._open_window(limiter)
         client.reject(rejection.error(with_detail=self.config.errors.detail))
 
     def _count_rejection(self, reason: RejectReason) -> None:
@@ -346,10 +350,14 @@ class Control:
         """Log ``fields`` unless ``key`` was logged in this window (then it is only counted)."""
         if limiter.event_now(key):
             log_event(logging.INFO, limiter.event, **fields)
-            if limiter not in self._log_windows:
-                self._log_windows[limiter] = self.loop.call_later(
-                    limiter.window, self._end_log_window, limiter
-                )
+            self._open_window(limiter)
+
+    def _open_window(self, limiter: RateLimitedLog) -> None:
+        """Start ``limiter``'s window (its summary is logged when it ends) unless it runs."""
+        if limiter not in self._log_windows:
+            self._log_windows[limiter] = self.loop.call_later(
+                limiter.window, self._end_log_window, limiter
+            )
 
     def _end_log_window(self, limiter: RateLimitedLog) -> None:
         """Log how many events per key went unlogged in the window that just ended."""

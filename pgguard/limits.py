@@ -83,6 +83,10 @@ class RejectReason(StrEnum):
     The gate gives the first four; the shell the others.
     """
 
+    # Hash as the plain string (C, not Enum's Python __hash__): a reason is a counter key on
+    # every rejection, and equal strings and members must meet in the same dict slot.
+    __hash__ = str.__hash__
+
     LIMIT = "limit"  # a full limit, policy reject
     MAX_QUEUE = "max_queue"  # the role's queue is full
     MAX_QUEUE_TOTAL = "max_queue_total"  # every queue together is full

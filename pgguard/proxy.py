@@ -84,6 +84,10 @@ class State(enum.Enum):
     ACTIVE = "active"
     CLOSED = "closed"
 
+    # Identity hash in C: a state is a dict key on every move (_MOVES), and Enum's own
+    # __hash__ is a Python call.
+    __hash__ = object.__hash__
+
 
 # The moves a session may make; _move checks each one (a session only goes forward).
 _MOVES: Final = {
@@ -548,9 +552,12 @@ class ClientConnection(asyncio.Protocol):
         if self._client_gone:
             return
         self._client_gone = True
-        for timer in (self._login_timer, self._reply_timer):
-            _cancel(timer)
-        self._login_timer = self._reply_timer = None
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        if self._reply_timer is not None:
+            self._reply_timer.cancel()
+            self._reply_timer = None
         handshake = self._handshake
         if handshake is not None and handshake is not asyncio.current_task():
             handshake.cancel()  # every task a connection starts ends when it ends
