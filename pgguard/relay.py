@@ -117,13 +117,14 @@ class _Detached(asyncio.Protocol):
 class NativeEnd:
     """One side of a relayed session, in the shape of the transport it replaced."""
 
-    __slots__ = ("_session", "_client", "_closing", "client_gone")
+    __slots__ = ("_session", "_client", "_closing", "client_gone", "fd")
 
-    def __init__(self, session: Any, *, client: bool) -> None:
+    def __init__(self, session: Any, *, client: bool, fd: int = -1) -> None:
         self._session = session
         self._client = client
         self._closing = False
         self.client_gone = False  # the server end: the relay has told the server already
+        self.fd = fd  # the relay's descriptor for this side (pgguard.testing polls it)
 
     def write(self, data: bytes) -> None:
         """To the client: written at the server's next message boundary. To the server:
@@ -161,6 +162,8 @@ class NativeEnd:
         self._closing = True
 
     def get_extra_info(self, name: str, default: object = None) -> object:
+        if name == "fileno" and not self._closing:
+            return self.fd
         return default
 
     def get_write_buffer_size(self) -> int:
@@ -234,8 +237,8 @@ def hand_over(
         client.resume_reading()
         backend.resume_reading()
         return None
-    client_end = NativeEnd(None, client=True)
-    backend_end = NativeEnd(None, client=False)
+    client_end = NativeEnd(None, client=True, fd=cfd)
+    backend_end = NativeEnd(None, client=False, fd=bfd)
     link = _Link(conn, client_end, backend_end, loop)
     try:
         session = relay.add(cfd, bfd, link, status=conn.idle_status)
