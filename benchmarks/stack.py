@@ -310,6 +310,9 @@ client_mode = "require"
 listen = "127.0.0.1:0"
 client_login_timeout = 60.0
 shutdown_timeout = 2.0
+# The memory scenario queues 10,000 clients (one descriptor each): above the cap derived
+# from a 20,000-descriptor limit, which leaves room for every client's server socket.
+max_client_connections = 15000
 
 [backend]
 host = "{self.backend_host}"
