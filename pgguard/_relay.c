@@ -398,9 +398,12 @@ static void try_inject(Relay *r, Session *s)
     int mid = s->broken ? 0 : (s->need != 0 || s->hlen != 0);
     if (mid) {
         uint64_t partial = s->b_total - s->b_boundary;
-        if (partial > pending(c))
+        if (partial <= pending(c))
+            c->end -= (size_t)partial; /* the client has none of it: drop it */
+        else if (s->b.fd >= 0)
             return; /* the client has part of it already: finish the message first */
-        c->end -= (size_t)partial;
+        /* else the server is gone (its end was closed before this take-back was asked):
+         * no boundary will come, so the take-back goes out now, as end_close does. */
     }
     inject_now(r, s);
 }
