@@ -38,6 +38,7 @@ import asyncio
 import bisect
 import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Literal
@@ -410,6 +411,24 @@ class ClusterAdmission:
     @property
     def state(self) -> Literal["up", "fallback"]:
         return "up" if self.store.up else "fallback"
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """SHOW CLUSTER: every instance registered in the store (as of the last refresh,
+        once per heartbeat interval): name, seconds since its last heartbeat, leases, state.
+        This instance's row is live (its own leases and whether Redis answers)."""
+        me = self.store.instance
+        ttl = self.config.lease_ttl
+        out: list[tuple[str, str, str, str]] = []
+        for row in self.instances:
+            if row.instance == me:
+                continue
+            state = "live" if row.expires_in > 0 else "expired"
+            out.append((row.instance, f"{max(0.0, ttl - row.expires_in):.1f}", str(row.leases), state))
+        renewed = self.store.renewed_at
+        since = "" if renewed is None else f"{max(0.0, time.monotonic() - renewed):.1f}"
+        state = "self" if self.store.up else f"self, fallback ({self.config.on_redis_failure})"
+        out.append((me, since, str(len(self._leases)), state))
+        return sorted(out)
 
     async def _snapshot_loop(self) -> None:
         interval = max(_SNAPSHOT_MIN_S, self.config.renew_every)

@@ -672,8 +672,9 @@ class Control:
     def counts(self) -> Counts:
         gate = self._gate
         return Counts(
-            sessions_active=gate.total_active,
-            clients_waiting=gate.total_waiting,
+            # [cluster]: clients waiting for the store's slots hold a local ticket meanwhile
+            sessions_active=gate.total_active - (0 if self.cluster is None else self.cluster.waiting),
+            clients_waiting=gate.total_waiting + (0 if self.cluster is None else self.cluster.waiting),
             clients_connected=len(self.clients),
             consoles=len(self.consoles),
             paused=gate.paused,

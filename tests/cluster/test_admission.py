@@ -124,12 +124,15 @@ async def instance(
 
 @asynccontextmanager
 async def three(
-    tmp_path: Path, pg: PostgresCluster, redis_url: str, body: str
+    tmp_path: Path, pg: PostgresCluster, redis_url: str, body: str, first: str = ""
 ) -> AsyncIterator[list[Instance]]:
+    """Three instances with ``body``; ``first`` is added to the first one's config only."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
     async with AsyncExitStack() as stack:
         out = [
-            await stack.enter_async_context(instance(tmp_path, pg, redis_url, prefix, f"g{i}", body))
+            await stack.enter_async_context(
+                instance(tmp_path, pg, redis_url, prefix, f"g{i}", body + ("" if i else first))
+            )
             for i in range(3)
         ]
         yield out
@@ -297,3 +300,36 @@ async def test_redis_killed_mid_storm_falls_back_locally_then_recovers(tmp_path,
             for conn in held:
                 await conn.close()
 
+
+
+async def test_show_cluster_and_metrics_list_every_instance(tmp_path, pg, redis_server) -> None:
+    metrics_port = free_port()
+    metrics = f'\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+    async with three(tmp_path, pg, redis_server.url, QUEUE_BODY, metrics) as guards:
+        conn = await asyncpg.connect(guards[1].dsn(), ssl=False)
+        try:
+
+            async def listed() -> bool:
+                rows = await guards[0].show("CLUSTER")
+                return [r["instance"] for r in rows] == ["g0", "g1", "g2"] and by_name(rows, "g1")["leases"] == "1"
+
+            await await_until(listed, timeout=20, what="SHOW CLUSTER to list the three instances")
+            rows = await guards[0].show("CLUSTER")
+            assert by_name(rows, "g0")["state"] == "self" and by_name(rows, "g2")["state"] == "live"
+            text = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+            assert "pgguard_cluster_up 1.0" in text
+            assert "pgguard_cluster_leases 0.0" in text  # g0 holds none; g1 holds the session
+            assert "pgguard_cluster_redis_errors_total 0.0" in text
+        finally:
+            await conn.close()
+
+
+def by_name(rows: list[dict[str, str]], name: str) -> dict[str, str]:
+    return next(r for r in rows if r["instance"] == name)
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
