@@ -55,7 +55,9 @@ class Instance:
             await console.close()
 
 
-def _config(path: Path, pg: PostgresCluster, redis_url: str, prefix: str, name: str, port: int, body: str) -> Path:
+def _config(
+    path: Path, pg: PostgresCluster, redis_url: str, prefix: str, name: str, port: int, body: str, failure: str
+) -> Path:
     path.write_text(
         f"""
 [server]
@@ -77,6 +79,7 @@ instance = "{name}"
 prefix = "{prefix}"
 lease_ttl = {LEASE_TTL}
 timeout = 0.5
+on_redis_failure = "{failure}"
 
 {body}
 """
@@ -86,10 +89,10 @@ timeout = 0.5
 
 @asynccontextmanager
 async def instance(
-    tmp_path: Path, pg: PostgresCluster, redis_url: str, prefix: str, name: str, body: str
+    tmp_path: Path, pg: PostgresCluster, redis_url: str, prefix: str, name: str, body: str, failure: str = "local"
 ) -> AsyncIterator[Instance]:
     port = free_port()
-    path = _config(tmp_path / f"{name}.toml", pg, redis_url, prefix, name, port, body)
+    path = _config(tmp_path / f"{name}.toml", pg, redis_url, prefix, name, port, body, failure)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pgguard", "run", "-c", str(path), "--log-level", "info",
         stderr=asyncio.subprocess.PIPE,
@@ -333,3 +336,31 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+async def test_on_redis_failure_reject_answers_57p03_until_redis_is_back(tmp_path, pg, own_redis: RedisServer) -> None:
+    body = f'[roles.app]\nmax_connections = {ROLE_LIMIT}\n'
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    url = own_redis.url
+    async with instance(tmp_path, pg, url, prefix, "r0", body, failure="reject") as g:
+        own_redis.kill()
+        with pytest.raises(asyncpg.CannotConnectNowError, match="cannot reach its cluster store"):
+            await asyncpg.connect(g.dsn(), ssl=False, timeout=20)
+        assert "event=cluster_fallback" in g.log_text and "policy=reject" in g.log_text
+        own_redis.restart()
+        await await_until(lambda: "event=cluster_recovered" in g.log_text, timeout=30, what="Redis to be back")
+        conn = await asyncpg.connect(g.dsn(), ssl=False, timeout=20)
+        await conn.close()
+
+
+async def test_on_redis_failure_open_admits_without_limits(tmp_path, pg, own_redis: RedisServer) -> None:
+    body = '[roles.app]\nmax_connections = 1\npolicy = "reject"\n'
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    async with instance(tmp_path, pg, own_redis.url, prefix, "o0", body, failure="open") as g:
+        own_redis.kill()
+        first = await asyncpg.connect(g.dsn(), ssl=False, timeout=20)
+        # The local gate still holds its own limit (1): open lifts only the shared one.
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            await asyncpg.connect(g.dsn(), ssl=False, timeout=20)
+        await first.close()
+        assert "event=cluster_fallback" in g.log_text
