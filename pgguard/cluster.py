@@ -120,6 +120,7 @@ class ClusterAdmission:
         self._queue: list[_Entry] = []  # oldest first
         self._entries: dict[Waiter, _Entry] = {}
         self._pair_waiting: Counter[tuple[str, str]] = Counter()
+        self._pair_blocked: dict[tuple[str, str], Blocked] = {}  # what the pair last waited on
         self._role_waiting: Counter[str] = Counter()
         self._seq = itertools.count()
         self._retrying = False
@@ -177,15 +178,20 @@ class ClusterAdmission:
         if not ticket.counted:  # a walsender: no slot on any limit, so no lease either
             self._start(client, ticket, arrived)
             return
-        if not ticket.exempt and self._pair_waiting[(ticket.role, ticket.database)]:
-            head = next(e for e in self._queue if e.ticket.role == ticket.role and e.ticket.database == ticket.database)
-            if self._gate.role_policy(ticket.role) is Policy.QUEUE:
-                self._wait(client, ticket, arrived, head.blocked)  # behind those already waiting
-                return
+        pair = (ticket.role, ticket.database)
+        if not ticket.exempt and self._pair_waiting[pair] and self._gate.role_policy(ticket.role) is Policy.QUEUE:
+            self._wait(client, ticket, arrived, self._pair_blocked[pair])  # behind those waiting
+            return
         self._spawn(self._admit(client, ticket, arrived))
 
     async def _admit(self, client: ClientConnection, ticket: Ticket, arrived: float) -> None:
-        outcome = await self._take(ticket)
+        try:
+            outcome = await self._take(ticket)
+        except Exception as exc:  # a bug: the client must still get an answer and the slot back
+            log_event(logging.ERROR, "cluster_admission_failed", role=client.role, error=repr(exc))
+            self._give_back(ticket)
+            self._refuse(client, RedisUnavailable(type(exc).__name__))
+            return
         if isinstance(outcome, Lease):
             self._hold(ticket, outcome, client)
             self._start(client, ticket, arrived)
@@ -209,6 +215,8 @@ class ClusterAdmission:
         self._sessions.pop(lease.id, None)
         for claim in lease.claims:
             self._held[claim.id] -= 1
+            if not self._held[claim.id]:
+                del self._held[claim.id]  # names come from clients: keep only those in use
         if not self._closed:
             self._spawn(self.store.release(lease))
         self._kick()
@@ -295,7 +303,9 @@ class ClusterAdmission:
         entry = _Entry(waiter, client, ticket, blocked, (arrived, seq))
         bisect.insort(self._queue, entry, key=lambda e: e.order)
         self._entries[waiter] = entry
-        self._pair_waiting[(ticket.role, ticket.database)] += 1
+        pair = (ticket.role, ticket.database)
+        self._pair_waiting[pair] += 1
+        self._pair_blocked[pair] = blocked
         self._role_waiting[ticket.role] += 1
         entry.timer = self._loop.call_at(waiter.deadline, self._expire, entry)
         if client.state is State.ADMITTING:
@@ -310,8 +320,14 @@ class ClusterAdmission:
         index = bisect.bisect_left(self._queue, entry.order, key=lambda e: e.order)
         if index < len(self._queue) and self._queue[index] is entry:
             del self._queue[index]
-        self._pair_waiting[(waiter.role, waiter.database)] -= 1
+        pair = (waiter.role, waiter.database)
+        self._pair_waiting[pair] -= 1
+        if not self._pair_waiting[pair]:
+            del self._pair_waiting[pair]
+            self._pair_blocked.pop(pair, None)
         self._role_waiting[waiter.role] -= 1
+        if not self._role_waiting[waiter.role]:
+            del self._role_waiting[waiter.role]
         if entry.timer is not None:
             entry.timer.cancel()
             entry.timer = None
@@ -356,7 +372,7 @@ class ClusterAdmission:
                         self._hold(entry.ticket, outcome, entry.client)
                         self._start(entry.client, entry.ticket, entry.waiter.arrived)
                     elif isinstance(outcome, Blocked):
-                        entry.blocked = outcome
+                        entry.blocked = self._pair_blocked[key] = outcome
                         blocked.add(key)
                     else:
                         self._unqueue(entry, Kind.REJECT)

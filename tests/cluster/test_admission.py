@@ -284,8 +284,11 @@ async def test_redis_killed_mid_storm_falls_back_locally_then_recovers(tmp_path,
         sampler.stop()
         await sampling
         assert len(results) == 60 and set(results) <= {"served", "53300"}
-        # local fallback: ceil(5 / 3) = 2 each, so at most 6 during the outage (documented bound)
-        assert sampler.peak <= 3 * 2
+        # The documented bound: sessions admitted through Redis stay, and each instance admits
+        # up to its share, ceil(5 / 3) = 2, on its own: at most 5 + (3 - 1) * 2 while the
+        # earlier sessions last, 3 * 2 once they have ended.
+        print(f"peak during the Redis outage: {sampler.peak} (limit {ROLE_LIMIT})")
+        assert sampler.peak <= ROLE_LIMIT + 2 * 2
         own_redis.restart()
         await await_until(
             lambda: all("event=cluster_recovered" in g.log_text for g in guards),
