@@ -362,7 +362,11 @@ class ClusterAdmission:
                     key = (entry.ticket.role, entry.ticket.database)
                     if not entry.waiter.waiting or key in blocked:
                         continue
-                    outcome = await self._take(entry.ticket)
+                    try:
+                        outcome = await self._take(entry.ticket)
+                    except Exception as exc:  # a bug: answer this client, keep serving the rest
+                        log_event(logging.ERROR, "cluster_admission_failed", role=entry.client.role, error=repr(exc))
+                        outcome = RedisUnavailable(type(exc).__name__)
                     if not entry.waiter.waiting:  # left, or timed out, meanwhile
                         if isinstance(outcome, Lease):
                             await self.store.release(outcome)
