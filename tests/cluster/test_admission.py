@@ -349,7 +349,11 @@ async def test_on_redis_failure_reject_answers_57p03_until_redis_is_back(tmp_pat
         own_redis.kill()
         with pytest.raises(asyncpg.CannotConnectNowError, match="cannot reach its cluster store"):
             await asyncpg.connect(g.dsn(), ssl=False, timeout=20)
-        assert "event=cluster_fallback" in g.log_text and "policy=reject" in g.log_text
+        await await_until(
+            lambda: "event=cluster_fallback" in g.log_text and "policy=reject" in g.log_text,
+            timeout=20,
+            what="the fallback to be logged",
+        )
         own_redis.restart()
         await await_until(lambda: "event=cluster_recovered" in g.log_text, timeout=30, what="Redis to be back")
         conn = await asyncpg.connect(g.dsn(), ssl=False, timeout=20)
@@ -366,4 +370,4 @@ async def test_on_redis_failure_open_admits_without_limits(tmp_path, pg, own_red
         with pytest.raises(asyncpg.TooManyConnectionsError):
             await asyncpg.connect(g.dsn(), ssl=False, timeout=20)
         await first.close()
-        assert "event=cluster_fallback" in g.log_text
+        await await_until(lambda: "event=cluster_fallback" in g.log_text, timeout=20, what="the fallback to be logged")
