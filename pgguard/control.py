@@ -22,7 +22,11 @@ Time for queue deadlines and the idle sweep comes from the event loop; the gate 
 no clock. Rejections and refused sockets are logged through rate-limited windows, so a flood
 costs one line per key per second.
 
-Size: about 650 lines, kept as one job on purpose: every change to what is admitted goes
+``[cluster]``: ``cluster.ClusterAdmission`` (imported only then) is called at four points,
+each behind one ``self.cluster`` test: an admission the gate made, ``release``, ``leave_queue``
+and ``set_limit``; the lifecycle adds ``start_cluster`` / ``close_cluster``.
+
+Size: about 740 lines, kept as one job on purpose: every change to what is admitted goes
 through this one class (that is the point of the layer); the rows SHOW prints are in
 ``stats.py``.
 """
