@@ -164,12 +164,15 @@ class Sampler:
         self._stop.set()
 
 
-async def _client(dsn: str, results: list[str], hold: float = 0.05) -> None:
+async def _client(dsn: str, results: list[str], hold: float = 0.05, waits: list[float] | None = None) -> None:
+    started = time.monotonic()
     try:
         conn = await asyncpg.connect(dsn, timeout=60, ssl=False)
     except asyncpg.TooManyConnectionsError:
         results.append("53300")
         return
+    if waits is not None:
+        waits.append(time.monotonic() - started)
     try:
         await conn.execute(f"SELECT pg_sleep({hold})")
         results.append("served")
@@ -190,11 +193,16 @@ async def test_storm_over_three_instances_never_exceeds_the_role_limit(tmp_path,
         sampling = asyncio.create_task(sampler.run())
         results: list[str] = []
         started = time.monotonic()
-        await asyncio.gather(*(_client(guards[i % 3].dsn(), results) for i in range(150)))
+        waits: list[list[float]] = [[], [], []]
+        await asyncio.gather(*(_client(guards[i % 3].dsn(), results, waits=waits[i % 3]) for i in range(150)))
         elapsed = time.monotonic() - started
         sampler.stop()
         await sampling
         print(f"storm: 150 clients over 3 instances in {elapsed:.1f}s, peak {sampler.peak}, {sampler.samples} samples")
+        for name, w in zip(("g0", "g1", "g2"), waits, strict=True):  # fairness across instances
+            w.sort()
+            if w:
+                print(f"  {name}: {len(w)} served, wait p50 {w[len(w) // 2]:.2f}s max {w[-1]:.2f}s")
         assert len(results) == 150 and set(results) <= {"served", "53300"}
         assert results.count("served") == 150  # queue_timeout is far: everyone is served
         events = [line for g in guards for line in g.log if "cluster" in line]
