@@ -231,6 +231,20 @@ def _show_stats(session: Session, m: re.Match[str]) -> Result:
 
 
 @command(
+    r"SHOW\s+CLUSTER",
+    syntax="SHOW CLUSTER",
+    columns=("instance", "last_heartbeat", "leases", "state"),
+    help="[cluster]: every pgguard sharing the limits: seconds since its last heartbeat, "
+    "sessions holding leases, state (self, live, expired; fallback while Redis is away)",
+)
+def _show_cluster(session: Session, m: re.Match[str]) -> Result:
+    cluster = session.host.control.cluster
+    if cluster is None:
+        raise AdminCommandError("55000", "SHOW CLUSTER: [cluster] is not configured")
+    return Result("SHOW", cluster.rows())
+
+
+@command(
     r"SHOW\s+CONFIG",
     syntax="SHOW CONFIG",
     columns=("key", "value"),

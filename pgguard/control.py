@@ -22,7 +22,11 @@ Time for queue deadlines and the idle sweep comes from the event loop; the gate 
 no clock. Rejections and refused sockets are logged through rate-limited windows, so a flood
 costs one line per key per second.
 
-Size: about 650 lines, kept as one job on purpose: every change to what is admitted goes
+``[cluster]``: ``cluster.ClusterAdmission`` (imported only then) is called at four points,
+each behind one ``self.cluster`` test: an admission the gate made, ``release``, ``leave_queue``
+and ``set_limit``; the lifecycle adds ``start_cluster`` / ``close_cluster``.
+
+Size: about 740 lines, kept as one job on purpose: every change to what is admitted goes
 through this one class (that is the point of the layer); the rows SHOW prints are in
 ``stats.py``.
 """
@@ -37,7 +41,7 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from . import stats, tls, wire
 from .backend import Backend
@@ -51,11 +55,14 @@ from .errors import (
     TooManyConnections,
 )
 from .faults import Faults
-from .limits import Gate, Kind, LimitRow, Policy, Rejection, RejectReason, Ticket, Waiter
+from .limits import Gate, Kind, Limit, LimitRow, Policy, Rejection, RejectReason, Ticket, Waiter
 from .log import RateLimitedLog, log, log_event
 from .proxy import ClientConnection, State
 from .rules import FaultRule
 from .stats import Console, Counts, Stats
+
+if TYPE_CHECKING:
+    from .cluster import ClusterAdmission
 
 __all__ = [
     "ADMIN_DATABASE",
@@ -145,6 +152,11 @@ class Control:
         # Set by the Server: client TLS (None: SSLRequest gets "N") and the console hand-off.
         self.client_tls: tls.ClientTLS | None = None
         self.open_console: Callable[[ClientConnection, bytes], None] | None = None
+        # [cluster]: the shared lease store's hook (cluster.py), None without [cluster]: then
+        # the only cluster code on any path is the test of this attribute.
+        self.cluster: ClusterAdmission | None = None
+        if config.cluster is not None:
+            self._attach_cluster(config)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -264,6 +276,9 @@ class Control:
         )
         if decision.kind is Kind.ADMIT:
             assert decision.ticket is not None
+            if self.cluster is not None:
+                self.cluster.admitted(client, decision.ticket, self.loop.time())
+                return
             self.stats.admissions += 1
             self.stats.record_wait(0.0)
             client.admitted(decision.ticket)
@@ -278,10 +293,14 @@ class Control:
 
     def leave_queue(self, waiter: Waiter) -> None:
         """A queued client left (or was answered): it holds nothing any more."""
+        if self.cluster is not None and self.cluster.cancel(waiter):
+            return
         self._gate.cancel(waiter)
 
     def release(self, ticket: Ticket) -> None:
         """A session's backend is gone: free its slots and admit whoever now fits."""
+        if self.cluster is not None:
+            self.cluster.release(ticket)  # its lease, if any, before the local slots
         self._admit_waiters(self._gate.release(ticket))
         self._check_idle()
 
@@ -292,6 +311,9 @@ class Control:
         for waiter in waiters:
             client = waiter.context
             assert isinstance(client, ClientConnection) and waiter.ticket is not None
+            if self.cluster is not None:
+                self.cluster.admitted(client, waiter.ticket, waiter.arrived)
+                continue
             self.stats.admissions += 1
             self.stats.record_wait(now - waiter.arrived)
             client.admitted(waiter.ticket)
@@ -451,6 +473,19 @@ class Control:
         else:
             admitted = gate.set_total_limit(value)
         self._admit_waiters(admitted)
+        if self.cluster is not None:
+            self.spawn(self._share_limit(kind, name, value))
+
+    async def _share_limit(self, kind: Literal["role", "database", "total"], name: str, value: int) -> None:
+        """[cluster]: store a run-time limit in Redis, so every instance applies it."""
+        assert self.cluster is not None
+        from .errors import RedisUnavailable
+
+        limit = {"role": Limit.ROLE, "database": Limit.DATABASE, "total": Limit.TOTAL}[kind]
+        try:
+            await self.cluster.store.set_limit(limit, name, value)
+        except RedisUnavailable as exc:
+            log_event(logging.WARNING, "cluster_set_limit_failed", limit=limit.value, name=name, reason=exc.reason)
 
     def set_policy(self, role: str, policy: Policy) -> None:
         self._admit_waiters(self._gate.set_role_policy(role, policy))
@@ -523,6 +558,8 @@ class Control:
             sessions=self._gate.total_active,
             queued=self._gate.total_waiting,
         )
+        if self.cluster is not None:
+            self.cluster.shut()
         for waiter in self._gate.clear_queues():
             client = waiter.context
             assert isinstance(client, ClientConnection)
@@ -544,6 +581,52 @@ class Control:
             client.abort()
         for console in list(self.consoles.values()):
             console.terminate(AdminShutdown())
+
+    # ----------------------------------------------------------------- cluster
+
+    def _attach_cluster(self, config: Config) -> None:
+        """[cluster]: admissions also take slots in the shared store (cluster.py)."""
+        from .cluster import ClusterAdmission
+
+        assert config.cluster is not None
+        self.cluster = ClusterAdmission(
+            config.cluster,
+            self._gate,
+            self.loop,
+            spawn=self.spawn,
+            start=self._start_session,
+            reject=self._reject,
+            give_back=self.release,
+            count_rejection=self._count_rejection,
+            apply_limit=self._apply_shared_limit,
+        )
+
+    def _start_session(self, client: ClientConnection, ticket: Ticket, arrived: float) -> None:
+        """[cluster]: ``client`` holds its local ticket and its leases: start its session."""
+        self.stats.admissions += 1
+        self.stats.record_wait(max(0.0, self.loop.time() - arrived))
+        client.admitted(ticket)
+
+    def _apply_shared_limit(self, limit: Limit, name: str, value: int) -> None:
+        """A run-time limit set on another instance (or here): into the local gate."""
+        gate = self._gate
+        if limit is Limit.ROLE:
+            admitted = gate.set_role_limit(name, value)
+        elif limit is Limit.DATABASE:
+            admitted = gate.set_database_limit(name, value)
+        else:
+            admitted = gate.set_total_limit(value)
+        self._admit_waiters(admitted)
+
+    async def start_cluster(self) -> None:
+        """Register with the shared store (Server.start, after the listeners)."""
+        if self.cluster is not None:
+            await self.cluster.start()
+
+    async def close_cluster(self) -> None:
+        """Leave the shared store (Server.close): this instance's slots are freed at once."""
+        if self.cluster is not None:
+            await self.cluster.close()
 
     # -------------------------------------------------------------- idle sweep
 
@@ -593,8 +676,9 @@ class Control:
     def counts(self) -> Counts:
         gate = self._gate
         return Counts(
-            sessions_active=gate.total_active,
-            clients_waiting=gate.total_waiting,
+            # [cluster]: clients waiting for the store's slots hold a local ticket meanwhile
+            sessions_active=gate.total_active - (0 if self.cluster is None else self.cluster.waiting),
+            clients_waiting=gate.total_waiting + (0 if self.cluster is None else self.cluster.waiting),
             clients_connected=len(self.clients),
             consoles=len(self.consoles),
             paused=gate.paused,

@@ -37,7 +37,7 @@ from .log import display, log
 if TYPE_CHECKING:
     from .control import Control
 
-__all__ = ["ServerCollector", "MetricsServer", "METRIC_NAMES"]
+__all__ = ["ServerCollector", "MetricsServer", "METRIC_NAMES", "CLUSTER_METRIC_NAMES"]
 
 
 # A scrape request is a few hundred bytes; anything larger or slower is not Prometheus.
@@ -78,6 +78,16 @@ METRIC_NAMES: Final = (
     "pgguard_admin_kills_total",
     "pgguard_config_reloads_total",
     "pgguard_mirror_refreshes_total",
+)
+# Only with [cluster] (cluster.py): the shared lease store's state.
+CLUSTER_METRIC_NAMES: Final = (
+    "pgguard_cluster_up",
+    "pgguard_cluster_leases",
+    "pgguard_cluster_waiting",
+    "pgguard_cluster_renew_seconds",
+    "pgguard_cluster_redis_errors_total",
+    "pgguard_cluster_fallbacks_total",
+    "pgguard_cluster_lost_sessions_total",
 )
 
 
@@ -256,6 +266,43 @@ class ServerCollector(Collector):
         mirror.add_metric(["ok"], st.mirror_refreshes)
         mirror.add_metric(["failed"], st.mirror_failures)
         yield mirror
+        if control.cluster is not None:
+            yield from _cluster_metrics(control)
+
+
+def _cluster_metrics(control: Control) -> Iterator[Metric]:
+    cluster = control.cluster
+    assert cluster is not None
+    store = cluster.store
+    yield GaugeMetricFamily(
+        "pgguard_cluster_up", "1 while the shared store (Redis) answers; 0: on_redis_failure applies.",
+        value=int(store.up),
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "pgguard_cluster_leases", "Sessions of this instance holding leases in the shared store.",
+        value=cluster.leases,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "pgguard_cluster_waiting", "Clients admitted locally, waiting for a slot in the shared store.",
+        value=cluster.waiting,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "pgguard_cluster_renew_seconds", "Round trip of the last heartbeat (lease renewal).",
+        value=store.stats.renew_seconds,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "pgguard_cluster_redis_errors", "Calls to Redis that failed or timed out.",
+        value=store.stats.errors,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "pgguard_cluster_fallbacks", "Times the store became unavailable (on_redis_failure applied).",
+        value=cluster.fallbacks,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "pgguard_cluster_lost_sessions",
+        "Sessions closed because their slots were given away while this instance was cut off.",
+        value=cluster.lost_sessions,
+    )  # fmt: skip
 
 
 def _labeller(*names: Iterable[str], known: Callable[[str], bool]) -> Callable[[str], str]:

@@ -113,6 +113,7 @@ class Server:
             await self.metrics.start()
             log_event(logging.INFO, "metrics", listen="{}:{}".format(*self.metrics.address))
         await self._start_mirror()
+        await control.start_cluster()
         control.start()
 
     def reload(self, new: Config | None = None) -> bool:
@@ -181,6 +182,7 @@ class Server:
         control = self.control
         control.abort_all()
         control.close()
+        await control.close_cluster()
         for closing in (self.metrics, self.mirror):
             if closing is not None:
                 await closing.close()
