@@ -64,7 +64,7 @@ async def _copy_mb_per_s(target: Target, mb: int) -> float:
 
 def _start(stack: Stack, name: str, tree: Path, unix: bool = False) -> tuple[_Process, Target]:
     conf = stack.workdir / f"{name}.toml"
-    text = stack.pgguard_config()
+    text = stack.pgguard_config(tree=tree)
     if unix:  # the server's Unix-domain socket directory instead of its TCP address
         text = text.replace(f'host = "{stack.backend_host}"', f'host = "{stack.pg.socket_dir}"')
     conf.write_text(text)

@@ -294,7 +294,7 @@ class Stack:
 
     # --------------------------------------------------------------------- pgguard
 
-    def pgguard_config(self, *, tls: bool = False) -> str:
+    def pgguard_config(self, *, tls: bool = False, tree: Path | None = None) -> str:
         # Only the TLS instance names the TLS keys, so --pgguard-tree still runs older trees.
         tls_conf = ""
         if tls:
@@ -305,14 +305,19 @@ cert_file = "{cert}"
 key_file = "{key}"
 client_mode = "require"
 '''
+        # The memory scenario queues 10,000 clients (one descriptor each): above the cap
+        # derived from a 20,000-descriptor limit, which leaves room for every client's server
+        # socket. Named only for a tree that knows the key (--pgguard-tree runs older ones).
+        tree = tree or self.pgguard_tree or REPO
+        cap = ""
+        if "max_client_connections" in (tree / "pgguard" / "config.py").read_text():
+            cap = "max_client_connections = 15000"
         return f"""\
 [server]
 listen = "127.0.0.1:0"
 client_login_timeout = 60.0
 shutdown_timeout = 2.0
-# The memory scenario queues 10,000 clients (one descriptor each): above the cap derived
-# from a 20,000-descriptor limit, which leaves room for every client's server socket.
-max_client_connections = 15000
+{cap}
 
 [backend]
 host = "{self.backend_host}"
