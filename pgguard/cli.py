@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config)
         tls.load(cfg)  # certificate and key files readable and matching
+        _check_extras(cfg)
     except ConfigError as exc:
         print(f"pgguard: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -38,10 +40,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _check_extras(cfg: config_mod.Config) -> None:
+    """A [cluster] section needs redis-py (the [cluster] extra): say so, not a traceback."""
+    if cfg.cluster is not None and importlib.util.find_spec("redis") is None:
+        raise ConfigError(cfg.path, "cluster", "needs redis-py: pip install 'pgguard[cluster]'")
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.file)
         tls.load(cfg)
+        _check_extras(cfg)
     except ConfigError as exc:
         print(f"pgguard: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -86,3 +86,17 @@ def test_main_in_process_returns_exit_codes(tmp_path: Path, capsys: pytest.Captu
 def test_version_flag() -> None:
     done = _pgguard("--version")
     assert done.returncode == 0 and done.stdout.startswith("pgguard ")
+
+
+def test_cluster_without_redis_py_is_a_clear_config_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """[cluster] needs the [cluster] extra; without redis-py: exit 2 and the pip command."""
+    path = tmp_path / "pgguard.toml"
+    path.write_text('[cluster]\nredis = "redis://127.0.0.1:1/0"\n')
+    code = (
+        "import sys; sys.modules['redis'] = None\n"  # as if redis-py were not installed
+        "from pgguard.cli import main\n"
+        f"sys.exit(main(['check-config', {str(path)!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "pip install 'pgguard[cluster]'" in done.stderr and "Traceback" not in done.stderr
