@@ -103,7 +103,7 @@ class Faults:
         self.seed = config.seed
         self.rules: list[FaultRule] = []
         self.totals: Counter[str] = Counter()  # firings by kind since start
-        self.active = False  # True while an admission rule is live: Server.admit's cheap test
+        self.active = False  # True while an admission rule is live: Control.admit's cheap test
         self._ids = itertools.count(1)
         self._timers: dict[int, Any] = {}  # rule id -> asyncio.TimerHandle (terminate)
         self._config_rules: tuple[str, ...] = ()
