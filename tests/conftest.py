@@ -4,6 +4,11 @@
 max_connections = 1''')`` starts a ``Server`` on the test's event loop on a free port in front of
 ``pg`` and returns a ``Guard`` handle; every guard is closed after the test, and the test fails if
 a slot or a waiter is still held 10 s after its clients are gone.
+
+``g.api`` is the same server seen through the handle pgguard ships for other projects' suites
+(``pgguard.testing.AsyncGuard``: ``set_limit``, ``inject``, ``faults``, ``stats``...): tests
+change and read pgguard through it, or through the console and ``/metrics``, rather than
+through the server's internals, so the shipped API is exercised by every such test.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from hypothesis import HealthCheck, settings
 from pgguard import config as config_mod
 from pgguard.server import Server
 from pgguard.testing.cluster import PostgresCluster
+from pgguard.testing.guard import AsyncGuard
 from pgguard.testing.wait import await_until
 
 # Hypothesis on a busy machine (CI shares two cores with PostgreSQL and pgguard): no per-example
@@ -73,6 +79,11 @@ class Guard:
 
     server: Server
     pg: PostgresCluster
+
+    @property
+    def api(self) -> AsyncGuard:
+        """The shipped testing handle on this server (same loop, direct calls)."""
+        return AsyncGuard(self.server, {"user": "app", "database": "postgres"}, self.pg)
 
     @property
     def port(self) -> int:

@@ -162,10 +162,10 @@ class _Handle:
         return self._call(self.server.control.clear_faults)
 
     def faults(self) -> list[dict[str, Any]]:
-        """The fault rules, as SHOW FAULTS lists them."""
-        keys = ("id", "kind", "role", "database", "remaining", "fired", "state", "rule")
+        """The fault rules, as SHOW FAULTS lists them (``source``: config, runtime or api)."""
+        keys = ("id", "kind", "role", "database", "remaining", "fired", "state", "source", "rule")
         rows = self._call(self.server.control.fault_rows)
-        return [dict(zip(keys, row[:7] + (row[8],), strict=True)) for row in rows]
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     # ------------------------------------------------------------- observing
 

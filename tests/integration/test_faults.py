@@ -13,7 +13,6 @@ from console_client import ADMIN_TOML, psql, psql_rows
 
 from pgguard import config as config_mod
 from pgguard.errors import ConfigError
-from pgguard.rules import parse_rule
 from pgguard.testing.wait import await_until
 
 
@@ -29,12 +28,16 @@ async def _psycopg(g, user: str = "app", database: str = "postgres", **extra: st
     )
 
 
+def _live(g) -> int:
+    """Fault rules that can still fire."""
+    return sum(row["state"] == "live" for row in g.api.faults())
+
+
 async def test_reject_next_n_answers_53300_for_that_role_only(guard) -> None:
     g = await guard()
-    faults = g.server.control.faults
-    assert not faults.active  # no rules: Server.admit pays one attribute test
-    rule = faults.add(parse_rule("REJECT NEXT 2 ROLE app"))
-    assert faults.active
+    assert g.api.faults() == []
+    rule = g.api.inject("REJECT NEXT 2 ROLE app")
+    assert _live(g) == 1
     other = await _connect(g, user="other")  # another role passes untouched
     for _ in range(2):
         with pytest.raises(
@@ -43,22 +46,20 @@ async def test_reject_next_n_answers_53300_for_that_role_only(guard) -> None:
             await _connect(g)
     conn = await _connect(g)  # the third is the real thing
     assert await conn.fetchval("SELECT current_user") == "app"
-    assert (rule.fired, rule.state, faults.active) == (2, "spent", False)
-    assert faults.totals["reject"] == 2
-    assert g.server.stats.rejections["fault"] == 2
-    assert faults.rows()[0][:7] == (rule.id, "reject", "app", "", "0", 2, "spent")
+    assert (rule.fired, rule.state, _live(g)) == (2, "spent", 0)
+    stats = g.api.stats()
+    assert stats["faults"]["reject"] == 2 and stats["rejections"]["fault"] == 2
+    row = g.api.faults()[0]
+    assert (row["id"], row["kind"], row["role"], row["database"]) == (rule.id, "reject", "app", "")
+    assert (row["remaining"], row["fired"], row["state"], row["source"]) == ("0", 2, "spent", "api")
     await conn.close()
     await other.close()
 
 
 async def test_reject_with_any_sqlstate_and_message_for_a_database(guard) -> None:
     g = await guard()
-    g.server.control.inject(parse_rule("REJECT NEXT 1 DATABASE limdb SQLSTATE 57P03"))
-    g.server.control.inject(
-        parse_rule(
-            "REJECT NEXT 1 DATABASE limdb SQLSTATE 3D000 MESSAGE 'no {database} for {role} today'"
-        )
-    )
+    g.api.inject("REJECT NEXT 1 DATABASE limdb SQLSTATE 57P03")
+    g.api.inject("REJECT NEXT 1 DATABASE limdb SQLSTATE 3D000 MESSAGE 'no {database} for {role} today'")
     with pytest.raises(psycopg.OperationalError, match="the database system is shutting down"):
         await _psycopg(g, database="limdb")
     with pytest.raises(asyncpg.InvalidCatalogNameError, match="no limdb for app today") as info:
@@ -84,18 +85,18 @@ async def test_reject_fraction_is_seeded_and_reproducible(guard) -> None:
             await conn.close()
     assert seen == expected
     assert 0 < sum(seen) < 16
-    (rule,) = g.server.control.faults.rules
-    assert (rule.source, rule.fired) == ("config", sum(expected))
+    (row,) = g.api.faults()
+    assert (row["source"], row["fired"]) == ("config", sum(expected))
 
 
 async def test_delay_holds_the_client_without_a_slot_then_admits_it(guard) -> None:
     g = await guard()
-    faults = g.server.control.faults
-    rule = faults.add(parse_rule("DELAY 0.4 NEXT 1 ROLE app"))
+    rule = g.api.inject("DELAY 0.4 NEXT 1 ROLE app")
     t0 = time.monotonic()
     task = asyncio.create_task(_connect(g))
     await await_until(lambda: rule.fired == 1, what="the delay rule to fire")
-    assert g.server.control.counts().sessions_active == 0 and g.server.control.counts().clients_waiting == 0
+    stats = g.api.stats()
+    assert stats["active"] == 0 and stats["waiting"] == 0
     conn = await task
     assert time.monotonic() - t0 >= 0.4
     assert rule.state == "spent"
@@ -105,7 +106,7 @@ async def test_delay_holds_the_client_without_a_slot_then_admits_it(guard) -> No
 
 async def test_random_delay_stays_within_its_bounds(guard) -> None:
     g = await guard()
-    g.server.control.inject(parse_rule("DELAY 0.1..0.3 NEXT 2 SEED 5"))
+    g.api.inject("DELAY 0.1..0.3 NEXT 2 SEED 5")
     for _ in range(2):
         t0 = time.monotonic()
         conn = await _connect(g)
@@ -115,7 +116,7 @@ async def test_random_delay_stays_within_its_bounds(guard) -> None:
 
 async def test_delayed_client_that_leaves_holds_nothing(guard) -> None:
     g = await guard()
-    rule = g.server.control.inject(parse_rule("DELAY 0.3 NEXT 1"))
+    rule = g.api.inject("DELAY 0.3 NEXT 1")
     task = asyncio.create_task(_connect(g))
     await await_until(lambda: rule.fired == 1, what="the delay rule to fire")
     task.cancel()
@@ -123,18 +124,20 @@ async def test_delayed_client_that_leaves_holds_nothing(guard) -> None:
         await task
     await await_until(lambda: not g.server.clients, what="the cancelled client to be gone")
     await asyncio.sleep(0.4)  # past the delay: its timer must find the client gone
-    assert g.server.control.counts().sessions_active == 0 and g.server.stats.admissions == 0
+    stats = g.api.stats()
+    assert stats["active"] == 0 and stats["admissions"] == 0
 
 
 async def test_drop_closes_the_connection_mid_startup(guard) -> None:
     g = await guard()
-    rule = g.server.control.inject(parse_rule("DROP NEXT 1 ROLE app"))
+    rule = g.api.inject("DROP NEXT 1 ROLE app")
     with pytest.raises(psycopg.OperationalError, match="closed the connection unexpectedly"):
         await _psycopg(g)
     assert rule.fired == 1
     conn = await _psycopg(g)
     await conn.close()
-    assert g.server.control.counts().sessions_active <= 1 and not g.server.stats.rejections
+    stats = g.api.stats()
+    assert stats["active"] <= 1 and not stats["rejections"]
 
 
 async def test_terminate_sends_57p01_to_the_role_and_frees_its_slots(guard, pg) -> None:
@@ -142,7 +145,7 @@ async def test_terminate_sends_57p01_to_the_role_and_frees_its_slots(guard, pg) 
     a = await _connect(g)
     p = await _psycopg(g)
     other = await _connect(g, user="other")
-    rule = g.server.control.inject(parse_rule("TERMINATE ROLE app"))
+    rule = g.api.inject("TERMINATE ROLE app")
     assert (rule.fired, rule.state) == (2, "done")
     with pytest.raises((asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError)):
         await a.fetchval("SELECT 1")
@@ -162,7 +165,7 @@ async def test_terminate_sends_57p01_to_the_role_and_frees_its_slots(guard, pg) 
 async def test_terminate_after_a_delay(guard) -> None:
     g = await guard()
     conn = await _psycopg(g)
-    rule = g.server.control.inject(parse_rule("TERMINATE ROLE app AFTER 0.3 MESSAGE 'bye {role}'"))
+    rule = g.api.inject("TERMINATE ROLE app AFTER 0.3 MESSAGE 'bye {role}'")
     assert rule.state == "pending"
     await conn.execute("SELECT 1")  # still alive before the delay
     await await_until(lambda: rule.state == "done", what="the terminate rule to fire")
@@ -175,24 +178,23 @@ async def test_terminate_after_a_delay(guard) -> None:
 async def test_clear_cancels_a_pending_terminate(guard) -> None:
     g = await guard()
     conn = await _connect(g)
-    faults = g.server.control.faults
-    faults.add(parse_rule("TERMINATE AFTER 0.2"))
-    faults.add(parse_rule("REJECT"))
-    assert faults.active and faults.clear() == 2 and not faults.active
+    g.api.inject("TERMINATE AFTER 0.2")
+    g.api.inject("REJECT")
+    assert len(g.api.faults()) == 2 and g.api.clear_faults() == 2 and g.api.faults() == []
     await asyncio.sleep(0.3)  # past the AFTER: nothing may fire
     assert await conn.fetchval("SELECT 1") == 1
-    assert faults.totals == {}
+    assert g.api.stats()["faults"] == {}
     await conn.close()
 
 
 async def test_reload_replaces_config_rules_and_keeps_runtime_ones(guard, pg) -> None:
     g = await guard('[faults]\nrules = ["REJECT ROLE app2"]')
-    faults = g.server.control.faults
-    runtime = faults.add(parse_rule("DELAY 0.01 ROLE app"))
+    runtime = g.api.inject("DELAY 0.01 ROLE app")
     new = config_mod.loads(_config_text(pg, 'rules = ["DROP ROLE app2"]'), "<reload>")
     assert g.server.reload(new)
-    assert [(r.kind, r.source) for r in faults.rules] == [("delay", "runtime"), ("drop", "config")]
-    assert runtime in faults.rules
+    rows = g.api.faults()
+    assert [(r["kind"], r["source"]) for r in rows] == [("delay", "api"), ("drop", "config")]
+    assert rows[0]["id"] == runtime.id
 
 
 def _config_text(pg, faults_body: str) -> str:
