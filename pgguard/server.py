@@ -336,4 +336,19 @@ def run_loop(main: Any) -> int:
         result: int = loop.run_until_complete(main)
         return result
     finally:
-        loop.close()
+        try:
+            _finish_tasks(loop)
+        finally:
+            loop.close()
+
+
+def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Let tasks still pending (a close cancelled by another close after a second signal, a
+    Redis call) run their cancellation before the loop closes, as ``asyncio.run`` does, so
+    none is destroyed pending (a log line with a traceback)."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())

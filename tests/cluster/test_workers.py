@@ -147,7 +147,8 @@ async def supervisor(tmp_path: Path, pg: PostgresCluster, redis_url: str, body: 
         for pid in sup.worker_pids().values():  # no worker outlives its supervisor
             await await_until(lambda pid=pid: not _alive(pid), timeout=10, what=f"worker {pid} to exit")
         print(sup.log_text)
-        assert "Traceback" not in sup.log_text, sup.log_text
+        for bad in ("Traceback", "Task was destroyed", "never awaited"):
+            assert bad not in sup.log_text, sup.log_text
 
 
 def _alive(pid: int) -> bool:
@@ -251,6 +252,7 @@ async def test_two_workers_behind_one_port_hold_the_role_limit(tmp_path, pg, red
         assert peak <= ROLE_LIMIT
         stats = await sup.show("STATS")
         admitted = {r["worker"]: int(r["value"]) for r in stats if r["stat"] == "admissions"}
+        print(f"admissions per worker: {admitted}")
         assert sum(admitted.values()) == 16 + 120, admitted
 
 
@@ -325,6 +327,22 @@ async def test_sigkilled_worker_is_restarted_and_sigterm_drains_all(tmp_path, pg
         assert await asyncio.wait_for(sup.proc.wait(), 30) == 0
         await await_until(lambda: sup.proc.stderr.at_eof(), timeout=10, what="the log to end")
         assert sup.log_text.count("event=stop clean=True") == WORKERS + 1  # each worker, then the supervisor
+        assert "level=INFO event=stop clean=True" in sup.log_text
+
+
+async def test_second_signal_stops_every_worker_at_once(tmp_path, pg, redis_server) -> None:
+    async with supervisor(tmp_path, pg, redis_server.url, QUEUE_BODY) as sup:
+        live = await asyncpg.connect(sup.dsn(), ssl=False)
+        sup.proc.send_signal(signal.SIGTERM)
+        await await_until(
+            lambda: sup.log_text.count("event=drain ") >= WORKERS, timeout=20, what="both workers to drain"
+        )
+        sup.proc.send_signal(signal.SIGTERM)  # the session is still live: stop without waiting
+        assert await asyncio.wait_for(sup.proc.wait(), 30) == 1
+        await await_until(live.is_closed, timeout=20, what="the live session to be closed")
+        await await_until(lambda: sup.proc.stderr.at_eof(), timeout=10, what="the log to end")
+        assert "level=INFO event=signal name=SIGTERM action=stop" in sup.log_text  # the supervisor's
+        assert "level=INFO event=stop clean=False" in sup.log_text
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
