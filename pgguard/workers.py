@@ -417,6 +417,13 @@ class _Worker:
     restarts: int = 0
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
 def reserve(listen: tuple[str, ...]) -> tuple[list[socket.socket], tuple[str, ...]]:
     """Bind every address (SO_REUSEPORT, not listening); the sockets and the addresses with
     port 0 replaced by the port it got. Raises OSError when an address is taken."""
@@ -571,7 +578,7 @@ class Supervisor:
         keepers = [loop.create_task(self._keep(w)) for w in self.workers]
         try:
             code = await self._wait_started()
-            if code is None:
+            if code is None and self._serving_all.is_set():
                 log_event(
                     logging.INFO, "workers_started", workers=len(self.workers),
                     listen=",".join(self.listen),
@@ -671,15 +678,15 @@ class Supervisor:
         while not self.stopping.is_set():
             try:
                 code = await self._run_worker(w)
-            except OSError as exc:  # could not even start the interpreter
-                log_event(logging.ERROR, "worker_spawn_failed", worker=w.index, error=str(exc))
+            except Exception as exc:  # the boundary of one worker's life: could not even start it
+                log_event(logging.ERROR, "worker_spawn_failed", worker=w.index, error=repr(exc))
                 code = 1
             w.code = code
             if self.stopping.is_set():
                 return
             fields: dict[str, object] = {"worker": w.index, "code": code}
             if code < 0:
-                fields["signal"] = signal.Signals(-code).name
+                fields["signal"] = _signal_name(-code)
             log_event(logging.WARNING, "worker_exited", **fields)
             if not w.ever_served:
                 if not self._failed.done():

@@ -238,6 +238,16 @@ async def test_two_workers_behind_one_port_hold_the_role_limit(tmp_path, pg, red
             await conn.close()
         await asyncio.gather(*queued)  # each admitted in turn, as a slot frees
 
+        # A CancelRequest lands on either worker, whichever holds the session: both forward it.
+        conn = await asyncpg.connect(sup.dsn(), ssl=False)
+        for _ in range(6):
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await conn.fetchval("SELECT pg_sleep(60)", timeout=0.2)
+            assert await conn.fetchval("SELECT 1") == 1
+            print(f"cancel round trip {time.monotonic() - t0:.2f}s")
+        await conn.close()
+
         # A storm over the one port: the server never sees more than the limit.
         stop = asyncio.Event()
         sampling = asyncio.create_task(_peak_app_sessions(pg, stop))
@@ -253,7 +263,7 @@ async def test_two_workers_behind_one_port_hold_the_role_limit(tmp_path, pg, red
         stats = await sup.show("STATS")
         admitted = {r["worker"]: int(r["value"]) for r in stats if r["stat"] == "admissions"}
         print(f"admissions per worker: {admitted}")
-        assert sum(admitted.values()) == 16 + 120, admitted
+        assert sum(admitted.values()) == 16 + 1 + 120, admitted
 
 
 async def test_console_set_limit_reload_and_kill_reach_every_worker(tmp_path, pg, redis_server) -> None:
@@ -343,6 +353,17 @@ async def test_second_signal_stops_every_worker_at_once(tmp_path, pg, redis_serv
         await await_until(lambda: sup.proc.stderr.at_eof(), timeout=10, what="the log to end")
         assert "level=INFO event=signal name=SIGTERM action=stop" in sup.log_text  # the supervisor's
         assert "level=INFO event=stop clean=False" in sup.log_text
+
+
+async def test_workers_of_a_sigkilled_supervisor_drain_and_exit(tmp_path, pg, redis_server) -> None:
+    async with supervisor(tmp_path, pg, redis_server.url, QUEUE_BODY) as sup:
+        pids = sup.worker_pids()
+        sup.proc.send_signal(signal.SIGKILL)
+        await sup.proc.wait()
+        for pid in pids.values():
+            await await_until(lambda pid=pid: not _alive(pid), timeout=20, what=f"worker {pid} to exit")
+        await await_until(lambda: sup.proc.stderr.at_eof(), timeout=10, what="the log to end")
+        assert sup.log_text.count("event=stop_requested reason=supervisor_gone action=drain") == WORKERS
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
