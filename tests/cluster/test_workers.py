@@ -25,7 +25,7 @@ import pytest
 
 from pgguard.testing.cluster import PostgresCluster, free_port
 from pgguard.testing.wait import await_until
-from pgguard.workers import merge_exposition
+from pgguard.workers import WORKER_METRIC_NAMES, merge_exposition
 
 ROLE_LIMIT = 4
 WORKERS = 2
@@ -76,6 +76,12 @@ def _get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def _get_openmetrics(url: str) -> str:
+    accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=accept), timeout=20) as response:
+        return response.read().decode()
 
 
 def _write_config(path: Path, pg: PostgresCluster, redis_url: str, port: int, metrics_port: int, body: str) -> None:
@@ -231,6 +237,10 @@ async def test_two_workers_behind_one_port_hold_the_role_limit(tmp_path, pg, red
         assert re.search(r'pgguard_sessions_active\{database="postgres",role="app",worker="1"\}', text)
         assert text.count("# TYPE pgguard_sessions_active gauge") == 1
         assert "pgguard_workers 2.0" in text and "pgguard_workers_alive 2.0" in text
+        for name in WORKER_METRIC_NAMES:
+            assert f"# TYPE {name} " in text, name
+        openmetrics = await asyncio.to_thread(_get_openmetrics, f"http://127.0.0.1:{sup.metrics_port}/metrics")
+        assert openmetrics.rstrip().endswith("# EOF") and 'worker="1"' in openmetrics
         assert await sup.http("/healthz") == (200, "ok\n")
         assert await sup.http("/readyz") == (200, "ready\n")
 
