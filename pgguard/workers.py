@@ -56,6 +56,7 @@ merged console and metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -169,6 +170,8 @@ class Channel:
                 return await future
         finally:
             self._pending.pop(rid, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: a close during the send is ChannelClosed above
 
     async def notify(self, op: str, **fields: Any) -> None:
         await self._send({"op": op, **fields})
@@ -382,7 +385,8 @@ async def _serve_worker(cfg: Config, spec: WorkerSpec) -> int:
 
     def started(server: Server, stop: StopRequest) -> None:
         async def run_channel() -> None:
-            await channel.notify("started", pid=os.getpid())
+            with contextlib.suppress(ChannelClosed):
+                await channel.notify("started", pid=os.getpid())
             await channel.run()
             stop("supervisor_gone")  # the supervisor died or closed the channel: drain, exit
 
