@@ -10,7 +10,8 @@ Endpoints: ``GET /metrics`` (text format 0.0.4, or OpenMetrics when the scraper 
 it); ``GET /healthz`` (200 while the process serves: a liveness probe); ``GET /readyz``
 (200 while the server behind pgguard accepts a TCP connection and pgguard is not draining,
 else 503 with the reason: a readiness probe for load balancers and Kubernetes); anything
-else is 404. One request per connection.
+else is 404. One request per connection. ``ProbeServer`` is that HTTP part alone; with
+``[server] workers`` the supervisor serves it with every worker's metrics (workers.py).
 """
 
 from __future__ import annotations
