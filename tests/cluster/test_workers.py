@@ -117,8 +117,12 @@ timeout = 3.0
 
 
 @asynccontextmanager
-async def supervisor(tmp_path: Path, pg: PostgresCluster, redis_url: str, body: str) -> AsyncIterator[Supervisor]:
-    port, metrics_port = free_port(), free_port()
+async def supervisor(
+    tmp_path: Path, pg: PostgresCluster, redis_url: str, body: str, *, port: int | None = None
+) -> AsyncIterator[Supervisor]:
+    """The supervisor of WORKERS workers, once it logged that all serve; ``port`` 0 lets
+    the supervisor pick it (then ``Supervisor.port`` is read from its log)."""
+    port, metrics_port = free_port() if port is None else port, free_port()
     path = tmp_path / "workers.toml"
     _write_config(path, pg, redis_url, port, metrics_port, body)
     proc = await asyncio.create_subprocess_exec(
@@ -140,6 +144,10 @@ async def supervisor(tmp_path: Path, pg: PostgresCluster, redis_url: str, body: 
             what="the supervisor to start its workers",
         )
         assert proc.returncode is None, sup.log_text
+        if port == 0:
+            m = re.search(r"event=workers_started workers=\d+ listen=127.0.0.1:(\d+)", sup.log_text)
+            assert m is not None, sup.log_text
+            sup.port = int(m[1])
         yield sup
     finally:
         if proc.returncode is None:
@@ -374,6 +382,16 @@ async def test_workers_of_a_sigkilled_supervisor_drain_and_exit(tmp_path, pg, re
             await await_until(lambda pid=pid: not _alive(pid), timeout=20, what=f"worker {pid} to exit")
         await await_until(lambda: sup.proc.stderr.at_eof(), timeout=10, what="the log to end")
         assert sup.log_text.count("event=stop_requested reason=supervisor_gone action=drain") == WORKERS
+
+
+async def test_port_0_is_picked_once_and_shared_by_every_worker(tmp_path, pg, redis_server) -> None:
+    async with supervisor(tmp_path, pg, redis_server.url, QUEUE_BODY, port=0) as sup:
+        assert sup.port != 0
+        listens = re.findall(r"worker=\d+ event=start listen=(\S+)", sup.log_text)
+        assert listens == [f"127.0.0.1:{sup.port}"] * WORKERS
+        conns = [await asyncpg.connect(sup.dsn(), ssl=False) for _ in range(3)]
+        for conn in conns:
+            await conn.close()
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
