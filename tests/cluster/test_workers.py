@@ -257,13 +257,13 @@ async def test_two_workers_behind_one_port_hold_the_role_limit(tmp_path, pg, red
         await asyncio.gather(*queued)  # each admitted in turn, as a slot frees
 
         # A CancelRequest lands on either worker, whichever holds the session: both forward it.
+        # (asyncpg answers a timeout with a CancelRequest; the 60 s sleep ends only by it, and
+        # asyncpg reports either the timeout or the cancellation, depending on which it sees first)
         conn = await asyncpg.connect(sup.dsn(), ssl=False)
         for _ in range(6):
-            t0 = time.monotonic()
-            with pytest.raises(TimeoutError):
+            with pytest.raises((TimeoutError, asyncpg.QueryCanceledError)):
                 await conn.fetchval("SELECT pg_sleep(60)", timeout=0.2)
             assert await conn.fetchval("SELECT 1") == 1
-            print(f"cancel round trip {time.monotonic() - t0:.2f}s")
         await conn.close()
 
         # A storm over the one port: the server never sees more than the limit.
