@@ -32,12 +32,20 @@ ERROR (42601 for an unknown command) and the session stays usable.
 Commands
 --------
 The commands themselves are in ``console.py`` (each a call into the control layer); this
-module is the protocol session that reads them and writes their results.
+module is the protocol session that reads them and writes their results. A session given a
+``Runner`` (``[server] workers``: see workers.py) runs commands through it instead, which
+may take a round trip: its messages are then served one at a time, in order, by a task, and
+reading pauses while more than ``MAX_PENDING`` wait.
+
+Size: about 600 lines, kept as one job: the console's protocol session (login, the simple
+and extended query protocols, and both served through a ``Runner``); splitting the login
+from the queries would split one state machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import re
@@ -46,10 +54,10 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from . import scram, wire
-from .console import Command, Host, Result, find, split_statements
+from .console import Command, Host, Result, Session, find, split_statements
 from .control import ADMIN_DATABASE
 from .errors import (
     AdminCommandError,
@@ -66,14 +74,18 @@ if TYPE_CHECKING:
 __all__ = [
     "ADMIN_DATABASE",
     "AdminSession",
+    "Runner",
     "admin_verifier",
     "check_admin_config",
+    "execute",
 ]
 
 # Longest message the console reads before the login (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH,
 # auth.c) and after it (a console statement is a line of text).
 AUTH_MESSAGE_MAX: Final = 65535
 CONSOLE_MESSAGE_MAX: Final = 1024 * 1024
+# Messages a session with a Runner keeps while a command is away; past it reading pauses.
+MAX_PENDING: Final = 64
 
 SERVER_VERSION: Final = "15.0 (pgguard)"  # libpq and asyncpg parse the leading "15.0"
 # Sent after AuthenticationOk, as PostgreSQL does; client libraries read these.
@@ -90,6 +102,34 @@ PARAMETERS: Final = (
 
 _ID: Final = r'(?:"(?:[^"]|"")+"|[^\s=;"]+)'  # an identifier, plain or double-quoted
 _INT: Final = r"[+-]?\d+"
+
+
+# ---------------------------------------------------------------- commands
+
+
+class Runner(Protocol):
+    """Runs a session's commands somewhere else (``[server] workers``: on every worker)."""
+
+    def columns(self, cmd: Command) -> tuple[str, ...]:
+        """The columns the command's rows have when run this way."""
+        ...
+
+    async def run(self, session: AdminSession, cmd: Command, m: re.Match[str]) -> Result:
+        """The command's result; raises ``AdminCommandError``."""
+        ...
+
+
+def execute(session: Session, cmd: Command, m: re.Match[str]) -> Result:
+    """Run one console command here; raises ``AdminCommandError`` (and only that)."""
+    try:
+        return cmd.handler(session, m)
+    except AdminCommandError:
+        raise
+    except PgGuardError as exc:
+        raise AdminCommandError(exc.sqlstate, exc.message, detail=exc.detail) from None
+    except Exception:
+        log.exception("event=admin_command_error command=%r", m.string)
+        raise AdminCommandError("XX000", "pgguard internal error running the command") from None
 
 
 # ------------------------------------------------------------ authentication
@@ -172,8 +212,10 @@ class AdminSession(asyncio.Protocol):
         client_id: int,
         peer: str,
         connected_at: float,
+        runner: Runner | None = None,
     ) -> None:
         self.host = host
+        self.runner = runner
         self.transport = transport
         self.startup = startup
         self.user = startup.user
@@ -191,6 +233,9 @@ class AdminSession(asyncio.Protocol):
         self._portals: dict[str, _Prepared] = {}
         self._skip_until_sync = False
         self._closed = False
+        # With a runner: messages waiting for the one in progress, and its task.
+        self._pending: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._serving: asyncio.Task[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<admin {self.id} {self.peer} {display(self.user)}>"
@@ -234,6 +279,9 @@ class AdminSession(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.host.control.console_closed(self)
+        self._pending.clear()
+        if self._serving is not None:
+            self._serving.cancel()
 
     def eof_received(self) -> bool | None:
         return None
@@ -270,6 +318,8 @@ class AdminSession(asyncio.Protocol):
                 tag, body = message
                 if not self.authenticated:
                     self._auth_message(tag, body)
+                elif self.runner is not None:
+                    self._enqueue(tag, body)
                 else:
                     self._message(tag, body)
         except PgGuardError as exc:  # a protocol violation: FATAL, as PostgreSQL does
@@ -346,31 +396,100 @@ class AdminSession(asyncio.Protocol):
             self._send(wire.build_ready_for_query())
 
     def _simple_query(self, text: str) -> None:
-        statements = split_statements(text)
-        out: list[bytes] = []
-        if not statements:
-            out.append(wire.build_empty_query_response())
-        for statement in statements:
+        outcomes: list[tuple[Command, Result] | AdminCommandError] = []
+        for statement in split_statements(text):
             try:
                 cmd, m = find(statement)
-                result = self._run(cmd, m)
+                outcomes.append((cmd, self._run(cmd, m)))
             except AdminCommandError as exc:
-                out.append(wire.build_error(exc))
+                outcomes.append(exc)
                 break  # like PostgreSQL: an error ends the query string
-            if cmd.columns:
-                out.append(wire.build_row_description(cmd.columns))
+        self._send(self._query_reply(outcomes))
+
+    def _query_reply(self, outcomes: list[tuple[Command, Result] | AdminCommandError]) -> bytes:
+        """A simple query's answer: each statement's rows and tag (or the error), ReadyForQuery."""
+        out: list[bytes] = []
+        if not outcomes:
+            out.append(wire.build_empty_query_response())
+        for outcome in outcomes:
+            if isinstance(outcome, AdminCommandError):
+                out.append(wire.build_error(outcome))
+                break
+            cmd, result = outcome
+            columns = self._columns(cmd)
+            if columns:
+                out.append(wire.build_row_description(columns))
             out += [wire.build_data_row(row) for row in result.rows]
             out.append(_command_complete(result))
         out.append(wire.build_ready_for_query())
-        self._send(b"".join(out))
+        return b"".join(out)
+
+    def _columns(self, cmd: Command) -> tuple[str, ...]:
+        return cmd.columns if self.runner is None else self.runner.columns(cmd)
 
     def _run(self, cmd: Command, m: re.Match[str]) -> Result:
+        return execute(self, cmd, m)
+
+    # ------------------------------------------------- commands run elsewhere
+
+    def _enqueue(self, tag: bytes, body: bytes) -> None:
+        """Keep a message for the serving task (started if idle); pause reading past MAX_PENDING."""
+        self._pending.append((tag, body))
+        if len(self._pending) >= MAX_PENDING and not self.transport.is_closing():
+            self.transport.pause_reading()
+        if self._serving is None:
+            self._serving = self.host.control.spawn(self._serve())
+
+    async def _serve(self) -> None:
+        """Serve pending messages in order; a command in progress holds back the later ones."""
         try:
-            return cmd.handler(self, m)
+            while self._pending and not self._closed:
+                tag, body = self._pending.popleft()
+                try:
+                    await self._message_async(tag, body)
+                except PgGuardError as exc:
+                    self.terminate(exc)
+                except Exception:  # the per-connection boundary, as in data_received
+                    log.exception("event=internal_error client=%r", self)
+                    self.terminate(PgGuardError("pgguard internal error"))
+                if len(self._pending) < MAX_PENDING // 2 and not self.transport.is_closing():
+                    self.transport.resume_reading()
+        finally:
+            self._serving = None
+
+    async def _message_async(self, tag: bytes, body: bytes) -> None:
+        if tag == b"Q":
+            outcomes: list[tuple[Command, Result] | AdminCommandError] = []
+            for statement in split_statements(wire.read_cstring(body, 0)[0]):
+                try:
+                    cmd, m = find(statement)
+                    outcomes.append((cmd, await self._run_async(cmd, m)))
+                except AdminCommandError as exc:
+                    outcomes.append(exc)
+                    break
+            self._send(self._query_reply(outcomes))
+        elif tag == b"E" and not self._skip_until_sync:
+            try:
+                prepared = self._portal(wire.read_cstring(body, 0)[0])
+                if prepared.command is None or prepared.match is None:
+                    self._send(wire.build_empty_query_response())
+                    return
+                result = await self._run_async(prepared.command, prepared.match)
+                self._send(self._execute_reply(result))
+            except AdminCommandError as exc:
+                self._send_error(exc)
+                self._skip_until_sync = True
+            except (struct.error, IndexError, UnicodeDecodeError):
+                raise ProtocolViolation(wire.INVALID_MESSAGE_FORMAT) from None
+        else:
+            self._message(tag, body)
+
+    async def _run_async(self, cmd: Command, m: re.Match[str]) -> Result:
+        assert self.runner is not None
+        try:
+            return await self.runner.run(self, cmd, m)
         except AdminCommandError:
             raise
-        except PgGuardError as exc:
-            raise AdminCommandError(exc.sqlstate, exc.message, detail=exc.detail) from None
         except Exception:
             log.exception("event=admin_command_error client=%r command=%r", self, m.string)
             raise AdminCommandError("XX000", "pgguard internal error running the command") from None
@@ -444,23 +563,30 @@ class AdminSession(asyncio.Protocol):
             prepared = self._portals.get(name)
             if prepared is None:
                 raise AdminCommandError("34000", f'portal "{name}" does not exist')
-        if prepared.command is not None and prepared.command.columns:
-            self._send(wire.build_row_description(prepared.command.columns))
+        columns = () if prepared.command is None else self._columns(prepared.command)
+        if columns:
+            self._send(wire.build_row_description(columns))
         else:
             self._send(wire.build_message(b"n"))  # NoData
 
-    def _execute(self, body: bytes) -> None:
-        name = wire.read_cstring(body, 0)[0]
+    def _portal(self, name: str) -> _Prepared:
         prepared = self._portals.get(name)
         if prepared is None:
             raise AdminCommandError("34000", f'portal "{name}" does not exist')
+        return prepared
+
+    def _execute(self, body: bytes) -> None:
+        prepared = self._portal(wire.read_cstring(body, 0)[0])
         if prepared.command is None or prepared.match is None:
             self._send(wire.build_empty_query_response())
             return
-        result = self._run(prepared.command, prepared.match)
+        self._send(self._execute_reply(self._run(prepared.command, prepared.match)))
+
+    @staticmethod
+    def _execute_reply(result: Result) -> bytes:
         out = [wire.build_data_row(row) for row in result.rows]
         out.append(_command_complete(result))
-        self._send(b"".join(out))
+        return b"".join(out)
 
     # ----------------------------------------------------------------- output
 

@@ -18,14 +18,17 @@ __all__ = ["main", "setup_logging"]
 LOG_FORMAT = "%(asctime)s level=%(levelname)s %(message)s"
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+def setup_logging(level: str, *, worker: int | None = None) -> None:
+    """Log to stderr; a worker of ``[server] workers`` adds ``worker=i`` to every line."""
+    fmt = LOG_FORMAT if worker is None else LOG_FORMAT.replace(" %(message)s", f" worker={worker} %(message)s")
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import server
+    from . import server, workers
 
-    setup_logging(args.log_level)
+    spec = None if args.worker is None else workers.WorkerSpec.loads(args.worker)
+    setup_logging(args.log_level, worker=None if spec is None else spec.index)
     try:
         cfg = config_mod.load(args.config)
         tls.load(cfg)  # certificate and key files readable and matching
@@ -34,6 +37,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"pgguard: invalid configuration: {exc}", file=sys.stderr)
         return 2
     try:
+        if spec is not None:
+            return workers.run_worker(cfg, spec)
+        if cfg.server.workers > 1:
+            return workers.run_supervisor(cfg, args.log_level)
         return server.run(cfg)
     except OSError as exc:  # e.g. the listen address is taken
         print(f"pgguard: cannot start: {exc}", file=sys.stderr)
@@ -55,7 +62,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         print(f"pgguard: invalid configuration: {exc}", file=sys.stderr)
         return 2
     roles = ", ".join(sorted(cfg.roles)) or "none"
-    print(f"{args.file}: OK (listen {', '.join(cfg.server.listen)}; roles configured: {roles})")
+    workers = f"; {cfg.server.workers} workers" if cfg.server.workers > 1 else ""
+    print(f"{args.file}: OK (listen {', '.join(cfg.server.listen)}{workers}; roles configured: {roles})")
     return 0
 
 
@@ -74,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log level (default: %(default)s)",
     )
+    # Internal: a worker process of [server] workers, started by its supervisor (workers.py).
+    run.add_argument("--worker", help=argparse.SUPPRESS)
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")

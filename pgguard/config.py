@@ -40,6 +40,7 @@ __all__ = [
     "from_dict",
     "parse_address",
     "DEFAULT_PATH",
+    "MAX_WORKERS",
 ]
 
 DEFAULT_PATH: Final = "pgguard.toml"
@@ -82,6 +83,9 @@ def _port(value: int) -> str | None:
     return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
 
 
+MAX_WORKERS: Final = 64  # more is a typo, not a deployment (each worker is a Redis client)
+
+
 def _admin_password(value: str) -> str | None:
     if not value:
         return "must not be empty (leave it out instead)"
@@ -110,6 +114,9 @@ class ServerConfig:
     # (pgguard._relay, a C extension) when it is built ("auto"), always ("native": a warning
     # and the Python relay when it is missing), or never ("python").
     relay: RelayName = field(default_factory=lambda: _relay_default(os.environ))
+    # Processes serving `listen` together (SO_REUSEPORT; see workers.py). 1: this process
+    # alone. More needs [cluster], through which the workers share their limits.
+    workers: int = field(default=1, metadata=_check(lambda n: None if 1 <= n <= MAX_WORKERS else f"must be 1 to {MAX_WORKERS}"))
 
 
 def _relay_default(env: Mapping[str, str]) -> RelayName:
@@ -415,8 +422,11 @@ def _build(data: dict[str, Any], path: str) -> Config:
 
 
 def _check_cluster(config: Config) -> None:
-    """A heartbeat must come more often than the lease expires, or every lease lapses."""
-    cluster = config.cluster
+    """Workers share their limits through [cluster] (without it each would enforce them alone);
+    a heartbeat must come more often than the lease expires, or every lease lapses."""
+    cluster, workers = config.cluster, config.server.workers
+    if workers > 1 and cluster is None:
+        raise ConfigError(config.path, "server.workers", f"{workers} workers need a [cluster] section")
     if cluster is not None and cluster.renew_every >= cluster.lease_ttl:
         raise ConfigError(
             config.path, "cluster.heartbeat_interval", "must be less than cluster.lease_ttl"

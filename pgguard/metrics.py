@@ -10,7 +10,8 @@ Endpoints: ``GET /metrics`` (text format 0.0.4, or OpenMetrics when the scraper 
 it); ``GET /healthz`` (200 while the process serves: a liveness probe); ``GET /readyz``
 (200 while the server behind pgguard accepts a TCP connection and pgguard is not draining,
 else 503 with the reason: a readiness probe for load balancers and Kubernetes); anything
-else is 404. One request per connection.
+else is 404. One request per connection. ``ProbeServer`` is that HTTP part alone; with
+``[server] workers`` the supervisor serves it with every worker's metrics (workers.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .log import display, log
 if TYPE_CHECKING:
     from .control import Control
 
-__all__ = ["ServerCollector", "MetricsServer", "METRIC_NAMES", "CLUSTER_METRIC_NAMES"]
+__all__ = ["ServerCollector", "MetricsServer", "ProbeServer", "METRIC_NAMES", "CLUSTER_METRIC_NAMES"]
 
 
 # A scrape request is a few hundred bytes; anything larger or slower is not Prometheus.
@@ -334,14 +335,14 @@ def _bound_text(bound: float) -> str:
     return repr(float(bound))
 
 
-class MetricsServer:
-    """A minimal HTTP/1.x server on the event loop, answering ``GET /metrics``."""
+class ProbeServer:
+    """A minimal HTTP/1.x server on the event loop: ``/metrics``, ``/healthz``, ``/readyz``.
 
-    def __init__(self, control: Control, host: str, port: int) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ServerCollector(control))
-        self._control = control
-        self._ready: tuple[float, str | None] | None = None  # (when, reason not ready or None)
+    What each answers comes from the subclass (``exposition``, ``not_healthy``,
+    ``not_ready``): one process's ``Control`` here, every worker's in workers.py.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
         self.address: tuple[str, int] | None = None
@@ -365,26 +366,17 @@ class MetricsServer:
                 await self._listener.wait_closed()
             self._listener = None
 
-    def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The exposition body and its content type (what a scrape would get)."""
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+    async def exposition(self, accept: str) -> tuple[bytes, str]:
+        """The ``/metrics`` body for a scraper sending ``Accept: accept``, and its content type."""
+        raise NotImplementedError
+
+    async def not_healthy(self) -> str | None:
+        """Why ``/healthz`` answers 503, or None (200)."""
+        return None
 
     async def not_ready(self) -> str | None:
-        """Why pgguard is not ready (draining, or the server cannot be dialled), or None.
-
-        A TCP (or Unix-socket) connect to ``[backend]`` bounded by ``READY_PROBE_TIMEOUT``,
-        closed at once (PostgreSQL logs nothing for a connection that sends no byte); the
-        answer is reused for ``READY_CACHE`` seconds.
-        """
-        if self._control.draining:
-            return "draining"
-        now = time.monotonic()
-        if self._ready is not None and now - self._ready[0] < READY_CACHE:
-            return self._ready[1]
-        reason = await self._control.backend.probe(READY_PROBE_TIMEOUT)
-        self._ready = (time.monotonic(), reason)
-        return reason
+        """Why ``/readyz`` answers 503, or None (200)."""
+        return None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -405,12 +397,12 @@ class MetricsServer:
                 return
             path = parts[1].split("?", 1)[0]
             head_only = parts[0] == "HEAD"
-            if path == "/healthz":
-                await _respond(writer, 200, b"ok\n", "text/plain", head_only=head_only)
-                return
-            if path == "/readyz":
-                reason = await self.not_ready()
-                status, text = (200, "ready") if reason is None else (503, f"not ready: {reason}")
+            if path in ("/healthz", "/readyz"):
+                if path == "/healthz":
+                    reason, good, bad = await self.not_healthy(), "ok", "not healthy"
+                else:
+                    reason, good, bad = await self.not_ready(), "ready", "not ready"
+                status, text = (200, good) if reason is None else (503, f"{bad}: {reason}")
                 body = text.encode("utf-8", "replace") + b"\n"
                 await _respond(writer, status, body, "text/plain", head_only=head_only)
                 return
@@ -418,7 +410,7 @@ class MetricsServer:
                 await _respond(writer, 404, b"not found; try /metrics\n", "text/plain")
                 return
             started = time.perf_counter()
-            body, content_type = self.render(headers.get("accept", ""))
+            body, content_type = await self.exposition(headers.get("accept", ""))
             log.debug("event=scrape seconds=%.4f bytes=%d", time.perf_counter() - started, len(body))
             await _respond(writer, 200, body, content_type, head_only=head_only)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
@@ -427,6 +419,41 @@ class MetricsServer:
             if task is not None:
                 self._handlers.discard(task)
             writer.close()
+
+
+class MetricsServer(ProbeServer):
+    """``[metrics] listen`` of one pgguard process: its ``Control``'s state at scrape time."""
+
+    def __init__(self, control: Control, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ServerCollector(control))
+        self._control = control
+        self._ready: tuple[float, str | None] | None = None  # (when, reason not ready or None)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its content type (what a scrape would get)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    async def exposition(self, accept: str) -> tuple[bytes, str]:
+        return self.render(accept)
+
+    async def not_ready(self) -> str | None:
+        """Why pgguard is not ready (draining, or the server cannot be dialled), or None.
+
+        A TCP (or Unix-socket) connect to ``[backend]`` bounded by ``READY_PROBE_TIMEOUT``,
+        closed at once (PostgreSQL logs nothing for a connection that sends no byte); the
+        answer is reused for ``READY_CACHE`` seconds.
+        """
+        if self._control.draining:
+            return "draining"
+        now = time.monotonic()
+        if self._ready is not None and now - self._ready[0] < READY_CACHE:
+            return self._ready[1]
+        reason = await self._control.backend.probe(READY_PROBE_TIMEOUT)
+        self._ready = (time.monotonic(), reason)
+        return reason
 
 
 _REASONS: Final = {

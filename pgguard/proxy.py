@@ -60,7 +60,7 @@ from .limits import Ticket, Waiter
 from .log import display, log, log_event
 from .pump import BackendAuth, Pump
 
-__all__ = ["ClientConnection", "Host", "State"]
+__all__ = ["ClientConnection", "Host", "State", "number_clients"]
 
 # A client should send nothing between its StartupMessage and the server's first reply;
 # whatever it does send before the backend is connected is kept, up to this bound.
@@ -73,6 +73,16 @@ WRITE_LOW_WATER: Final = 64 * 1024
 TLS_SHUTDOWN_TIMEOUT: Final = 5.0
 
 _ids = itertools.count(1)
+
+
+def number_clients(first: int, step: int) -> None:
+    """Number this process's clients ``first``, ``first + step``, ... (from now on).
+
+    ``[server] workers``: worker i of N numbers its clients i+1, i+1+N, ..., so a client id
+    (SHOW CLIENTS, KILL CLIENT, the console's BackendKeyData) names one client on the host.
+    """
+    global _ids
+    _ids = itertools.count(first, step)
 
 
 class State(enum.Enum):

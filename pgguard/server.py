@@ -15,11 +15,12 @@ import contextlib
 import errno
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from . import config as config_mod
 from . import tls
-from .admin import AdminSession, check_admin_config
+from .admin import AdminSession, Runner, check_admin_config
 from .backend import Backend
 from .config import Config
 from .control import Control, Stats, raise_fd_limit
@@ -27,7 +28,7 @@ from .errors import ConfigError
 from .log import log_event
 from .proxy import ClientConnection
 
-__all__ = ["Server", "Stats", "run", "serve", "new_event_loop"]
+__all__ = ["Server", "Stats", "StopRequest", "run", "run_loop", "serve", "new_event_loop"]
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -57,6 +58,13 @@ class Server:
         self.mirror: Any = None  # mirror.CatalogMirror, likewise
         self._listeners: list[asyncio.base_events.Server] = []
         self._stopped = asyncio.Event()
+        # Set before start by a worker of ``[server] workers`` (workers.py): listen with
+        # SO_REUSEPORT beside its siblings, leave [metrics] listen to the supervisor, adjust
+        # every config read on reload the way its first was, run console commands everywhere.
+        self.reuse_port = False
+        self.serve_metrics = True
+        self.prepare_config: Callable[[Config], Config] | None = None
+        self.console_runner: Runner | None = None
 
     # Read-only views for in-process callers (pgguard.testing, the demo); changes go
     # through ``control``.
@@ -90,7 +98,12 @@ class Server:
         for item in self.config.server.listen:
             host, port = config_mod.parse_address(item)
             listener = await self.loop.create_server(
-                lambda: ClientConnection(control), host, port, reuse_address=True, backlog=4096
+                lambda: ClientConnection(control),
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+                backlog=4096,
             )
             self._listeners.append(listener)
             for sock in listener.sockets:
@@ -105,7 +118,7 @@ class Server:
         )
         check_admin_config(self.config, log_event)
         listen = self.config.metrics.listen
-        if listen is not None:
+        if listen is not None and self.serve_metrics:
             from .metrics import MetricsServer
 
             host, port = config_mod.parse_address(listen)
@@ -122,6 +135,8 @@ class Server:
         try:
             if new is None:
                 new = config_mod.load(self.config.path)
+            if self.prepare_config is not None:
+                new = self.prepare_config(new)
             client_tls, backend_tls = tls.load(new)  # an unreadable certificate keeps the old
         except ConfigError as exc:
             log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
@@ -144,7 +159,7 @@ class Server:
         check_admin_config(new, log_event)
         for key, moved in (
             ("server.listen", new.server.listen != old.server.listen),
-            ("metrics.listen", new.metrics != old.metrics),
+            ("metrics.listen", new.metrics != old.metrics and self.serve_metrics),
         ):
             if moved:  # bound sockets stay as they are until a restart
                 log_event(logging.WARNING, "reload_needs_restart", key=key)
@@ -222,6 +237,7 @@ class Server:
             client_id=client.id,
             peer=client.peer,
             connected_at=client.connected_at,
+            runner=self.console_runner,
         )
         self.control.console_opened(client, session)
         transport.set_protocol(session)
@@ -248,27 +264,49 @@ def _mirror_keys(c: Config) -> tuple[object, ...]:
     return (c.limits.mirror_catalog, c.limits.mirror_interval, c.backend.monitor_dsn)
 
 
-async def serve(config: Config) -> int:
-    """Run until drained by a signal. Returns the process exit code."""
+StopRequest = Callable[[str], None]
+
+
+async def serve(
+    config: Config,
+    *,
+    server: Server | None = None,
+    started: Callable[[Server, StopRequest], None] | None = None,
+) -> int:
+    """Run until drained by a signal. Returns the process exit code.
+
+    ``server`` (default: a new one for ``config``) is started here; then ``started`` gets
+    it and a function that asks for the same drain as SIGTERM (a second call stops at once),
+    with a reason for the log.
+    """
     loop = asyncio.get_running_loop()
-    server = Server(config, loop=loop)
+    if server is None:
+        server = Server(config, loop=loop)
     await server.start()
     stop = asyncio.Event()
     signals = 0
 
-    def on_stop(signum: int) -> None:
+    def request(reason: str, event: str = "stop_requested") -> None:
         nonlocal signals
         signals += 1
+        action = "drain" if signals == 1 else "stop"
+        if event == "signal":
+            log_event(logging.INFO, event, name=reason, action=action)
+        else:
+            log_event(logging.INFO, event, reason=reason, action=action)
         if signals == 1:
-            log_event(logging.INFO, "signal", name=signal.Signals(signum).name, action="drain")
             stop.set()
         else:
-            log_event(logging.INFO, "signal", name=signal.Signals(signum).name, action="stop")
             server.control.spawn(server.close())
+
+    def on_stop(signum: int) -> None:
+        request(signal.Signals(signum).name, "signal")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
+    if started is not None:
+        started(server, request)
     try:
         await stop.wait()
         drain = loop.create_task(server.drain())
@@ -286,10 +324,31 @@ async def serve(config: Config) -> int:
 
 def run(config: Config) -> int:
     """Run pgguard in this process on a fresh (uv)loop until it is drained."""
+    return run_loop(serve(config))
+
+
+def run_loop(main: Any) -> int:
+    """Run coroutine ``main`` (returning an exit code) on a fresh (uv)loop, files limit raised."""
     raise_fd_limit()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(serve(config))
+        result: int = loop.run_until_complete(main)
+        return result
     finally:
-        loop.close()
+        try:
+            _finish_tasks(loop)
+        finally:
+            loop.close()
+
+
+def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Let tasks still pending (a close cancelled by another close after a second signal, a
+    Redis call) run their cancellation before the loop closes, as ``asyncio.run`` does, so
+    none is destroyed pending (a log line with a traceback)."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())

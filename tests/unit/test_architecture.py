@@ -26,7 +26,7 @@ LAYERS: dict[str, int] = {
     # 3: the process
     "server": 3,
     # 4: entry points and tools
-    "cli": 4, "demo": 4, "__main__": 4, "__init__": 4,
+    "cli": 4, "workers": 4, "demo": 4, "__main__": 4, "__init__": 4,
     "testing": 4, "testing.cluster": 4, "testing.guard": 4, "testing.plugin": 4, "testing.wait": 4,
     "testing.redis": 4,
 }  # fmt: skip

@@ -1,0 +1,819 @@
+"""``[server] workers = N``: a supervisor process runs N pgguard processes behind one port (SO_REUSEPORT).
+
+Theory
+------
+``pgguard run`` with ``workers > 1`` (which needs ``[cluster]``: the workers share their
+limits through it, as separate pgguards do) becomes a *supervisor*. It serves no client.
+
+- It first binds every ``[server] listen`` address itself, with SO_REUSEPORT and without
+  listening: a taken address is the same clean "cannot start" as without workers, port 0 is
+  resolved once (every worker gets the same port), and the bound socket keeps the address
+  reserved while a worker restarts. A socket that never listens is not in the kernel's
+  SO_REUSEPORT group, so no client is ever queued on it.
+- It starts N workers: the same interpreter re-executed (``python -m pgguard run -c FILE
+  --worker SPEC``, never a fork of a running loop), each in its own session (a terminal's
+  Ctrl-C reaches the supervisor only, which forwards it), each handed one end of a
+  socketpair as its *channel*. A worker is an ordinary ``server.Server`` that listens with
+  SO_REUSEPORT (the kernel spreads new clients over the workers), is named
+  ``<[cluster] instance>-w<i>`` in the store (default names, hostname:pid, are distinct
+  anyway), numbers its clients i+1, i+1+N, ... (ids unique on the host), logs with a
+  ``worker=i`` field, and opens no ``[metrics] listen`` of its own.
+- The channel carries length-prefixed JSON frames (at most ``MAX_FRAME`` bytes): requests
+  ``{"id", "op", ...}``, replies ``{"re", ...}``, notices ``{"op", ...}``. A worker sends
+  ``started`` once it serves; the supervisor asks a worker for its exposition text
+  (``metrics``), its readiness (``ready``) and to run a console command (``command``); a
+  worker asks the supervisor to run a console statement on every worker (``console``).
+- One console: the console is reached on the listen port, so a console session lands on
+  whichever worker the kernel picked. That worker authenticates it as usual and passes each
+  command to the supervisor, which runs it on every live worker and merges the answers: a
+  command with rows (SHOW ..., INJECT) returns every worker's rows with a last column
+  ``worker``; a command without rows (SET, PAUSE, RESUME, RELOAD, KILL, CLEAR) succeeds if
+  it succeeded on at least one worker (KILL CLIENT finds the one worker holding the id), else
+  fails with the first worker's error. SHOW HELP and SHOW CONFIG are answered by the worker
+  itself (the same on every worker). RELOAD also re-reads the supervisor's own copy.
+- One ``/metrics``: the supervisor serves ``[metrics] listen``; a scrape collects every
+  live worker's exposition and serves each sample once per worker with a ``worker`` label
+  (HELP and TYPE once per family), plus the supervisor's own ``pgguard_workers``,
+  ``pgguard_workers_alive`` and ``pgguard_worker_restarts_total``. ``/healthz`` is 200 while
+  every worker runs; ``/readyz`` while every worker is ready (and nothing drains).
+- Signals: SIGTERM or SIGINT is forwarded to every worker as SIGTERM (each drains as a
+  single pgguard does); the supervisor waits ``shutdown_timeout`` + ``DRAIN_MARGIN`` and
+  then kills what is left. A second signal is forwarded too (every worker stops at once).
+  The exit code is 0 only when every worker exited 0 after one signal. SIGHUP re-reads the
+  supervisor's file and is forwarded (every worker reloads).
+- A worker that exits on its own is logged (``event=worker_exited``) and started again after
+  ``BACKOFF_FIRST`` seconds, doubling up to ``BACKOFF_MAX`` (back to the first after
+  ``BACKOFF_RESET`` seconds of service); its leases in the store expire within ``lease_ttl``.
+  A worker that fails before it ever served at start stops the whole supervisor with its
+  exit code (a configuration the worker refuses is not retried forever). A worker whose
+  supervisor is gone (its channel closed) drains and exits.
+
+Size: about 800 lines, kept as one job on purpose: the process model of workers mode, both
+sides of the channel (each side's requests are the other's handlers) and the supervisor's
+merged console and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from . import config as config_mod
+from . import proxy
+from .admin import AdminSession, execute
+from .config import Config
+from .console import Command, Host, Result, find
+from .errors import AdminCommandError, ConfigError
+from .log import log, log_event
+from .metrics import MetricsServer, ProbeServer
+from .server import Server, StopRequest, run_loop, serve
+
+__all__ = [
+    "BACKOFF_FIRST",
+    "BACKOFF_MAX",
+    "MAX_FRAME",
+    "WORKER_METRIC_NAMES",
+    "Channel",
+    "WorkerSpec",
+    "merge_exposition",
+    "run_supervisor",
+    "run_worker",
+]
+
+# A frame carries a console result or one worker's exposition: SHOW CLIENTS of 100,000
+# clients is about 15 MB of JSON. Past this a reply is replaced by an error, not sent.
+MAX_FRAME: Final = 32 * 1024 * 1024
+# Bound on one round trip over a channel (a scrape, a command on one worker); a worker's
+# console request waits for the slowest worker plus this margin.
+RPC_TIMEOUT: Final = 10.0
+CONSOLE_TIMEOUT: Final = RPC_TIMEOUT + 5.0
+# Restart backoff of a worker that exited on its own: first delay, cap, and the service
+# time after which the next failure starts from the first delay again.
+BACKOFF_FIRST: Final = 0.5
+BACKOFF_MAX: Final = 10.0
+BACKOFF_RESET: Final = 30.0
+# Past shutdown_timeout, time for workers to close their sessions and leave the store
+# (close_timeout, one Redis call) before the supervisor kills them.
+DRAIN_MARGIN: Final = 10.0
+# Time a starting worker has to serve (load, bind, join the store) before it counts as failed.
+START_TIMEOUT: Final = 60.0
+
+WORKER_METRIC_NAMES: Final = (
+    "pgguard_workers",
+    "pgguard_workers_alive",
+    "pgguard_worker_restarts_total",
+)
+
+# Console commands a worker answers alone: the same on every worker (SHOW HELP, SHOW
+# CONFIG) or no-ops (BEGIN/COMMIT..., which have no syntax line).
+_LOCAL_SYNTAX: Final = frozenset({"SHOW HELP", "SHOW CONFIG", ""})
+_HEADER: Final = struct.Struct(">I")
+
+
+class ChannelClosed(Exception):
+    """The peer process is gone (or sent something that is not a frame)."""
+
+
+# ------------------------------------------------------------------- channel
+
+
+class Channel:
+    """Framed JSON requests, replies and notices over one socketpair end, both ways."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+        notice: Callable[[dict[str, Any]], None] = lambda msg: None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._handle = handle
+        self._notice = notice
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    async def request(self, op: str, timeout: float = RPC_TIMEOUT, **fields: Any) -> dict[str, Any]:
+        """The peer's reply to ``op``; raises ChannelClosed or TimeoutError."""
+        if self.closed:
+            raise ChannelClosed
+        rid = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            await self._send({"id": rid, "op": op, **fields})
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._pending.pop(rid, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: a close during the send is ChannelClosed above
+
+    async def notify(self, op: str, **fields: Any) -> None:
+        await self._send({"op": op, **fields})
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode()
+        if len(data) > MAX_FRAME:
+            raise ValueError(f"message of {len(data)} bytes is over the channel's {MAX_FRAME}")
+        if self.closed:
+            raise ChannelClosed
+        try:
+            self._writer.write(_HEADER.pack(len(data)) + data)
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            self.close()
+            raise ChannelClosed from exc
+
+    async def run(self) -> None:
+        """Read frames until the peer closes; then fail whatever still waits for a reply."""
+        try:
+            while True:
+                (size,) = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
+                if size > MAX_FRAME:
+                    log_event(logging.ERROR, "channel_error", reason=f"frame of {size} bytes")
+                    return
+                message = json.loads(await self._reader.readexactly(size))
+                if not isinstance(message, dict):
+                    return
+                if "re" in message:
+                    future = self._pending.get(message["re"])
+                    if future is not None and not future.done():
+                        future.set_result(message)
+                elif "id" in message:
+                    task = asyncio.get_running_loop().create_task(self._answer(message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                else:
+                    self._notice(message)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass  # closed, or garbage (ValueError: not JSON): the channel is over either way
+        finally:
+            self.close()
+
+    async def _answer(self, message: dict[str, Any]) -> None:
+        try:
+            reply = await self._handle(message)
+        except Exception as exc:  # the boundary of one request: answer, never kill the channel
+            log.exception("event=channel_request_failed op=%s", message.get("op"))
+            reply = {"error": {"sqlstate": "XX000", "message": f"pgguard internal error: {exc}"}}
+        try:
+            try:
+                await self._send({"re": message["id"], **reply})
+            except ValueError as exc:  # too large
+                await self._send({"re": message["id"], "error": {"sqlstate": "54000", "message": str(exc)}})
+        except ChannelClosed:
+            pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ChannelClosed())
+        for task in self._tasks:
+            task.cancel()
+        self._writer.close()
+
+
+def _error_of(reply: dict[str, Any]) -> AdminCommandError | None:
+    error = reply.get("error")
+    if error is None:
+        return None
+    return AdminCommandError(
+        str(error.get("sqlstate", "XX000")), str(error.get("message", "")), detail=error.get("detail")
+    )
+
+
+def _error_reply(exc: AdminCommandError) -> dict[str, Any]:
+    return {"error": {"sqlstate": exc.sqlstate, "message": exc.message, "detail": exc.detail}}
+
+
+# -------------------------------------------------------------------- worker
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What the supervisor tells a worker on its command line (``--worker``, JSON)."""
+
+    index: int
+    count: int
+    fd: int
+    listen: tuple[str, ...]  # the supervisor's resolved [server] listen (port 0 made concrete)
+    configured: tuple[str, ...]  # [server] listen as the file said it
+
+    def dumps(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, text: str) -> WorkerSpec:
+        data = json.loads(text)
+        return cls(
+            index=int(data["index"]),
+            count=int(data["count"]),
+            fd=int(data["fd"]),
+            listen=tuple(data["listen"]),
+            configured=tuple(data["configured"]),
+        )
+
+
+def _worker_config(spec: WorkerSpec) -> Callable[[Config], Config]:
+    """What a worker makes of a config it reads (at start and on every reload)."""
+
+    def prepare(cfg: Config) -> Config:
+        server = cfg.server
+        if server.listen == spec.configured:
+            server = dataclasses.replace(server, listen=spec.listen)
+        cluster = cfg.cluster
+        if cluster is not None and cluster.instance is not None:
+            cluster = dataclasses.replace(cluster, instance=f"{cluster.instance}-w{spec.index}")
+        return dataclasses.replace(cfg, server=server, cluster=cluster)
+
+    return prepare
+
+
+class _Delegate:
+    """The console session a command runs under on each worker: its audit line names the
+    user and is logged only by the workers where the command succeeded."""
+
+    def __init__(self, host: Host, user: str, client: str) -> None:
+        self.host: Host = host
+        self.user = user
+        self.client = client
+        self.audits: list[tuple[str, dict[str, object]]] = []
+
+    def audit(self, action: str, **fields: object) -> None:
+        self.audits.append((action, fields))
+
+    def log_audits(self) -> None:
+        for action, fields in self.audits:
+            log_event(
+                logging.INFO, "admin_command", action=action, user=self.user, client=self.client, **fields
+            )
+
+
+class _WorkerConsole:
+    """A worker's console ``Runner``: commands go to the supervisor, which runs them everywhere."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def columns(self, cmd: Command) -> tuple[str, ...]:
+        if cmd.syntax in _LOCAL_SYNTAX or not cmd.columns:
+            return cmd.columns
+        return (*cmd.columns, "worker")
+
+    async def run(self, session: AdminSession, cmd: Command, m: re.Match[str]) -> Result:
+        if cmd.syntax in _LOCAL_SYNTAX:
+            return execute(session, cmd, m)
+        try:
+            reply = await self.channel.request(
+                "console", CONSOLE_TIMEOUT, statement=m.string, user=session.user, client=session.peer
+            )
+        except (ChannelClosed, TimeoutError):
+            raise AdminCommandError("57P03", "the pgguard supervisor did not answer") from None
+        error = _error_of(reply)
+        if error is not None:
+            raise error
+        return Result(str(reply["tag"]), [tuple(row) for row in reply.get("rows", ())])
+
+
+class _WorkerService:
+    """What a worker answers on its channel: console commands, its exposition, its readiness."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.probe = MetricsServer(server.control, "", 0)  # never started: render and probe only
+
+    async def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        op = message.get("op")
+        if op == "command":
+            try:
+                cmd, m = find(str(message["statement"]))
+                session = _Delegate(self.server, str(message["user"]), str(message["client"]))
+                result = execute(session, cmd, m)
+            except AdminCommandError as exc:
+                return _error_reply(exc)
+            session.log_audits()
+            return {"tag": result.tag, "rows": [list(row) for row in result.rows]}
+        if op == "metrics":
+            body, _ = self.probe.render("")
+            return {"text": body.decode()}
+        if op == "ready":
+            return {"reason": await self.probe.not_ready()}
+        return {"error": {"sqlstate": "XX000", "message": f"unknown op {op!r}"}}
+
+
+async def _serve_worker(cfg: Config, spec: WorkerSpec) -> int:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(fileno=spec.fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    prepare = _worker_config(spec)
+    server = Server(prepare(cfg), loop=loop)
+    server.reuse_port = True
+    server.serve_metrics = False  # the supervisor serves [metrics] listen for every worker
+    server.prepare_config = prepare
+    service = _WorkerService(server)
+    channel = Channel(reader, writer, handle=service.handle)
+    server.console_runner = _WorkerConsole(channel)
+    reading: list[asyncio.Task[None]] = []
+
+    def started(server: Server, stop: StopRequest) -> None:
+        async def run_channel() -> None:
+            with contextlib.suppress(ChannelClosed):
+                await channel.notify("started", pid=os.getpid())
+            await channel.run()
+            stop("supervisor_gone")  # the supervisor died or closed the channel: drain, exit
+
+        reading.append(loop.create_task(run_channel()))
+
+    try:
+        return await serve(server.config, server=server, started=started)
+    finally:
+        channel.close()
+        for task in reading:
+            task.cancel()
+
+
+def run_worker(cfg: Config, spec: WorkerSpec) -> int:
+    """Run worker ``spec.index`` of a supervisor until drained; the process exit code."""
+    proxy.number_clients(spec.index + 1, spec.count)
+    return run_loop(_serve_worker(cfg, spec))
+
+
+# ---------------------------------------------------------------- supervisor
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    channel: Channel | None = None
+    serving: bool = False  # said "started" and has not exited since
+    ever_served: bool = False
+    started_at: float = 0.0
+    code: int | None = None  # the last exit code
+    restarts: int = 0
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def reserve(listen: tuple[str, ...]) -> tuple[list[socket.socket], tuple[str, ...]]:
+    """Bind every address (SO_REUSEPORT, not listening); the sockets and the addresses with
+    port 0 replaced by the port it got. Raises OSError when an address is taken."""
+    sockets: list[socket.socket] = []
+    resolved: list[str] = []
+    try:
+        for item in listen:
+            host, port = config_mod.parse_address(item)
+            infos = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+            )
+            seen: set[tuple[Any, ...]] = set()
+            for family, kind, proto, _, addr in infos:
+                if (family, addr) in seen:
+                    continue
+                seen.add((family, addr))
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((addr[0], port, *addr[2:]))
+                port = sock.getsockname()[1]  # port 0: every family and worker shares the first one
+            resolved.append(f"{item.rpartition(':')[0]}:{port}")
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets, tuple(resolved)
+
+
+class _SupervisorCollector(Collector):
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        sup = self.supervisor
+        yield GaugeMetricFamily(
+            "pgguard_workers", "Worker processes configured ([server] workers).", value=len(sup.workers)
+        )
+        yield GaugeMetricFamily(
+            "pgguard_workers_alive", "Worker processes serving now.",
+            value=sum(1 for w in sup.workers if w.serving),
+        )  # fmt: skip
+        restarts = CounterMetricFamily(
+            "pgguard_worker_restarts", "Workers started again after exiting on their own.",
+            labels=["worker"],
+        )  # fmt: skip
+        for w in sup.workers:
+            restarts.add_metric([str(w.index)], w.restarts)
+        yield restarts
+
+
+class _Merged(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def merge_exposition(texts: list[tuple[int, str]]) -> list[Metric]:
+    """Families of several workers' text expositions, each sample labelled ``worker``,
+    each family once (in order of first appearance)."""
+    merged: dict[str, Metric] = {}
+    for index, text in texts:
+        for family in text_string_to_metric_families(text):
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                into.add_sample(sample.name, {**sample.labels, "worker": str(index)}, sample.value)
+    return list(merged.values())
+
+
+class _SupervisorMetrics(ProbeServer):
+    """``[metrics] listen`` in workers mode: every worker's metrics, labelled, and the supervisor's."""
+
+    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.supervisor = supervisor
+        self.own = _SupervisorCollector(supervisor)
+
+    async def exposition(self, accept: str) -> tuple[bytes, str]:
+        replies = await self.supervisor.ask_all("metrics")
+        texts = [(i, str(r["text"])) for i, r in replies if "text" in r]
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Merged(merge_exposition(texts)))
+        registry.register(self.own)
+        encoder, content_type = choose_encoder(accept)
+        return encoder(registry), content_type
+
+    async def not_healthy(self) -> str | None:
+        return self.supervisor.not_serving()
+
+    async def not_ready(self) -> str | None:
+        sup = self.supervisor
+        if sup.stopping.is_set():
+            return "draining"
+        reason = sup.not_serving()
+        if reason is not None:
+            return reason
+        for index, reply in await sup.ask_all("ready"):
+            if "error" in reply:
+                return f"worker {index}: did not answer"
+            if reply.get("reason"):
+                return f"worker {index}: {reply['reason']}"
+        return None
+
+
+class Supervisor:
+    """The parent of ``[server] workers`` processes (see the module docstring)."""
+
+    def __init__(self, config: Config, log_level: str) -> None:
+        self.config = config
+        self.log_level = log_level
+        self.loop = asyncio.get_running_loop()
+        self.workers = [_Worker(i) for i in range(config.server.workers)]
+        self.stopping = asyncio.Event()
+        self.signals = 0
+        self.listen: tuple[str, ...] = ()
+        self.metrics: _SupervisorMetrics | None = None
+        self._reserved: list[socket.socket] = []
+        self._failed: asyncio.Future[int] = self.loop.create_future()
+        self._serving_all = asyncio.Event()
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def run(self) -> int:
+        """Bind, start the workers, serve until a signal; the exit code. Raises OSError when
+        an address (listen, metrics) is taken."""
+        self._reserved, self.listen = reserve(self.config.server.listen)
+        try:
+            listen = self.config.metrics.listen
+            if listen is not None:
+                host, port = config_mod.parse_address(listen)
+                self.metrics = _SupervisorMetrics(self, host, port)
+                await self.metrics.start()
+            return await self._run()
+        finally:
+            if self.metrics is not None:
+                await self.metrics.close()
+            for sock in self._reserved:
+                sock.close()
+
+    async def _run(self) -> int:
+        loop = self.loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        keepers = [loop.create_task(self._keep(w)) for w in self.workers]
+        try:
+            code = await self._wait_started()
+            if code is None and self._serving_all.is_set():
+                log_event(
+                    logging.INFO, "workers_started", workers=len(self.workers),
+                    listen=",".join(self.listen),
+                    metrics="{}:{}".format(*self.metrics.address) if self.metrics and self.metrics.address else "",
+                )  # fmt: skip
+                await self.stopping.wait()
+            else:
+                self.stopping.set()
+            self._forward(signal.SIGTERM)
+            clean = await self._wait_exited(keepers)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            for task in keepers:
+                task.cancel()
+        if code is not None:
+            log_event(logging.ERROR, "stop", clean=False, reason="a worker failed to start")
+            return code
+        clean = clean and self.signals == 1 and all(w.code == 0 for w in self.workers)
+        log_event(logging.INFO, "stop", clean=clean)
+        return 0 if clean else 1
+
+    async def _wait_started(self) -> int | None:
+        """None once every worker serves; the exit code of one that failed first."""
+        serving = self.loop.create_task(self._serving_all.wait())
+        stopping = self.loop.create_task(self.stopping.wait())
+        waits: set[asyncio.Future[Any]] = {serving, stopping, self._failed}
+        try:
+            done, _ = await asyncio.wait(waits, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            serving.cancel()
+            stopping.cancel()
+        if self._failed.done():
+            return self._failed.result()
+        if not done:
+            log_event(logging.ERROR, "worker_failed", reason=f"not serving after {START_TIMEOUT:.0f}s")
+            return 1
+        return None
+
+    async def _wait_exited(self, keepers: list[asyncio.Task[None]]) -> bool:
+        """Until every worker has exited, bounded by shutdown_timeout + DRAIN_MARGIN (then
+        the rest are killed); True when none had to be."""
+        timeout = self.config.server.shutdown_timeout + DRAIN_MARGIN
+        _, pending = await asyncio.wait(keepers, timeout=timeout)
+        if not pending:
+            return True
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                log_event(logging.WARNING, "worker_killed", worker=w.index, reason="drain took too long")
+                w.proc.kill()
+        await asyncio.wait(pending, timeout=DRAIN_MARGIN)
+        return False
+
+    def _on_stop(self, signum: int) -> None:
+        self.signals += 1
+        action = "drain" if self.signals == 1 else "stop"
+        log_event(logging.INFO, "signal", name=signal.Signals(signum).name, action=action)
+        self.stopping.set()
+        if self.signals > 1:
+            self._forward(signal.SIGTERM)  # a worker's second signal: stop at once
+
+    def _on_hangup(self) -> None:
+        log_event(logging.INFO, "signal", name="SIGHUP", action="reload")
+        self.reload()
+        self._forward(signal.SIGHUP)
+
+    def _forward(self, signum: int) -> None:
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                try:
+                    w.proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def reload(self) -> bool:
+        """Re-read the supervisor's copy of the file (what it uses: workers, listen, metrics)."""
+        try:
+            new = config_mod.load(self.config.path)
+        except ConfigError as exc:
+            log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
+            return False
+        old, self.config = self.config, new
+        for key, moved in (
+            ("server.workers", new.server.workers != old.server.workers),
+            ("server.listen", new.server.listen != old.server.listen),
+            ("metrics.listen", new.metrics != old.metrics),
+        ):
+            if moved:
+                log_event(logging.WARNING, "reload_needs_restart", key=key)
+        return True
+
+    # ----------------------------------------------------------------- workers
+
+    async def _keep(self, w: _Worker) -> None:
+        """Run worker ``w`` until the supervisor stops, restarting it when it exits on its own."""
+        delay = BACKOFF_FIRST
+        while not self.stopping.is_set():
+            try:
+                code = await self._run_worker(w)
+            except Exception as exc:  # the boundary of one worker's life: could not even start it
+                log_event(logging.ERROR, "worker_spawn_failed", worker=w.index, error=repr(exc))
+                code = 1
+            w.code = code
+            if self.stopping.is_set():
+                return
+            fields: dict[str, object] = {"worker": w.index, "code": code}
+            if code < 0:
+                fields["signal"] = _signal_name(-code)
+            log_event(logging.WARNING, "worker_exited", **fields)
+            if not w.ever_served:
+                if not self._failed.done():
+                    self._failed.set_result(code if code > 0 else 1)
+                return
+            if time.monotonic() - w.started_at >= BACKOFF_RESET:
+                delay = BACKOFF_FIRST
+            log_event(logging.INFO, "worker_restart", worker=w.index, delay=delay)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, BACKOFF_MAX)
+            w.restarts += 1
+
+    async def _run_worker(self, w: _Worker) -> int:
+        """Start worker ``w``, serve its channel until it exits; its exit code."""
+        parent, child = socket.socketpair()
+        try:
+            spec = WorkerSpec(
+                index=w.index,
+                count=len(self.workers),
+                fd=child.fileno(),
+                listen=self.listen,
+                configured=self.config.server.listen,
+            )
+            env = dict(os.environ)
+            # The worker imports this very pgguard, wherever the supervisor was started from.
+            package_root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pgguard", "run", "-c", self.config.path,
+                "--log-level", self.log_level, "--worker", spec.dumps(),
+                pass_fds=(child.fileno(),), start_new_session=True, env=env,
+            )  # fmt: skip
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        w.proc, w.started_at, w.code = proc, time.monotonic(), None
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+
+        def notice(message: dict[str, Any]) -> None:
+            if message.get("op") == "started":
+                w.serving = w.ever_served = True
+                log_event(logging.INFO, "worker_started", worker=w.index, pid=proc.pid)
+                if all(x.serving for x in self.workers):
+                    self._serving_all.set()
+
+        channel = w.channel = Channel(reader, writer, handle=self._handle, notice=notice)
+        reading = self.loop.create_task(channel.run())
+        try:
+            code = await proc.wait()
+        finally:
+            w.serving = False
+            channel.close()
+            reading.cancel()
+        return code
+
+    def not_serving(self) -> str | None:
+        """Why not every worker serves now (or None)."""
+        for w in self.workers:
+            if not w.serving:
+                return f"worker {w.index} is not running"
+        return None
+
+    async def ask_all(self, op: str, **fields: Any) -> list[tuple[int, dict[str, Any]]]:
+        """Every serving worker's reply to ``op`` (an error reply for one that did not answer)."""
+
+        async def ask(w: _Worker) -> tuple[int, dict[str, Any]]:
+            channel = w.channel
+            try:
+                if channel is None:
+                    raise ChannelClosed
+                return w.index, await channel.request(op, **fields)
+            except (ChannelClosed, TimeoutError):
+                message = f"worker {w.index} did not answer"
+                return w.index, {"error": {"sqlstate": "57P03", "message": message}}
+
+        return list(await asyncio.gather(*(ask(w) for w in self.workers if w.serving)))
+
+    # ------------------------------------------------------------------ console
+
+    async def _handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A worker's request: ``console`` (run a statement on every worker)."""
+        if message.get("op") != "console":
+            return {"error": {"sqlstate": "XX000", "message": f"unknown op {message.get('op')!r}"}}
+        statement = str(message.get("statement", ""))
+        try:
+            cmd, _ = find(statement)
+            if cmd.syntax == "RELOAD":
+                self.reload()
+            replies = await self.ask_all(
+                "command", statement=statement, user=message.get("user", ""), client=message.get("client", "")
+            )
+            return self._merge(cmd, replies)
+        except AdminCommandError as exc:
+            return _error_reply(exc)
+
+    @staticmethod
+    def _merge(cmd: Command, replies: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        """One answer from every worker's (see the module docstring); raises AdminCommandError."""
+        if not replies:
+            raise AdminCommandError("57P03", "no pgguard worker is running")
+        ok = [(i, r) for i, r in replies if "error" not in r]
+        if not ok:
+            error = _error_of(replies[0][1])
+            assert error is not None
+            raise error
+        tag = str(ok[0][1]["tag"])
+        if not cmd.columns:
+            return {"tag": tag, "rows": []}
+        rows = [[*row, str(i)] for i, r in ok for row in r.get("rows", ())]
+        return {"tag": tag, "rows": rows}
+
+
+def run_supervisor(cfg: Config, log_level: str) -> int:
+    """Run ``[server] workers`` processes until drained; the exit code. Raises OSError when
+    an address is taken (before any worker starts)."""
+
+    async def main() -> int:
+        return await Supervisor(cfg, log_level).run()
+
+    return run_loop(main())
