@@ -917,16 +917,18 @@ class LeaseStore:
         `RedisUnavailable`.
         """
         key = limit_id(limit, name)
-        await self._call(self._s_set_limit, [key, "" if value is None else str(value)])
+        # Known here at once, so a Redis that lost its data gets it back from us even if
+        # this call fails (the caller sends it again when Redis answers).
         if value is None:
             self._runtime.pop(key, None)
         else:
             self._runtime[key] = value
+        await self._call(self._s_set_limit, [key, "" if value is None else str(value)])
 
     async def clear_limits(self) -> None:
         """Remove every run-time limit (`LimitsCleared` everywhere). Raises `RedisUnavailable`."""
-        await self._call(self._s_set_limit, [])
         self._runtime.clear()
+        await self._call(self._s_set_limit, [])
 
     @property
     def runtime(self) -> dict[tuple[Limit, str], int]:
