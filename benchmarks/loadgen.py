@@ -20,6 +20,8 @@ Modes
             ``until = "ready"`` wait for each ReadyForQuery (idle sessions), with
             ``until = "sent"`` wait for nothing (queued clients). Print ``{"event": "ready"}``,
             keep them open until a line arrives on stdin, then close them all.
+``serial``  ``clients`` connections one at a time: connect, StartupMessage, ReadyForQuery,
+            Terminate; reports the time from connect to ReadyForQuery (admission latency).
 
 Nothing here sleeps to synchronise; every wait is bounded by ``deadline`` seconds.
 """
@@ -391,7 +393,38 @@ async def hold(spec: _Spec) -> dict[str, Any]:
     return {"mode": "hold", "event": "closed", "outcomes": dict(outcomes)}
 
 
-MODES: Final = {"storm": storm, "hold": hold}
+async def serial(spec: _Spec) -> dict[str, Any]:
+    """``clients`` connections one after the other: connect, StartupMessage, ReadyForQuery,
+    Terminate. Reports the time from the connect call to ReadyForQuery (admission latency)."""
+    loop = asyncio.get_running_loop()
+    startup = startup_message(spec.user, spec.database)
+    outcomes: Counter[str] = Counter()
+    ready: list[float] = []
+    started = loop.time()
+    for _ in range(spec.clients):
+        session = _Session(loop, startup, query=False, until="first")
+        t0 = time.perf_counter()  # not loop.time(): uvloop's clock has millisecond steps
+        if await _connect(loop, spec, session) is None:
+            try:
+                await asyncio.wait_for(session.done, spec.deadline)
+            except TimeoutError:
+                session.outcome = "hung"
+                session.abort()
+        t1 = time.perf_counter()
+        outcomes[session.outcome or "hung"] += 1
+        if session.outcome == "admitted":
+            ready.append(t1 - t0)
+    return {
+        "mode": "serial",
+        "clients": spec.clients,
+        "elapsed": loop.time() - started,
+        "outcomes": dict(outcomes),
+        "ready": _percentiles(ready),
+        "ready_mean": sum(ready) / len(ready) if ready else 0.0,
+    }
+
+
+MODES: Final = {"storm": storm, "hold": hold, "serial": serial}
 
 
 def main(argv: list[str]) -> int:

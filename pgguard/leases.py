@@ -16,6 +16,8 @@ Leases hang off instances, so renewal costs one call per instance, not one per s
     {P}:leases:<instance>  HASH    lease id -> the limit ids it holds, NUL-separated
     {P}:c:<limit id>       HASH    instance -> how many of that limit's slots it holds
     {P}:limits             HASH    limit id -> run-time value (SET LIMIT), wins over config
+    {P}:want               HASH    limit id -> 1: some acquire was refused on it since its last
+                                   announced release
     {P}:events             channel JSON: released / expired / joined / left / limit / cleared
 
 ``{P}`` is ``[cluster] prefix`` in braces (a Redis Cluster hash tag: every key on one slot).
@@ -31,7 +33,12 @@ is past on Redis's clock loses its leases and counts, and an ``expired`` event i
   Otherwise every count is incremented and the lease recorded. ``force`` takes the slots
   regardless (exempt roles: counted, never limited).
 - ``release(leases)``: removes exactly those leases from every limit they hold; unknown ids
-  are no-ops, so a release is idempotent and safe to retry. Publishes ``released``.
+  are no-ops, so a release is idempotent and safe to retry. Publishes ``released`` naming
+  the freed limits that are *wanted*: an acquire refused on a limit marks it wanted (in the
+  same script), and the release that announces it clears the mark. So a release nobody
+  waits for costs no message to any instance (each costs a receiving pgguard about as much
+  CPU as an admission), while a refused acquire, and the refusal cache built on it, always
+  hears the next release of its limit.
 - ``heartbeat(pending releases)``: purges, renews this instance's expiry (one ZADD), and
   retries releases that failed earlier; answers the number of live instances.
 - ``register(leases, mode)``: (re)creates this instance from the process's own list of live
@@ -316,6 +323,7 @@ local I = P .. ':instances'
 local EPOCH = P .. ':epoch'
 local LIMITS = P .. ':limits'
 local CHANNEL = P .. ':events'
+local WANT = P .. ':want'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -402,7 +410,12 @@ local function release(inst, first)
       redis.call('HDEL', L, ARGV[k])
     end
   end
-  publish('released', inst, freed)
+  -- Only limits some instance was refused on since their last release are announced.
+  local wanted = {}
+  for _, id in ipairs(freed) do
+    if redis.call('HDEL', WANT, id) == 1 then table.insert(wanted, id) end
+  end
+  publish('released', inst, wanted)
   return n
 end
 """
@@ -426,7 +439,10 @@ for k = 1, n do
     local limit = effective(id, ARGV[6 + 2 * k])
     if limit >= 0 then
       local u = used(id)
-      if u >= limit then return {0, live, k, limit, u} end
+      if u >= limit then
+        redis.call('HSET', WANT, id, '1')  -- its next release is announced
+        return {0, live, k, limit, u}
+      end
     end
   end
 end

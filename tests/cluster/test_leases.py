@@ -336,11 +336,31 @@ async def test_release_wakes_another_instances_subscriber(stores: StoreFactory) 
     b = await stores(background=True)
     b._on_event = on_event  # the factory's events list is not needed here
     lease = await a.acquire(claims(role=1))
+    assert isinstance(await b.acquire(claims(role=1)), Blocked)  # the role's limit is wanted now
     await a.release(lease)
     async with asyncio.timeout(10):
         await woken.wait()
     assert seen[0].instance == a.instance and seen[0].reason == "released"
-    assert set(seen[0].limits) == set(ALL)
+    assert seen[0].limits == ((ROLE, "app"),)  # only the limit someone was refused on
+
+
+async def test_a_release_nobody_waits_for_is_not_announced(stores: StoreFactory) -> None:
+    events: list[ClusterEvent] = []
+    a = await stores()
+    b = await stores(events=events, background=True)
+    await a.release(await a.acquire(claims(role=1)))  # nobody refused: no message
+    lease = await a.acquire(claims(role=1))
+    assert isinstance(await b.acquire(claims(role=1)), Blocked)
+    await a.release(lease)  # announced, and the mark is cleared
+    await await_until(lambda: any(isinstance(e, Released) for e in events), timeout=10, what="the release")
+    await a.release(await a.acquire(claims(role=1)))  # not wanted again: no message
+    lease = await a.acquire(claims(role=1))
+    assert isinstance(await b.acquire(claims(role=1)), Blocked)
+    await a.release(lease)
+    await await_until(
+        lambda: sum(isinstance(e, Released) for e in events) >= 2, timeout=10, what="the second release"
+    )
+    assert sum(isinstance(e, Released) and e.reason == "released" for e in events) == 2
 
 
 async def test_subscriber_comes_back_after_a_redis_restart(
@@ -354,7 +374,8 @@ async def test_subscriber_comes_back_after_a_redis_restart(
     await await_until(
         lambda: any(isinstance(e, Restored) for e in events), timeout=15, what="b re-registered"
     )
-    lease = await a.acquire(claims())
+    lease = await a.acquire(claims(role=1))
+    assert isinstance(await b.acquire(claims(role=1)), Blocked)
     await a.release(lease)
     await await_until(
         lambda: any(isinstance(e, Released) and e.instance == a.instance for e in events),
