@@ -17,7 +17,8 @@ cluster``):
   half the single-process rate.
 - a storm across the three: ``cluster_storm`` clients split evenly, role ``storm`` (limit 20,
   queue policy; PostgreSQL's own CONNECTION LIMIT 20 as a tripwire), ``pg_stat_activity``
-  sampled for the peak, and each instance's waits (StartupMessage to first byte) p50/p99/max.
+  sampled for the peak, and each instance's waits (StartupMessage to first byte) p50/p99/max;
+  the same storm through the single pgguard first, for scale (served per second).
 
 The load average is recorded beside every figure: the machine is shared.
 """
@@ -205,40 +206,57 @@ async def _rejections(stack: Stack, s: Settings, targets: list[Target]) -> list[
 
 
 async def _storm(stack: Stack, s: Settings, targets: list[Target]) -> list[Row]:
+    """The same storm through the single pgguard first (for scale), then over the three."""
     n = min(s.cluster_storm, stack.fd_budget)
     shares = [n // INSTANCES + (1 if i < n % INSTANCES else 0) for i in range(INSTANCES)]
+    runs: dict[str, dict[str, Any]] = {}
     stack.pg.execute(f"ALTER ROLE {STORM_ROLE} CONNECTION LIMIT {STORM_LIMIT}")
-    load_before = _load()
     try:
-        stop = asyncio.Event()
-        sampler = asyncio.create_task(_sample_peak(stack, STORM_ROLE, stop))
-        try:
-            results: list[dict[str, Any]] = await asyncio.gather(*(
-                run_loadgen("storm", _spec(t, STORM_ROLE, clients=k, connect_inflight=512, deadline=240), timeout=300)
-                for t, k in zip(targets, shares, strict=True)
-            ))
-        finally:
-            stop.set()
-            peak, nsamples = await sampler
-        after = await wait_role_sessions(stack, STORM_ROLE, 0)
+        for name, spread in (("single", [(stack.targets["pgguard"], n)]), ("pgguard", list(zip(targets, shares, strict=True)))):
+            load_before = _load()
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(_sample_peak(stack, STORM_ROLE, stop))
+            try:
+                results: list[dict[str, Any]] = await asyncio.gather(*(
+                    run_loadgen("storm", _spec(t, STORM_ROLE, clients=k, connect_inflight=512, deadline=240),
+                                timeout=300)
+                    for t, k in spread
+                ))
+            finally:
+                stop.set()
+                peak, nsamples = await sampler
+            after = await wait_role_sessions(stack, STORM_ROLE, 0)
+            outcomes: dict[str, int] = {}
+            for r in results:
+                for k, v in r["outcomes"].items():
+                    outcomes[k] = outcomes.get(k, 0) + v
+            elapsed = max(r["elapsed"] for r in results)
+            waits = {
+                (f"c{i}" if name == "pgguard" else "single"): {
+                    p: r["served_wait"][p] * 1000 for p in ("p50", "p99", "max")
+                }
+                for i, r in enumerate(results)
+            }
+            runs[name] = {"peak": peak, "samples": nsamples, "after": after, "outcomes": outcomes,
+                          "elapsed_s": elapsed, "served_per_s": outcomes.get("served", 0) / elapsed,
+                          "waits_ms": waits, "loadavg": [load_before, _load()]}
+            print(f"  storm {name}: {n} clients in {elapsed:.1f} s, {outcomes}, peak {peak}; waits ms "
+                  + ", ".join(f"{k} {v['p50']:.0f}/{v['p99']:.0f}/{v['max']:.0f}" for k, v in waits.items())
+                  + f" (load {load_before} -> {_load()})", flush=True)
     finally:
         stack.pg.execute(f"ALTER ROLE {STORM_ROLE} CONNECTION LIMIT -1")
-    outcomes: dict[str, int] = {}
-    for r in results:
-        for k, v in r["outcomes"].items():
-            outcomes[k] = outcomes.get(k, 0) + v
-    waits = {f"c{i}": {p: r["served_wait"][p] * 1000 for p in ("p50", "p99", "max")} for i, r in enumerate(results)}
-    elapsed = max(r["elapsed"] for r in results)
-    print(f"  cluster storm: {n} clients over {INSTANCES} in {elapsed:.1f} s, {outcomes}, peak {peak}; waits ms "
-          + ", ".join(f"{k} {v['p50']:.0f}/{v['p99']:.0f}/{v['max']:.0f}" for k, v in waits.items())
-          + f" (load {load_before} -> {_load()})", flush=True)
+    c = runs["pgguard"]
     row = Row(f"cluster: storm {n} clients over {INSTANCES}, limit {STORM_LIMIT}", "peak", "sessions", "lower",
               target=f"peak <= {STORM_LIMIT}, all served or 53300, 0 held after")
-    row.set_values({"pgguard": [float(peak)]})
-    row.passed = peak <= STORM_LIMIT and set(outcomes) <= {"served", "rejected"} and after == 0
-    row.details = {"outcomes": outcomes, "elapsed_s": elapsed, "peak_samples": nsamples, "sessions_after": after,
-                   "loadavg": [load_before, _load()]}
+    row.set_values({k: [float(v["peak"])] for k, v in runs.items()})
+    row.baseline = "single"
+    row.passed = c["peak"] <= STORM_LIMIT and set(c["outcomes"]) <= {"served", "rejected"} and c["after"] == 0
+    row.details = runs
+    rate = Row(f"cluster: storm {n} clients, served per second", "served/s", "1/s", "higher", target="reported")
+    rate.set_values({k: [v["served_per_s"]] for k, v in runs.items()})
+    rate.ratio_to("single")
     wait = Row("cluster: storm wait per instance", "p99 (worst)", "ms", "lower", target="reported")
-    wait.set_values({"pgguard": [max(v["p99"] for v in waits.values())]})
-    wait.details = waits
-    return [row, wait]
+    wait.set_values({k: [max(w["p99"] for w in v["waits_ms"].values())] for k, v in runs.items()})
+    wait.ratio_to("single")
+    wait.details = {k: v["waits_ms"] for k, v in runs.items()}
+    return [row, rate, wait]
