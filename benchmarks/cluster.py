@@ -7,9 +7,10 @@ binary) and three more pgguard processes with the run's configuration plus ``[cl
 cluster``):
 
 - admission latency: connections one after the other (connect, StartupMessage,
-  ReadyForQuery, Terminate; ``loadgen serial``) through the single pgguard and through one
-  cluster pgguard, interleaved; p50 and p99 per repetition, medians reported. Target: the
-  shared admission adds at most 1 ms at p99.
+  ReadyForQuery, Terminate; ``loadgen serial``), alternately through the single pgguard and
+  through one cluster pgguard (so both meet the same moments of the machine's load); p50 and
+  p99 per repetition, medians reported, with each process's CPU time per connection (the
+  steadiest signal on a shared machine). Target: the shared admission adds at most 1 ms at p99.
 - rejections per second: role ``rej`` full (2 sessions held), policy reject, the ``hammer``
   load generator. Single: held on the pgguard hammered. Cluster: held on *another* pgguard,
   so the one hammered admits locally and learns from Redis that the shared limit is full
@@ -110,22 +111,28 @@ async def _latency(
     loads = []
     for target in targets.values():  # warm up: connections, Redis's script cache
         await run_loadgen("serial", _spec(target, BENCH_ROLE, clients=50, deadline=30), timeout=120)
+    assert targets["single"].pid is not None and clustered.pid is not None
     for rep in range(s.reps):
-        for name in order(NAMES, rep):
-            pid = targets[name].pid
-            assert pid is not None
-            c0, r0 = cpu_seconds(pid), cpu_seconds(redis_pid) if redis_pid else 0.0
-            b0 = cpu_seconds(bystander.pid) if bystander.pid else 0.0
-            result = await run_loadgen("serial", _spec(targets[name], BENCH_ROLE, clients=n, deadline=30), timeout=300)
-            cpu_us[name].append((cpu_seconds(pid) - c0) / n * 1e6)
-            if name == "pgguard" and redis_pid:
-                redis_us.append((cpu_seconds(redis_pid) - r0) / n * 1e6)
-            if name == "pgguard" and bystander.pid:
-                bystander_us.append((cpu_seconds(bystander.pid) - b0) / n * 1e6)
-            if result["outcomes"] != {"admitted": n}:
-                raise RuntimeError(f"cluster latency through {name}: {result['outcomes']}")
-            p50[name].append(result["ready"]["p50"] * 1000)
-            p99[name].append(result["ready"]["p99"] * 1000)
+        # One connection to each in turn, so both see the same moments of the machine's load;
+        # the CPU of each process over the run is its own (one connection each per turn).
+        names = order(NAMES, rep)
+        ports = [targets[k].port for k in names]
+        before = {k: cpu_seconds(targets[k].pid or 0) for k in NAMES}
+        r0 = cpu_seconds(redis_pid) if redis_pid else 0.0
+        b0 = cpu_seconds(bystander.pid) if bystander.pid else 0.0
+        spec = _spec(targets[names[0]], BENCH_ROLE, clients=n, deadline=30, extra={"ports": ports})
+        result = await run_loadgen("serial", spec, timeout=600)
+        for name in NAMES:
+            cpu_us[name].append((cpu_seconds(targets[name].pid or 0) - before[name]) / n * 1e6)
+            mine = result["ports"][str(targets[name].port)]
+            if mine["outcomes"] != {"admitted": n}:
+                raise RuntimeError(f"cluster latency through {name}: {mine['outcomes']}")
+            p50[name].append(mine["ready"]["p50"] * 1000)
+            p99[name].append(mine["ready"]["p99"] * 1000)
+        if redis_pid:
+            redis_us.append((cpu_seconds(redis_pid) - r0) / n * 1e6)
+        if bystander.pid:
+            bystander_us.append((cpu_seconds(bystander.pid) - b0) / n * 1e6)
         loads.append(_load())
         print(f"  cluster latency rep {rep + 1}/{s.reps}: p50/p99 ms "
               + ", ".join(f"{k}={p50[k][-1]:.3f}/{p99[k][-1]:.3f}" for k in NAMES)
