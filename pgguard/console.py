@@ -333,7 +333,8 @@ def _set_role_policy(session: Session, m: re.Match[str]) -> Result:
 @command(
     r"RELOAD",
     syntax="RELOAD",
-    help="re-read the config file (drops SET changes); a bad file changes nothing",
+    help="re-read the config file (drops SET changes; [cluster]: the stored run-time limits "
+    "too, on every pgguard); a bad file changes nothing",
 )
 def _reload(session: Session, m: re.Match[str]) -> Result:
     session.audit("reload")
