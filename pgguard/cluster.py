@@ -29,7 +29,18 @@ instances)`` (`LeaseStore.fallback_limit`) and records them with `LeaseStore.ado
 Redis when it answers again); ``reject`` answers 57P03; ``open`` admits and adopts. The
 change of state is logged (``cluster_fallback`` / ``cluster_recovered``) and counted. After
 Redis answers again, sessions the store reports as no longer fitting (`Restored.lost`) are
-closed rather than left running over the limit.
+closed rather than left running over the limit (57P01, `ClusterLeaseLost`, logged once as
+``cluster_sessions_lost``).
+
+Run-time limits are the store's: ``share_limit`` (SET LIMIT / RESET LIMIT here) and
+``clear_limits`` (a reload here) queue the change and one task stores it, in order, keeping
+it while Redis does not answer; every instance applies the events (``LimitChanged``,
+``LimitsCleared``), and after a ``Resync`` (events may have been missed) reads the stored
+limits and makes the Gate's run-time layer equal to them in one change.
+
+Size: about 560 lines, one job: the cluster side of admission (leases for tickets, the
+store's wait queue, its events and the run-time limits they carry); the store's protocol
+is in ``leases``.
 """
 
 from __future__ import annotations

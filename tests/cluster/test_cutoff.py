@@ -74,10 +74,11 @@ async def test_cut_off_pgguard_keeps_what_fits_oldest_first_and_closes_the_rest(
         await await_until(
             lambda: "event=cluster_sessions_lost" in cut.log_text, timeout=30, what="the re-register after the cut-off"
         )
-        await await_until(
-            lambda: pg.connection_count(users=["app"]) == ROLE_LIMIT, timeout=30,
-            what="the closed sessions to end at the server",
-        )  # fmt: skip
+
+        async def closed_at_server() -> bool:  # in a thread: this loop runs the forwarder
+            return await asyncio.to_thread(pg.connection_count, users=["app"]) == ROLE_LIMIT
+
+        await await_until(closed_at_server, timeout=30, what="the closed sessions to end at the server")
         outcomes = []
         for conn in held:
             try:
