@@ -6,6 +6,7 @@ a real redis-server, a real PostgreSQL, asyncpg clients."""
 from __future__ import annotations
 
 import signal
+import uuid
 
 import asyncpg
 import pytest
@@ -84,3 +85,33 @@ async def test_reload_reset_and_sighup_take_every_instance_back_to_the_file(tmp_
         await _everywhere(guards, ROLE_LIMIT, "config")
         assert await _stored(guards[0], redis_server.url) is None
         await _admits_exactly(guards, ROLE_LIMIT)
+
+
+async def test_a_reload_while_redis_does_not_answer_is_stored_when_it_does(guard, own_redis) -> None:
+    """Two pgguards in this test's loop (for their gates); Redis paused (SIGSTOP: it keeps
+    its data, as a partition would) while one of them reloads."""
+    prefix = f"r{uuid.uuid4().hex[:8]}"
+
+    def cluster(name: str) -> str:
+        return (
+            f'[cluster]\nredis = "{own_redis.url}"\ninstance = "{name}"\nprefix = "{prefix}"\n'
+            f"lease_ttl = 30.0\ntimeout = 0.5\n\n{BODY}"
+        )
+
+    a = await guard(cluster("a"))
+    b = await guard(cluster("b"))
+    a.server.control.set_limit("role", "app", 2)
+    await await_until(lambda: b.server.control.role_limit("app") == (2, "runtime"), timeout=20, what="b to hear")
+    own_redis.pause()
+    try:
+        assert a.server.reload(a.server.config)
+        assert a.server.control.role_limit("app") == (ROLE_LIMIT, "config")  # here at once
+        await await_until(lambda: not a.server.control.cluster.store.up, timeout=20, what="a to see Redis gone")
+        assert b.server.control.role_limit("app") == (2, "runtime")  # not stored yet
+    finally:
+        own_redis.resume()
+    await await_until(
+        lambda: b.server.control.role_limit("app") == (ROLE_LIMIT, "config"), timeout=30,
+        what="the reload to reach b once Redis answers",
+    )  # fmt: skip
+    assert a.server.control.role_limit("app") == (ROLE_LIMIT, "config")
