@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import redis.asyncio as aioredis
 
 from pgguard import config as config_mod
 from pgguard.errors import RedisUnavailable
@@ -574,3 +575,43 @@ async def test_runtime_limits_survive_a_redis_restart(
     assert await b.runtime_limits() == b.runtime
     await b.acquire(claims(role=50))
     assert await b.acquire(claims(role=50)) == Blocked(ROLE, "app", 1, 1)
+
+
+# -- the lean connection for acquire and release -----------------------------------------------
+
+
+def test_lane_is_used_only_for_plain_redis_urls() -> None:
+    from pgguard.leases import _Lane
+
+    lane = _Lane.for_url("redis://u%40x:p%3Aw@10.0.0.1:6380/3")
+    assert lane is not None
+    assert (lane.host, lane.port, lane.db, lane.username, lane.password) == ("10.0.0.1", 6380, 3, "u@x", "p:w")
+    assert _Lane.for_url("redis://localhost") is not None
+    for url in ("rediss://h:1/0", "unix:///tmp/r.sock", "redis://h:1/0?socket_timeout=2", "redis://h:1/x"):
+        assert _Lane.for_url(url) is None, url
+
+
+async def test_lane_with_password_and_database_and_after_script_flush(own_redis: RedisServer, stores: StoreFactory) -> None:
+    raw = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    await raw.config_set("requirepass", "s3cret pass")
+    try:
+        url = f"redis://:s3cret%20pass@127.0.0.1:{own_redis.port}/3"
+        a = await stores(url)
+        assert a._lane is not None
+        lease = await a.acquire(claims(role=1))
+        assert isinstance(lease, Lease)
+        assert await a.acquire(claims(role=1)) == Blocked(ROLE, "app", 1, 1)
+        authed = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            assert await authed.exists(f"{a.prefix}:c:r:app") == 1  # in database 3
+            await authed.script_flush()  # NOSCRIPT next: redis-py loads the script again
+            await a.release(lease)
+            assert await used(a, (ROLE, "app")) == [0]
+            assert isinstance(await a.acquire(claims(role=1)), Lease)
+        finally:
+            await authed.aclose()
+        await a.close()  # while the password is still required
+    finally:
+        await raw.execute_command("AUTH", "s3cret pass")
+        await raw.config_set("requirepass", "")
+        await raw.aclose()
