@@ -494,6 +494,9 @@ class ClusterAdmission:
                     pending=len(self._limit_ops),
                 )  # fmt: skip
                 return  # sent again on the next Resync (Redis answers again)
+            except Exception as exc:  # a bug: say so, keep the changes for the next Resync
+                log_event(logging.ERROR, "cluster_set_limit_failed", error=repr(exc), pending=len(self._limit_ops))
+                return
             if not self._limits_again:
                 return
 

@@ -100,6 +100,7 @@ TOO_MANY_CLIENTS: Final = "sorry, too many clients already"
 ADMIN_DATABASE: Final = "pgguard"
 _LIMITS: Final = {"role": Limit.ROLE, "database": Limit.DATABASE, "total": Limit.TOTAL}
 
+
 def client_cap(configured: int) -> int:
     """``[server] max_client_connections``, or (0) what the open-file limit leaves room for.
 
