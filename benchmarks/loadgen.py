@@ -20,6 +20,9 @@ Modes
             ``until = "ready"`` wait for each ReadyForQuery (idle sessions), with
             ``until = "sent"`` wait for nothing (queued clients). Print ``{"event": "ready"}``,
             keep them open until a line arrives on stdin, then close them all.
+``serial``  ``clients`` connections one at a time: connect, StartupMessage, ReadyForQuery,
+            Terminate; reports the time from connect to ReadyForQuery (admission latency),
+            per port when ``extra.ports`` names several (taken in turn).
 
 Nothing here sleeps to synchronise; every wait is bounded by ``deadline`` seconds.
 """
@@ -391,7 +394,45 @@ async def hold(spec: _Spec) -> dict[str, Any]:
     return {"mode": "hold", "event": "closed", "outcomes": dict(outcomes)}
 
 
-MODES: Final = {"storm": storm, "hold": hold}
+async def serial(spec: _Spec) -> dict[str, Any]:
+    """``clients`` connections one after the other: connect, StartupMessage, ReadyForQuery,
+    Terminate. Reports the time from the connect call to ReadyForQuery (admission latency).
+    With ``extra = {"ports": [p1, p2, ...]}`` the connections go to each port in turn (so
+    every target sees the same moments of the machine's load) and the report is per port."""
+    loop = asyncio.get_running_loop()
+    startup = startup_message(spec.user, spec.database)
+    ports: list[int] = list(spec.extra.get("ports", [spec.port]))
+    outcomes: dict[int, Counter[str]] = {port: Counter() for port in ports}
+    ready: dict[int, list[float]] = {port: [] for port in ports}
+    started = loop.time()
+    for _ in range(spec.clients):
+        for port in ports:
+            session = _Session(loop, startup, query=False, until="first")
+            target = _Spec(spec.host, port, spec.user, spec.database, deadline=spec.deadline)
+            t0 = time.perf_counter()  # not loop.time(): uvloop's clock has millisecond steps
+            if await _connect(loop, target, session) is None:
+                try:
+                    await asyncio.wait_for(session.done, spec.deadline)
+                except TimeoutError:
+                    session.outcome = "hung"
+                    session.abort()
+            t1 = time.perf_counter()
+            outcomes[port][session.outcome or "hung"] += 1
+            if session.outcome == "admitted":
+                ready[port].append(t1 - t0)
+    per_port = {
+        str(port): {
+            "outcomes": dict(outcomes[port]),
+            "ready": _percentiles(ready[port]),
+            "ready_mean": sum(ready[port]) / len(ready[port]) if ready[port] else 0.0,
+        }
+        for port in ports
+    }
+    first = per_port[str(ports[0])]
+    return {"mode": "serial", "clients": spec.clients, "elapsed": loop.time() - started, **first, "ports": per_port}
+
+
+MODES: Final = {"storm": storm, "hold": hold, "serial": serial}
 
 
 def main(argv: list[str]) -> int:

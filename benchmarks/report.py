@@ -34,6 +34,11 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def _ratio_text(row: Row) -> str:
+    single = row.values.get("single")
+    if row.baseline == "single" and single is not None:  # the cluster rows: vs one pgguard
+        added = f"{row.details['added_ms']:+.3f} ms, " if "added_ms" in row.details else ""
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}x "
+        return f"{added}{ratio}single ({_fmt(single, row.unit)})"
     if "added_us" in row.details:
         return f"{row.details['added_us']:+.0f} us"
     if row.ratio is None or row.baseline is None:

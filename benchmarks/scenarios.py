@@ -1,5 +1,5 @@
-"""The seven scenarios of issue 4 and the TLS row of issue 7, each measured against every target
-in the same run, interleaved.
+"""The seven scenarios of issue 4, the TLS row of issue 7 and the cluster rows of issue 12
+(``cluster.py``), each measured against every target in the same run, interleaved.
 
 A scenario is an ``async def`` taking the running `Stack` and the run's `Settings` and
 returning `Row` objects: one figure per target (the median of the repetitions, all samples
@@ -55,11 +55,13 @@ class Settings:
     waiters: int
     idle_sessions: int
     copy_mb: int
+    cluster_connects: int = 500  # connections one after the other per repetition (cluster)
+    cluster_storm: int = 900  # clients over the three cluster pgguards
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
         if quick:
-            return cls(True, 2, 2, 2.0, 128, 2000, 2000, 300, 200)
+            return cls(True, 2, 2, 2.0, 128, 2000, 2000, 300, 200, 200, 300)
         return cls(False, 3, 5, 4.0, 128, 10_000, 10_000, 300, 200)
 
 
@@ -632,6 +634,13 @@ async def tls_throughput(stack: Stack, s: Settings) -> list[Row]:
     return [row]
 
 
+async def cluster_rows(stack: Stack, s: Settings) -> list[Row]:
+    """Three pgguards sharing limits through Redis vs the single one (benchmarks/cluster.py)."""
+    from .cluster import cluster
+
+    return await cluster(stack, s)
+
+
 Scenario = Callable[[Stack, Settings], Awaitable[list[Row]]]
 # In the issue's order; the names are what ``--only`` takes.
 SCENARIOS: Final[dict[str, Scenario]] = {
@@ -643,6 +652,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "memory": memory,
     "copy": copy_out,
     "tls": tls_throughput,
+    "cluster": cluster_rows,
 }
 
 

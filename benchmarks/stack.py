@@ -294,7 +294,7 @@ class Stack:
 
     # --------------------------------------------------------------------- pgguard
 
-    def pgguard_config(self, *, tls: bool = False, tree: Path | None = None) -> str:
+    def pgguard_config(self, *, tls: bool = False, tree: Path | None = None, extra: str = "") -> str:
         # Only the TLS instance names the TLS keys, so --pgguard-tree still runs older trees.
         tls_conf = ""
         if tls:
@@ -340,16 +340,17 @@ policy = "reject"
 [roles.{WAITER_ROLE}]
 max_connections = 0
 queue_timeout = 600.0
-{tls_conf}"""
+{tls_conf}{extra}"""
 
-    def start_pgguard(self, name: str, *, tls: bool = False) -> _Process:
+    def start_pgguard(self, name: str, *, tls: bool = False, extra: str = "") -> _Process:
         """A pgguard in its own process (``python -m pgguard run``), as deployed.
 
         ``tls``: clients must use TLS (``[tls] client_mode = "require"``), the server is
-        reached in clear (``[backend] sslmode = "disable"``).
+        reached in clear (``[backend] sslmode = "disable"``). ``extra``: TOML appended to
+        the configuration (the cluster scenario's ``[cluster]``).
         """
         conf = self.workdir / f"{name}.toml"
-        conf.write_text(self.pgguard_config(tls=tls))
+        conf.write_text(self.pgguard_config(tls=tls, extra=extra))
         env = clean_env()
         if self.pgguard_tree is not None:
             env["PYTHONPATH"] = str(self.pgguard_tree)

@@ -29,7 +29,18 @@ instances)`` (`LeaseStore.fallback_limit`) and records them with `LeaseStore.ado
 Redis when it answers again); ``reject`` answers 57P03; ``open`` admits and adopts. The
 change of state is logged (``cluster_fallback`` / ``cluster_recovered``) and counted. After
 Redis answers again, sessions the store reports as no longer fitting (`Restored.lost`) are
-closed rather than left running over the limit.
+closed rather than left running over the limit (57P01, `ClusterLeaseLost`, logged once as
+``cluster_sessions_lost``).
+
+Run-time limits are the store's: ``share_limit`` (SET LIMIT / RESET LIMIT here) and
+``clear_limits`` (a reload here) queue the change and one task stores it, in order, keeping
+it while Redis does not answer; every instance applies the events (``LimitChanged``,
+``LimitsCleared``), and after a ``Resync`` (events may have been missed) reads the stored
+limits and makes the Gate's run-time layer equal to them in one change.
+
+Size: about 560 lines, one job: the cluster side of admission (leases for tickets, the
+store's wait queue, its events and the run-time limits they carry); the store's protocol
+is in ``leases``.
 """
 
 from __future__ import annotations
@@ -39,12 +50,12 @@ import bisect
 import itertools
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Literal
 
 from .config import ClusterConfig
-from .errors import AdminShutdown, RedisUnavailable, ShuttingDown
+from .errors import ClusterLeaseLost, RedisUnavailable, ShuttingDown
 from .leases import (
     Blocked,
     Claim,
@@ -102,7 +113,9 @@ class ClusterAdmission:
         reject: Callable[[ClientConnection, Rejection], None],
         give_back: Callable[[Ticket], None],
         count_rejection: Callable[[RejectReason], None],
-        apply_limit: Callable[[Limit, str, int], None],
+        count_queued: Callable[[], None],
+        apply_limit: Callable[[Limit, str, int | None], None],
+        replace_limits: Callable[[dict[tuple[Limit, str], int]], None],
     ) -> None:
         self.config = config
         self._gate = gate
@@ -112,7 +125,9 @@ class ClusterAdmission:
         self._reject = reject
         self._give_back = give_back
         self._count_rejection = count_rejection
+        self._count_queued = count_queued
         self._apply_limit = apply_limit
+        self._replace_limits = replace_limits
         self.store = LeaseStore.from_config(config, on_event=self._on_event)
         self._leases: dict[Ticket, Lease] = {}
         self._sessions: dict[str, ClientConnection] = {}  # lease id -> its client
@@ -131,6 +146,13 @@ class ClusterAdmission:
         self.lost_sessions = 0  # closed because their slots had been given away
         self.instances: list[InstanceRow] = []
         self._snapshot: asyncio.Task[None] | None = None
+        # Run-time limit changes made here, in order, not yet stored in Redis: (limit, name,
+        # value or None to remove it), or None for "remove them all" (a reload). Sent by one
+        # task; kept while Redis does not answer and sent when it does (Resync).
+        self._limit_ops: deque[tuple[Limit, str, int | None] | None] = deque()
+        self._limits_task: asyncio.Task[None] | None = None
+        self._limits_again = False
+        self._limit_events = 0  # limit events heard: a read of the stored limits older than one is stale
 
     # -------------------------------------------------------------- lifecycle
 
@@ -140,8 +162,7 @@ class ClusterAdmission:
             await self.store.start()
             # Subscribed by now, so a limit set from here on arrives as an event; those set
             # before (SET LIMIT on another instance) are read once.
-            for (limit, name), value in (await self.store.runtime_limits()).items():
-                self._apply_limit(limit, name, value)
+            await self._sync_limits()
         except RedisUnavailable as exc:
             self.fallbacks += 1
             log_event(
@@ -157,9 +178,10 @@ class ClusterAdmission:
         """Answer the waiters, stop the tasks and leave the store (its slots freed at once)."""
         self._closed = True
         self.shut()
-        if self._snapshot is not None:
-            self._snapshot.cancel()
-            self._snapshot = None
+        for task in (self._snapshot, self._limits_task):
+            if task is not None:
+                task.cancel()
+        self._snapshot = self._limits_task = None
         await self.store.close()
         log_event(logging.INFO, "cluster_leave", instance=self.store.instance)
 
@@ -309,6 +331,7 @@ class ClusterAdmission:
         self._role_waiting[ticket.role] += 1
         entry.timer = self._loop.call_at(waiter.deadline, self._expire, entry)
         if client.state is State.ADMITTING:
+            self._count_queued()  # counted once: a Gate waiter was counted when it queued there
             client.queued(waiter)
         else:  # a Gate waiter the Gate just admitted: now it waits here
             client.waiter = waiter
@@ -391,8 +414,11 @@ class ClusterAdmission:
 
     def _on_event(self, event: ClusterEvent) -> None:
         if isinstance(event, LimitChanged):
-            if event.value is not None:
-                self._apply_limit(event.limit, event.name, event.value)
+            self._limit_events += 1
+            self._apply_limit(event.limit, event.name, event.value)
+        elif isinstance(event, LimitsCleared):
+            self._limit_events += 1
+            self._replace_limits({})
         elif isinstance(event, StateChanged):
             if event.up:
                 self.recoveries += 1
@@ -409,20 +435,98 @@ class ClusterAdmission:
                     logging.WARNING, "cluster_overrun", limit=over.limit.value, name=over.name,
                     value=over.value, used=over.used,
                 )  # fmt: skip
-            for lease_id in event.lost:
-                client = self._sessions.get(lease_id)
-                if client is not None:
-                    self.lost_sessions += 1
-                    client.terminate(AdminShutdown())
-        elif not isinstance(event, (Released, Resync, LimitsCleared)):
+            lost = [c for c in (self._sessions.get(lease_id) for lease_id in event.lost) if c is not None]
+            if lost:
+                self.lost_sessions += len(lost)
+                log_event(
+                    logging.WARNING, "cluster_sessions_lost", instance=self.store.instance,
+                    count=len(lost), kept=len(self._leases) - len(lost),
+                )  # fmt: skip
+            for client in lost:
+                client.terminate(ClusterLeaseLost())
+        elif isinstance(event, Resync):
+            self._flush_limits()  # limit events may have been missed, or changes made here wait
+        elif not isinstance(event, Released):
             return
         self._kick()
+
+    # ------------------------------------------------------- run-time limits
+
+    def share_limit(self, limit: Limit, name: str, value: int | None) -> None:
+        """A run-time limit set (or removed: None) here, already in the local gate: store it,
+        so every instance applies it (each hears the event); kept until Redis answers."""
+        self._limit_ops.append((limit, name, value))
+        self._flush_limits()
+
+    def clear_limits(self) -> None:
+        """A reload here (without keep_runtime): remove every stored run-time limit, so every
+        instance goes back to its configured values; kept until Redis answers."""
+        self._limit_ops.clear()  # anything not yet stored is superseded
+        self._limit_ops.append(None)
+        self._flush_limits()
+
+    def _flush_limits(self) -> None:
+        """Send the pending limit changes, then make the local run-time limits equal the
+        store's (one task; asked again while it runs, it goes round once more)."""
+        if self._closed:
+            return
+        if self._limits_task is not None and not self._limits_task.done():
+            self._limits_again = True
+            return
+        self._limits_task = self._spawn(self._send_limits())
+
+    async def _send_limits(self) -> None:
+        while True:
+            self._limits_again = False
+            try:
+                while self._limit_ops:
+                    op = self._limit_ops[0]
+                    if op is None:
+                        await self.store.clear_limits()
+                    else:
+                        await self.store.set_limit(*op)
+                    if self._limit_ops and self._limit_ops[0] is op:
+                        self._limit_ops.popleft()
+                await self._sync_limits()
+            except RedisUnavailable as exc:
+                log_event(
+                    logging.WARNING, "cluster_set_limit_failed", reason=exc.reason,
+                    pending=len(self._limit_ops),
+                )  # fmt: skip
+                return  # sent again on the next Resync (Redis answers again)
+            except Exception as exc:  # a bug: say so, keep the changes for the next Resync
+                log_event(logging.ERROR, "cluster_set_limit_failed", error=repr(exc), pending=len(self._limit_ops))
+                return
+            if not self._limits_again:
+                return
+
+    async def _sync_limits(self) -> None:
+        """Read the stored run-time limits and make the local gate's equal (a missed event,
+        a joining instance). A read overtaken by an event is read again; changes made here
+        and not yet stored are sent first (the next pass). Raises `RedisUnavailable`."""
+        for _ in range(3):
+            heard = self._limit_events
+            stored = await self.store.runtime_limits()
+            if self._limit_ops:
+                return  # our own changes first; _send_limits syncs after them
+            if heard == self._limit_events:
+                if stored != self._gate.runtime_limits():
+                    self._replace_limits(stored)
+                return
 
     # -------------------------------------------------------------- snapshots
 
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    def waiters(self) -> list[Waiter]:
+        """Clients waiting here for the store's slots, oldest first (SHOW QUEUES)."""
+        return [entry.waiter for entry in self._queue]
+
+    def pair_waiting(self) -> Counter[tuple[str, str]]:
+        """Those clients per (role, database): each holds a local slot meanwhile."""
+        return Counter(self._pair_waiting)
 
     @property
     def leases(self) -> int:

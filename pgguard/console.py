@@ -211,9 +211,10 @@ def _show_clients(session: Session, m: re.Match[str]) -> Result:
 @command(
     r"SHOW\s+QUEUES",
     syntax="SHOW QUEUES",
-    columns=("role", "database", "waiting", "oldest_wait", "next_timeout", "policy"),
-    help="one row per (role, database) wait queue: waiters, the oldest one's wait and the "
-    "seconds until the next queue_timeout",
+    columns=("role", "database", "waiting", "oldest_wait", "next_timeout", "policy", "cluster_waiting"),
+    help="one row per (role, database) wait queue: waiters, the oldest one's wait, the "
+    "seconds until the next queue_timeout, policy; cluster_waiting: of the waiters, those "
+    "waiting for a slot in the shared store ([cluster])",
 )
 def _show_queues(session: Session, m: re.Match[str]) -> Result:
     return Result("SHOW", session.host.control.queue_rows())
@@ -301,6 +302,19 @@ def _set_total_limit(session: Session, m: re.Match[str]) -> Result:
 
 
 @command(
+    rf"RESET\s+LIMIT\s+(?:(?P<kind>ROLE|DATABASE)\s+(?P<name>{_ID})|TOTAL)",
+    syntax="RESET LIMIT ROLE name | DATABASE name | TOTAL",
+    help="remove a SET LIMIT: the configured value applies again ([cluster]: on every pgguard)",
+)
+def _reset_limit(session: Session, m: re.Match[str]) -> Result:
+    kind = (m["kind"] or "total").lower()
+    name = parse_name(m["name"]) if m["name"] else ""
+    session.host.control.reset_limit(kind, name)  # type: ignore[arg-type]
+    session.audit("reset_limit", limit=kind, name=name)
+    return Result("RESET")
+
+
+@command(
     rf"SET\s+POLICY\s+ROLE\s+(?P<name>{_ID})\s*=\s*(?P<value>\w+)",
     syntax="SET POLICY ROLE name = queue|reject",
     help="the role's policy until the next reload",
@@ -319,7 +333,8 @@ def _set_role_policy(session: Session, m: re.Match[str]) -> Result:
 @command(
     r"RELOAD",
     syntax="RELOAD",
-    help="re-read the config file (drops SET changes); a bad file changes nothing",
+    help="re-read the config file (drops SET changes; [cluster]: the stored run-time limits "
+    "too, on every pgguard); a bad file changes nothing",
 )
 def _reload(session: Session, m: re.Match[str]) -> Result:
     session.audit("reload")

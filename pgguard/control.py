@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import resource
@@ -97,6 +98,9 @@ MAX_UNMATCHED_CANCELS: Final = 16
 TOO_MANY_CLIENTS: Final = "sorry, too many clients already"
 # The database name that reaches the admin console instead of the server.
 ADMIN_DATABASE: Final = "pgguard"
+_LIMITS: Final = {"role": Limit.ROLE, "database": Limit.DATABASE, "total": Limit.TOTAL}
+
+
 def client_cap(configured: int) -> int:
     """``[server] max_client_connections``, or (0) what the open-file limit leaves room for.
 
@@ -464,7 +468,8 @@ class Control:
     # ----------------------------------------------------------------- intents
 
     def set_limit(self, kind: Literal["role", "database", "total"], name: str, value: int) -> None:
-        """A run-time limit (SET LIMIT), in force until the next reload; admits whoever fits."""
+        """A run-time limit (SET LIMIT), in force until the next reload; admits whoever fits.
+        [cluster]: stored in Redis, so every instance applies it."""
         gate = self._gate
         if kind == "role":
             admitted = gate.set_role_limit(name, value)
@@ -474,18 +479,14 @@ class Control:
             admitted = gate.set_total_limit(value)
         self._admit_waiters(admitted)
         if self.cluster is not None:
-            self.spawn(self._share_limit(kind, name, value))
+            self.cluster.share_limit(_LIMITS[kind], name, value)
 
-    async def _share_limit(self, kind: Literal["role", "database", "total"], name: str, value: int) -> None:
-        """[cluster]: store a run-time limit in Redis, so every instance applies it."""
-        assert self.cluster is not None
-        from .errors import RedisUnavailable
-
-        limit = {"role": Limit.ROLE, "database": Limit.DATABASE, "total": Limit.TOTAL}[kind]
-        try:
-            await self.cluster.store.set_limit(limit, name, value)
-        except RedisUnavailable as exc:
-            log_event(logging.WARNING, "cluster_set_limit_failed", limit=limit.value, name=name, reason=exc.reason)
+    def reset_limit(self, kind: Literal["role", "database", "total"], name: str = "") -> None:
+        """Remove a run-time limit (RESET LIMIT): the configured value applies again.
+        [cluster]: removed from Redis too, so on every instance."""
+        self._admit_waiters(self._gate.reset_limit(_LIMITS[kind], name))
+        if self.cluster is not None:
+            self.cluster.share_limit(_LIMITS[kind], name, None)
 
     def set_policy(self, role: str, policy: Policy) -> None:
         self._admit_waiters(self._gate.set_role_policy(role, policy))
@@ -504,6 +505,8 @@ class Control:
         self.faults.configure(config.faults)
         self._admit_waiters(self._gate.reconfigure(config.rules(), keep_runtime=keep_runtime))
         self._schedule_idle_sweep()
+        if self.cluster is not None and not keep_runtime:
+            self.cluster.clear_limits()  # every instance back to its configured limits
 
     def reset(self) -> None:
         """Back to the configuration (pgguard.testing): run-time limits and policies dropped,
@@ -514,6 +517,8 @@ class Control:
         self.stats = Stats()
         self._admit_waiters(self._gate.reconfigure(self.config.rules()))
         self._admit_waiters(self._gate.resume())
+        if self.cluster is not None:
+            self.cluster.clear_limits()
 
     def apply_catalog(self, roles: dict[str, int], databases: dict[str, int]) -> None:
         """The server's rolconnlimit / datconnlimit (mirror mode); {} and {} forget them."""
@@ -598,7 +603,9 @@ class Control:
             reject=self._reject,
             give_back=self.release,
             count_rejection=self._count_rejection,
+            count_queued=self._count_queued,
             apply_limit=self._apply_shared_limit,
+            replace_limits=self._replace_shared_limits,
         )
 
     def _start_session(self, client: ClientConnection, ticket: Ticket, arrived: float) -> None:
@@ -607,10 +614,22 @@ class Control:
         self.stats.record_wait(max(0.0, self.loop.time() - arrived))
         client.admitted(ticket)
 
-    def _apply_shared_limit(self, limit: Limit, name: str, value: int) -> None:
-        """A run-time limit set on another instance (or here): into the local gate."""
+    def _count_queued(self) -> None:
+        """[cluster]: a client the gate admitted waits for the store's slots."""
+        self.stats.queued += 1
+
+    def _replace_shared_limits(self, limits: dict[tuple[Limit, str], int]) -> None:
+        """[cluster]: the store's run-time limits (a reload somewhere cleared them, or a
+        resync read them) become the local gate's, in one change."""
+        self._admit_waiters(self._gate.set_runtime_limits(limits))
+
+    def _apply_shared_limit(self, limit: Limit, name: str, value: int | None) -> None:
+        """A run-time limit set (or removed: None) on another instance or here: into the
+        local gate."""
         gate = self._gate
-        if limit is Limit.ROLE:
+        if value is None:
+            admitted = gate.reset_limit(limit, name)
+        elif limit is Limit.ROLE:
             admitted = gate.set_role_limit(name, value)
         elif limit is Limit.DATABASE:
             admitted = gate.set_database_limit(name, value)
@@ -693,8 +712,25 @@ class Control:
         return self._gate.database_limit(database)
 
     def limit_rows(self) -> list[LimitRow]:
-        """SHOW LIMITS: the total, then every role and database configured or in use."""
-        return self._gate.limit_rows()
+        """SHOW LIMITS: the total, then every role and database configured or in use.
+        [cluster]: a client waiting for the store's slots counts as waiting, not active
+        (it holds its local slot meanwhile)."""
+        rows = self._gate.limit_rows()
+        if self.cluster is None or not self.cluster.waiting:
+            return rows
+        pairs = self.cluster.pair_waiting()
+        roles: Counter[str] = Counter()
+        databases: Counter[str] = Counter()
+        for (role, database), n in pairs.items():
+            roles[role] += n
+            databases[database] += n
+        by_kind = {"role": roles, "database": databases}
+        total = sum(pairs.values())
+        out = []
+        for row in rows:
+            n = total if row.kind == "total" else by_kind[row.kind].get(row.name, 0)
+            out.append(dataclasses.replace(row, active=row.active - n, waiting=row.waiting + n) if n else row)
+        return out
 
     def configured_role(self, role: str) -> bool:
         return self._gate.configured_role(role)
@@ -705,8 +741,14 @@ class Control:
     def pair_counts(self) -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str]]]:
         """Slots held and waiters, per (role, database): what the gate counts, not the sockets."""
         gate = self._gate
+        active = Counter(gate.pair_active)
         waiting = Counter((w.role, w.database) for w in gate.waiters())
-        return Counter(gate.pair_active), waiting
+        if self.cluster is not None and self.cluster.waiting:
+            held = self.cluster.pair_waiting()  # hold a local slot, wait for the store's
+            active.subtract(held)
+            waiting.update(held)
+            active = +active
+        return active, waiting
 
     def state_counts(self) -> Counter[str]:
         """Client sockets by state (``State`` values), plus ``admin`` for console sessions."""
@@ -733,7 +775,8 @@ class Control:
     def queue_rows(self) -> list[tuple[str, ...]]:
         """SHOW QUEUES: per (role, database): waiters, oldest wait, time to the next timeout, policy."""
         gate = self._gate
-        return stats.queue_rows(gate.waiters(), self.loop.time(), gate.role_policy)
+        store = () if self.cluster is None else self.cluster.waiters()
+        return stats.queue_rows(gate.waiters(), self.loop.time(), gate.role_policy, store)
 
     def fault_rows(self) -> list[tuple[int, str, str, str, str, int, str, str, str]]:
         """SHOW FAULTS: id, kind, role, database, remaining, fired, state, source, rule."""

@@ -21,6 +21,7 @@ __all__ = [
     "AdminCommandError",
     "EncryptionRequired",
     "RedisUnavailable",
+    "ClusterLeaseLost",
 ]
 
 
@@ -211,3 +212,19 @@ class RedisUnavailable(PgGuardError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"pgguard cannot reach its cluster store: {reason}")
         self.reason = reason
+
+
+class ClusterLeaseLost(PgGuardError):
+    """Cluster mode: this pgguard was cut off from Redis for longer than ``lease_ttl`` while
+    Redis stayed up, the session's slot was given to another, and it no longer fits: the
+    session is closed rather than run over the limit. 57P01 (admin_shutdown), the class a
+    pooler or driver already treats as "reconnect", with the reason in the message."""
+
+    sqlstate = "57P01"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "terminating connection because pgguard lost its slot in the cluster store",
+            detail="pgguard could not reach Redis for longer than [cluster] lease_ttl and the "
+            "slot was given to another session; connect again",
+        )

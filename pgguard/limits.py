@@ -295,6 +295,32 @@ class Gate:
         self._runtime_total = value
         return self._changed()
 
+    def reset_limit(self, limit: Limit, name: str = "") -> list[Waiter]:
+        """Remove one run-time limit (RESET LIMIT): the configured value applies again."""
+        if limit is Limit.ROLE:
+            self._runtime_roles.pop(name, None)
+        elif limit is Limit.DATABASE:
+            self._runtime_databases.pop(name, None)
+        else:
+            self._runtime_total = None
+        return self._changed()
+
+    def set_runtime_limits(self, limits: Mapping[tuple[Limit, str], int]) -> list[Waiter]:
+        """Make the run-time limits exactly ``limits`` in one change (run-time policies stay):
+        ``{}`` drops them all. Cluster mode keeps this layer equal to the shared store's."""
+        self._runtime_roles = {n: v for (k, n), v in limits.items() if k is Limit.ROLE}
+        self._runtime_databases = {n: v for (k, n), v in limits.items() if k is Limit.DATABASE}
+        self._runtime_total = next((v for (k, _), v in limits.items() if k is Limit.TOTAL), None)
+        return self._changed()
+
+    def runtime_limits(self) -> dict[tuple[Limit, str], int]:
+        """The run-time limits in force (SET LIMIT), by (kind, name)."""
+        out: dict[tuple[Limit, str], int] = {(Limit.ROLE, n): v for n, v in self._runtime_roles.items()}
+        out.update({(Limit.DATABASE, n): v for n, v in self._runtime_databases.items()})
+        if self._runtime_total is not None:
+            out[(Limit.TOTAL, "")] = self._runtime_total
+        return out
+
     def set_role_policy(self, role: str, policy: Policy) -> list[Waiter]:
         self._runtime_policies[role] = policy
         return self._changed()

@@ -193,15 +193,22 @@ def client_rows(
 
 
 def queue_rows(
-    waiters: Iterable[Waiter], now: float, policy: Callable[[str], Policy]
+    waiters: Iterable[Waiter],
+    now: float,
+    policy: Callable[[str], Policy],
+    store_waiters: Iterable[Waiter] = (),
 ) -> list[tuple[str, ...]]:
-    """SHOW QUEUES: per (role, database): waiters, oldest wait, seconds to the next timeout, policy."""
+    """SHOW QUEUES: per (role, database): waiters, oldest wait, seconds to the next timeout,
+    policy, and how many of the waiters wait for the shared store ([cluster]: admitted
+    here, no slot free in Redis); ``store_waiters`` are those."""
     queues: dict[tuple[str, str], list[float]] = {}
-    for waiter in waiters:
-        q = queues.setdefault((waiter.role, waiter.database), [0, 0.0, float("inf")])
-        q[0] += 1
-        q[1] = max(q[1], now - waiter.arrived)
-        q[2] = min(q[2], waiter.deadline - now)
+    for store, group in ((0, waiters), (1, store_waiters)):
+        for waiter in group:
+            q = queues.setdefault((waiter.role, waiter.database), [0, 0.0, float("inf"), 0])
+            q[0] += 1
+            q[1] = max(q[1], now - waiter.arrived)
+            q[2] = min(q[2], waiter.deadline - now)
+            q[3] += store
     return [
         (
             display(role),
@@ -210,8 +217,9 @@ def queue_rows(
             _seconds(oldest),
             _seconds(nxt),
             policy(role).value,
+            str(int(in_store)),
         )
-        for (role, db), (n, oldest, nxt) in sorted(queues.items())
+        for (role, db), (n, oldest, nxt, in_store) in sorted(queues.items())
     ]
 
 

@@ -92,6 +92,11 @@ class RedisServer:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """The redis-server's process id while it runs (the benchmarks read its CPU time)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def port(self) -> int:
         if self._port is None:
             raise RedisError("the redis-server was never started")

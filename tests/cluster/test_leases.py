@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import redis.asyncio as aioredis
 
 from pgguard import config as config_mod
 from pgguard.errors import RedisUnavailable
@@ -336,11 +337,31 @@ async def test_release_wakes_another_instances_subscriber(stores: StoreFactory) 
     b = await stores(background=True)
     b._on_event = on_event  # the factory's events list is not needed here
     lease = await a.acquire(claims(role=1))
+    assert isinstance(await b.acquire(claims(role=1)), Blocked)  # the role's limit is wanted now
     await a.release(lease)
     async with asyncio.timeout(10):
         await woken.wait()
     assert seen[0].instance == a.instance and seen[0].reason == "released"
-    assert set(seen[0].limits) == set(ALL)
+    assert seen[0].limits == ((ROLE, "app"),)  # only the limit someone was refused on
+
+
+async def test_a_release_nobody_waits_for_is_not_announced(stores: StoreFactory) -> None:
+    events: list[ClusterEvent] = []
+    a = await stores()
+    b = await stores(events=events, background=True)
+    await a.release(await a.acquire(claims(role=1)))  # nobody refused: no message
+    lease = await a.acquire(claims(role=1))
+    assert isinstance(await b.acquire(claims(role=1)), Blocked)
+    await a.release(lease)  # announced, and the mark is cleared
+    await await_until(lambda: any(isinstance(e, Released) for e in events), timeout=10, what="the release")
+    await a.release(await a.acquire(claims(role=1)))  # not wanted again: no message
+    lease = await a.acquire(claims(role=1))
+    assert isinstance(await b.acquire(claims(role=1)), Blocked)
+    await a.release(lease)
+    await await_until(
+        lambda: sum(isinstance(e, Released) for e in events) >= 2, timeout=10, what="the second release"
+    )
+    assert sum(isinstance(e, Released) and e.reason == "released" for e in events) == 2
 
 
 async def test_subscriber_comes_back_after_a_redis_restart(
@@ -354,7 +375,8 @@ async def test_subscriber_comes_back_after_a_redis_restart(
     await await_until(
         lambda: any(isinstance(e, Restored) for e in events), timeout=15, what="b re-registered"
     )
-    lease = await a.acquire(claims())
+    lease = await a.acquire(claims(role=1))
+    assert isinstance(await b.acquire(claims(role=1)), Blocked)
     await a.release(lease)
     await await_until(
         lambda: any(isinstance(e, Released) and e.instance == a.instance for e in events),
@@ -553,3 +575,43 @@ async def test_runtime_limits_survive_a_redis_restart(
     assert await b.runtime_limits() == b.runtime
     await b.acquire(claims(role=50))
     assert await b.acquire(claims(role=50)) == Blocked(ROLE, "app", 1, 1)
+
+
+# -- the lean connection for acquire and release -----------------------------------------------
+
+
+def test_lane_is_used_only_for_plain_redis_urls() -> None:
+    from pgguard.leases import _Lane
+
+    lane = _Lane.for_url("redis://u%40x:p%3Aw@10.0.0.1:6380/3")
+    assert lane is not None
+    assert (lane.host, lane.port, lane.db, lane.username, lane.password) == ("10.0.0.1", 6380, 3, "u@x", "p:w")
+    assert _Lane.for_url("redis://localhost") is not None
+    for url in ("rediss://h:1/0", "unix:///tmp/r.sock", "redis://h:1/0?socket_timeout=2", "redis://h:1/x"):
+        assert _Lane.for_url(url) is None, url
+
+
+async def test_lane_with_password_and_database_and_after_script_flush(own_redis: RedisServer, stores: StoreFactory) -> None:
+    raw = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    await raw.config_set("requirepass", "s3cret pass")
+    try:
+        url = f"redis://:s3cret%20pass@127.0.0.1:{own_redis.port}/3"
+        a = await stores(url)
+        assert a._lane is not None
+        lease = await a.acquire(claims(role=1))
+        assert isinstance(lease, Lease)
+        assert await a.acquire(claims(role=1)) == Blocked(ROLE, "app", 1, 1)
+        authed = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            assert await authed.exists(f"{a.prefix}:c:r:app") == 1  # in database 3
+            await authed.script_flush()  # NOSCRIPT next: redis-py loads the script again
+            await a.release(lease)
+            assert await used(a, (ROLE, "app")) == [0]
+            assert isinstance(await a.acquire(claims(role=1)), Lease)
+        finally:
+            await authed.aclose()
+        await a.close()  # while the password is still required
+    finally:
+        await raw.execute_command("AUTH", "s3cret pass")
+        await raw.config_set("requirepass", "")
+        await raw.aclose()

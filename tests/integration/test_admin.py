@@ -66,6 +66,7 @@ async def test_show_help_lists_every_command(guard) -> None:
         "SHOW LIMITS", "SHOW CLIENTS", "SHOW QUEUES", "SHOW STATS", "SHOW CONFIG",
         "SET LIMIT ROLE name = n", "SET LIMIT DATABASE name = n", "SET LIMIT TOTAL = n",
         "SET POLICY ROLE name = queue|reject", "RELOAD", "PAUSE", "RESUME", "KILL CLIENT id",
+        "RESET LIMIT ROLE name | DATABASE name | TOTAL",
     ):  # fmt: skip
         assert syntax in listed
 
@@ -136,6 +137,23 @@ async def test_set_limit_admits_waiter_at_once_and_reload_goes_back_to_file(tmp_
         # Lowering the limit killed nobody.
         assert await first.fetchval("SELECT 1") == 1 and await second_conn.fetchval("SELECT 2") == 2
         await asyncio.gather(first.close(), second_conn.close(), console.close())
+
+
+async def test_reset_limit_removes_one_runtime_limit(tmp_path, pg) -> None:
+    path = write_config(tmp_path / "pgguard.toml", pg, ADMIN_TOML + "[roles.app]\nmax_connections = 0\n")
+    async with file_server(path) as server:
+        console = await admin_connect(server.port)
+        await console.execute("SET LIMIT ROLE app = 5")
+        await console.execute("SET LIMIT TOTAL = 9")
+        conn = await asyncpg.connect(f"postgresql://app@127.0.0.1:{server.port}/postgres")
+        assert await console.execute("RESET LIMIT ROLE app") == "RESET"
+        row = by(await fetch(console, "SHOW LIMITS"), kind="role", name="app")
+        assert (row["limit"], row["active"], row["source"]) == ("0", "1", "config")  # kills nobody
+        assert by(await fetch(console, "SHOW LIMITS"), kind="total")["limit"] == "9"
+        assert await console.execute("reset limit total") == "RESET"
+        assert by(await fetch(console, "SHOW LIMITS"), kind="total")["source"] == "config"
+        assert await conn.fetchval("SELECT 1") == 1
+        await asyncio.gather(conn.close(), console.close())
 
 
 @pytest.mark.log_errors("event=reload_failed")

@@ -251,6 +251,25 @@ def test_runtime_policy_and_limits_sources() -> None:
     assert gate.role_policy("app") is Policy.QUEUE and gate.total_limit() == (UNLIMITED, "config")
 
 
+def test_reset_limit_and_replacing_the_runtime_layer() -> None:
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=1)}, databases={"limdb": 2}))
+    gate.set_role_limit("app", 3)
+    gate.set_total_limit(7)
+    gate.set_role_policy("app", Policy.REJECT)
+    assert gate.runtime_limits() == {(Limit.ROLE, "app"): 3, (Limit.TOTAL, ""): 7}
+    gate.reset_limit(Limit.ROLE, "app")
+    assert gate.role_limit("app") == (1, "config") and gate.total_limit() == (7, "runtime")
+    gate.reset_limit(Limit.TOTAL)
+    assert gate.total_limit() == (UNLIMITED, "config")
+    gate.set_runtime_limits({(Limit.DATABASE, "limdb"): 5, (Limit.ROLE, "x"): 0})
+    assert gate.database_limit("limdb") == (5, "runtime") and gate.role_limit("x") == (0, "runtime")
+    _admit(gate)  # app holds its configured 1
+    gate.set_role_limit("other", 0)
+    waiter = _queue(gate, role="other")
+    assert gate.set_runtime_limits({}) == [waiter]  # back to the defaults: room again
+    assert gate.runtime_limits() == {} and gate.role_policy("app") is Policy.REJECT  # policies stay
+
+
 def test_pause_queues_even_reject_roles_and_resume_admits() -> None:
     gate = Gate(Rules(policy=Policy.REJECT))
     gate.pause()
