@@ -1,0 +1,299 @@
+"""Warm server-session reuse ([pool]): real PostgreSQL with SCRAM passwords, real clients.
+
+pgguard authenticates the clients itself against the verifier the server stores (read through
+a SECURITY DEFINER lookup function, as the README tells the DBA to create it), logs in to the
+server with the ClientKey from the client's proof, and hands a reset session to the next client
+of the same (role, database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import psycopg
+import pytest
+from console_client import sample, scrape
+
+from pgguard.testing.cluster import PostgresCluster
+from pgguard.testing.wait import await_until
+
+ROLE = "pool_user"
+PASSWORD = "pool-pass"
+OTHER = "pool_other"
+
+LOOKUP_FUNCTION = """
+CREATE SCHEMA IF NOT EXISTS pgguard;
+CREATE OR REPLACE FUNCTION pgguard.lookup_role(role_name text, OUT verifier text)
+RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT rolpassword FROM pg_authid
+  WHERE rolname = role_name AND rolcanlogin
+    AND (rolvaliduntil IS NULL OR rolvaliduntil > now())
+$$;
+REVOKE ALL ON FUNCTION pgguard.lookup_role(text) FROM PUBLIC;
+"""
+
+
+@pytest.fixture(scope="module")
+def pool_pg(pg: PostgresCluster) -> Iterator[PostgresCluster]:
+    for role in (ROLE, OTHER):
+        pg.create_role(role, password=PASSWORD)
+    pg.execute(LOOKUP_FUNCTION)
+    yield pg
+
+
+@pytest.fixture(autouse=True)
+def _end_server_sessions(pool_pg: PostgresCluster) -> Iterator[None]:
+    yield
+    pool_pg.terminate(users=[ROLE, OTHER])
+
+
+def _toml(pg: PostgresCluster, extra: str = "") -> str:
+    return f"""
+[backend]
+monitor_dsn = "{pg.dsn()}"
+[pool]
+reuse = true
+{extra}
+"""
+
+
+@pytest.fixture
+async def pooled(guard, pool_pg: PostgresCluster) -> AsyncIterator:  # type: ignore[no-untyped-def]
+    """A factory of guards with reuse on; their warm sessions are closed before the leak check."""
+    started = []
+
+    async def start(extra: str = "", more: str = ""):  # type: ignore[no-untyped-def]
+        g = await guard(_toml(pool_pg, extra) + more)
+        started.append(g)
+        return g
+
+    yield start
+    for g in started:
+        if g.server.control.pool is not None:
+            g.server.control.pool.close()
+
+
+def _pool(g):  # type: ignore[no-untyped-def]
+    pool = g.server.control.pool
+    assert pool is not None
+    return pool
+
+
+async def _warm(g, n: int) -> None:  # type: ignore[no-untyped-def]
+    await await_until(lambda: _pool(g).warm() == n, timeout=15, what=f"{n} warm session(s) in the pool")
+
+
+async def _connect(g, **kw):  # type: ignore[no-untyped-def]
+    return await asyncpg.connect(g.dsn(ROLE, password=PASSWORD), timeout=30, **kw)
+
+
+async def test_two_consecutive_clients_share_one_server_process(pooled) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled()
+    first = await _connect(g)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    await first.close()
+    await _warm(g, 1)
+    second = await _connect(g)
+    assert await second.fetchval("SELECT pg_backend_pid()") == pid
+    assert await second.fetchval("SELECT current_user") == ROLE
+    await second.close()
+    (row,) = _pool(g).rows()
+    assert row[:3] == (ROLE, "postgres", "3.0")
+    assert row[5:7] == ("1", "1")  # created, reused
+
+
+async def test_show_pools_and_metrics_count_created_and_reused(pooled) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled(more='[admin]\nusers = ["admin"]\nauth = "trust"\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    for _ in range(3):
+        conn = await _connect(g)
+        await conn.fetchval("SELECT 1")
+        await conn.close()
+        await _warm(g, 1)
+    console = await asyncpg.connect(g.dsn("admin", "pgguard"), timeout=30)
+    rows = [tuple(r) for r in await console.fetch("SHOW POOLS")]
+    await console.close()
+    assert rows == [(ROLE, "postgres", "3.0", "1", "0", "1", "2", "0", "0")]
+    s = await scrape(g.server.metrics.address)
+    assert sample(s, "pgguard_pool_warm_sessions", role=ROLE, database="postgres") == 1
+    assert sample(s, "pgguard_pool_sessions_created_total", role=ROLE, database="postgres") == 1
+    assert sample(s, "pgguard_pool_sessions_reused_total", role=ROLE, database="postgres") == 2
+    # The warm session holds its slot: what the server sees is what the limits count.
+    assert g.role_active(ROLE) == 1
+
+
+async def test_next_client_sees_nothing_of_the_previous_one(pooled) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled()
+    first = await _connect(g, server_settings={"application_name": "one"})
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    await first.execute("CREATE TEMP TABLE leftover (x int)")
+    await first.execute("PREPARE leftover_stmt AS SELECT 1")
+    await first.execute("SET search_path = pg_catalog")
+    await first.execute("SET statement_timeout = '42s'")
+    await first.execute("SELECT pg_advisory_lock(4242)")
+    await first.execute("LISTEN leftover_channel")
+    await first.execute("SET application_name = 'dirty'")
+    await first.close()
+    await _warm(g, 1)
+
+    second = await _connect(g, server_settings={"application_name": "two"})
+    assert await second.fetchval("SELECT pg_backend_pid()") == pid
+    assert await second.fetchval("SELECT to_regclass('pg_temp.leftover')") is None
+    assert await second.fetchval(
+        "SELECT count(*) FROM pg_prepared_statements WHERE name = 'leftover_stmt'"
+    ) == 0
+    assert await second.fetchval("SHOW search_path") == '"$user", public'
+    assert await second.fetchval("SHOW statement_timeout") == "0"
+    assert await second.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    ) == 0
+    assert await second.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+    assert await second.fetchval("SHOW application_name") == "two"
+    assert second.get_settings().application_name == "two"  # from its ParameterStatus
+    await second.close()
+
+
+async def test_startup_options_are_applied_on_a_reused_session(pooled) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled()
+    first = await _connect(g)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    await first.close()
+    await _warm(g, 1)
+    conninfo = g.conninfo(ROLE, password=PASSWORD)
+    options = "-c statement_timeout=7s -c search_path=pg_catalog"
+    async with await psycopg.AsyncConnection.connect(
+        conninfo, options=options, application_name="psy", connect_timeout=30
+    ) as conn:
+        for sql, expected in (
+            ("SELECT pg_backend_pid()", pid),
+            ("SHOW statement_timeout", "7s"),
+            ("SHOW search_path", "pg_catalog"),
+        ):
+            cur = await conn.execute(sql)
+            assert await cur.fetchone() == (expected,)
+        assert conn.info.parameter_status("application_name") == "psy"
+
+
+async def test_wrong_password_gets_28p01_and_nothing_is_reused(pooled) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled()
+    text = f'password authentication failed for user "{ROLE}"'
+    with pytest.raises(asyncpg.InvalidPasswordError) as info:
+        await asyncpg.connect(g.dsn(ROLE, password="wrong"), timeout=30)
+    assert str(info.value) == text
+    with pytest.raises(asyncpg.InvalidPasswordError) as info:
+        await asyncpg.connect(g.dsn("no_such_role", password="wrong"), timeout=30)
+    assert str(info.value) == 'password authentication failed for user "no_such_role"'
+    assert g.role_active(ROLE) == 0
+    assert _pool(g).rows() == []  # no server session was made, none kept
+    conn = await _connect(g)  # the right password still works after the failures
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+
+
+async def test_cancel_goes_through_the_mapped_key(pooled) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled()
+    conn = await _connect(g)
+    real = await conn.fetchval("SELECT pg_backend_pid()")
+    assert conn.get_server_pid() != real  # the client knows pgguard's key, not the server's
+    with pytest.raises(asyncio.TimeoutError):
+        await conn.fetchval("SELECT pg_sleep(60)", timeout=0.5)  # asyncpg cancels on timeout
+    # Cancelled, not still sleeping: the session answers at once.
+    assert await conn.fetchval("SELECT 1", timeout=20) == 1
+    await conn.close()
+    assert g.server.stats.cancels_forwarded >= 1
+
+
+async def test_a_session_killed_while_warm_is_not_handed_out(pooled, pool_pg) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled()
+    first = await _connect(g)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    await first.close()
+    await _warm(g, 1)
+    pool_pg.execute(f"SELECT pg_terminate_backend({pid})")
+    await _warm(g, 0)
+    second = await _connect(g)
+    assert await second.fetchval("SELECT pg_backend_pid()") != pid
+    await second.close()
+
+
+async def test_session_left_in_a_transaction_is_closed_not_reused(pooled) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled()
+    first = await _connect(g)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    await first.execute("BEGIN")
+    first.terminate()
+    await g.wait_idle()
+    assert _pool(g).warm() == 0
+    second = await _connect(g)
+    assert await second.fetchval("SELECT pg_backend_pid()") != pid
+    await second.close()
+
+
+async def test_waiter_of_the_same_pair_takes_the_released_session(pooled, pool_pg) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled(more=f"[roles.{ROLE}]\nmax_connections = 1\n")
+    first = await _connect(g)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    waiting = asyncio.ensure_future(_connect(g))
+    await await_until(lambda: g.role_waiting(ROLE) == 1, timeout=15, what="the second client to queue")
+    await first.close()
+    second = await waiting
+    assert await second.fetchval("SELECT pg_backend_pid()") == pid
+    assert pool_pg.connection_count(users=[ROLE]) == 1
+    await second.close()
+
+
+async def test_a_warm_session_gives_its_slot_to_a_blocked_client_of_another_pair(pooled, pool_pg) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled(more="[limits]\nmax_connections = 1\n")
+    first = await _connect(g)
+    await first.close()
+    await _warm(g, 1)  # holds the only slot, idle
+    other = await asyncpg.connect(g.dsn(OTHER, password=PASSWORD), timeout=30)
+    assert await other.fetchval("SELECT current_user") == OTHER
+    assert _pool(g).warm() == 0
+    assert pool_pg.connection_count(users=[ROLE, OTHER]) == 1
+    await other.close()
+
+
+async def test_psycopg_psql_and_pgbench_work_with_reuse(pooled, pool_pg, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled()
+    conninfo = g.conninfo(ROLE, password=PASSWORD)
+    async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+        cur = await conn.execute("SELECT current_user")
+        assert await cur.fetchone() == (ROLE,)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGPASSWORD"] = PASSWORD
+    psql = shutil.which("psql", path=str(pool_pg.bindir)) or "psql"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [psql, "-h", g.host, "-p", str(g.port), "-U", ROLE, "-d", "postgres", "-Atc", "SELECT current_user"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ROLE
+    script = tmp_path / "select.sql"
+    script.write_text("SELECT 1;\n")
+    pgbench = shutil.which("pgbench", path=str(pool_pg.bindir)) or "pgbench"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [pgbench, "-n", "-C", "-c", "2", "-t", "20", "-f", str(script), "-h", g.host,
+         "-p", str(g.port), "-U", ROLE, "postgres"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "number of failed transactions: 0" in done.stdout or "failed" not in done.stdout
+    reused = sum(int(row[6]) for row in _pool(g).rows())
+    assert reused >= 20
+
+
+async def test_reuse_off_for_a_role_keeps_the_relayed_login(pooled) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled(more=f"[roles.{ROLE}]\nreuse = false\n")
+    first = await _connect(g)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    assert first.get_server_pid() == pid  # the server's own key: relayed as today
+    await first.close()
+    await g.wait_idle()
+    assert _pool(g).warm() == 0
