@@ -9,7 +9,9 @@ server's own defaults, not to some earlier client's startup values. A client's s
 parameters (``application_name``, ``client_encoding``, ``DateStyle``, ``TimeZone``, ...,
 and the ``-c name=value`` / ``--name=value`` switches of ``options``) are then applied on the
 session with ``set_config(name, value, false)`` before it is handed over, skipping those the
-session already reports with the same value (ParameterStatus). What differs from a direct
+session already has (its ParameterStatus, or what pgguard applied for the previous client and
+applies again right after the reset, in the same round trip), and those the previous client
+had and this one has not are ``RESET``. What differs from a direct
 session: a client's ``RESET name`` returns to the server default rather than its startup value.
 
 A client whose startup cannot be reproduced this way (replication, a protocol extension
@@ -21,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["wanted", "parse_options", "set_query", "quote_literal", "RESERVED"]
+__all__ = ["wanted", "parse_options", "set_query", "quote_literal", "quote_ident", "RESERVED"]
 
 # Startup keys that are not settings: who and where, handled by the login itself.
 RESERVED: Final = frozenset({"user", "database", "options", "replication"})
@@ -106,19 +108,32 @@ def quote_literal(value: str) -> str:
     return "'" + body + "'"
 
 
-def set_query(want: Mapping[str, str], reported: Mapping[str, str]) -> str | None:
-    """The statement that applies ``want`` on a session reporting ``reported``, or None (nothing to do).
+def quote_ident(name: str) -> str:
+    """A SQL identifier for ``name`` (double-quoted; a GUC name keeps its dots inside)."""
+    return '"' + name.replace('"', '""') + '"'
 
-    ``reported`` holds the session's ParameterStatus values; names compare without case (the
-    server reports ``DateStyle``, a client may send ``datestyle``). A setting the server does
-    not report is always applied: after the reset it is at the server's default.
+
+def set_query(
+    want: Mapping[str, str], reported: Mapping[str, str], applied: Mapping[str, str] | None = None
+) -> str | None:
+    """The statement that makes a session match ``want``, or None (nothing to do).
+
+    ``reported`` holds the session's ParameterStatus values (names compare without case: the
+    server reports ``DateStyle``, a client may send ``datestyle``); ``applied`` what pgguard
+    set on it for the previous client (``pool.py`` sets it again after the reset, so a run of
+    similar clients needs no statement at all). Settings ``applied`` holds that ``want``
+    does not are RESET (the login carried none: back to the server's default); a setting
+    neither reported nor applied is at its default after the reset and is always set.
     """
+    applied = applied or {}
     current = {k.lower(): v for k, v in reported.items()}
+    current.update(applied)
+    resets = [f"RESET {quote_ident(name)}" for name in sorted(applied) if name not in want]
     calls = [
         f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
         for name, value in sorted(want.items())
         if current.get(name) != value
     ]
-    if not calls:
-        return None
-    return "SELECT " + ", ".join(calls)
+    if calls:
+        resets.append("SELECT " + ", ".join(calls))
+    return "; ".join(resets) or None

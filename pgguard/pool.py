@@ -116,7 +116,7 @@ class Client(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
-    def logged_in(self, client_key: bytes | None, server_key: bytes | None) -> None: ...
+    def logged_in(self, client_key: bytes | None, server_key: bytes | None, final: bytes) -> None: ...
 
     def fail(self, exc: PgGuardError) -> None: ...
 
@@ -147,7 +147,7 @@ class ClientLogin:
 
     def start(self) -> None:
         if self.role in self.pool.config.pool.trusted_roles:
-            self.client.logged_in(None, None)
+            self.client.logged_in(None, None, b"")
             return
         self.client.write(wire.build_authentication_sasl([scram.MECHANISM]))
         self._task = self.pool.loop.create_task(self._fetch())
@@ -214,8 +214,9 @@ class ClientLogin:
             log_event(logging.INFO, "auth_failed", role=self.role, client=self.client.peer)
             self.client.fail(exc)
             return
-        self.client.write(wire.build_authentication_sasl_final(final))
-        self.client.logged_in(exchange.client_key, self._server_key)
+        # AuthenticationSASLFinal goes out with AuthenticationOk and the session's greeting
+        # (one write, as PostgreSQL sends them), once the session is ready.
+        self.client.logged_in(exchange.client_key, self._server_key, wire.build_authentication_sasl_final(final))
 
 
 class ServerSession(asyncio.Protocol):
@@ -230,6 +231,10 @@ class ServerSession(asyncio.Protocol):
         self.pid = 0
         self.secret = b""
         self.params: dict[str, str] = {}
+        # The startup settings pgguard applied for the last client (params.set_query): set
+        # again right after each reset, so a run of similar clients needs no statement.
+        self.applied: dict[str, str] = {}
+        self._replies = 0  # ReadyForQuery messages still expected
         self.negotiate = b""  # a NegotiateProtocolVersion to pass on to each client
         self.ticket: Ticket | None = None
         self.created = time.monotonic()
@@ -288,7 +293,9 @@ class ServerSession(asyncio.Protocol):
     def _message(self, tag: bytes, body: bytes) -> None:
         if tag == b"Z":
             self._status = body[0] if body else 0
-            self._finish(None)
+            self._replies -= 1
+            if self._replies <= 0:
+                self._finish(None)
         elif tag == b"S":
             name, pos = wire.read_cstring(body, 0)
             self.params[name] = wire.read_cstring(body, pos)[0]
@@ -368,9 +375,10 @@ class ServerSession(asyncio.Protocol):
             self._error = error or self._error
             done.set_result(None)
 
-    async def _wait(self) -> None:
+    async def _wait(self, replies: int = 1) -> None:
         self._done = self.pool.loop.create_future()
         self._error = None
+        self._replies = replies
         await self._done
         self._done = None
 
@@ -387,10 +395,11 @@ class ServerSession(asyncio.Protocol):
             raise ServerRefused(self._error or {"C": "08006", "M": "the server closed the connection"})
         self.state = "setup"
 
-    async def query(self, sql: str) -> bool:
-        """Run ``sql`` (simple query); True when it ended without error, idle outside a transaction."""
-        waiting = self._wait()
-        self._write(wire.build_message(b"Q", sql.encode("utf-8") + b"\x00"))
+    async def query(self, *sqls: str) -> bool:
+        """Run each of ``sqls`` as one simple Query, pipelined (one round trip); True when all
+        ended without error and the session is idle outside a transaction."""
+        waiting = self._wait(len(sqls))
+        self._write(b"".join(wire.build_message(b"Q", sql.encode("utf-8") + b"\x00") for sql in sqls))
         await waiting
         return self._error is None and not self.gone and self._status == IDLE
 
@@ -513,11 +522,12 @@ class Pool:
     async def prepare(self, session: ServerSession, startup: wire.StartupMessage) -> None:
         """Apply the client's startup parameters; raises ServerRefused (the session is closed)."""
         want = params.wanted(startup.params) or {}
-        sql = params.set_query(want, session.params)
+        sql = params.set_query(want, session.params, session.applied)
         if sql is not None and not await session.query(sql):
             error = session.error or {"C": "08006", "M": "the server closed the connection"}
             session.close("setup_failed")
             raise ServerRefused(error)
+        session.applied = want
         session.state = "client"
         session.uses += 1
         session.stats.in_use += 1
@@ -543,7 +553,11 @@ class Pool:
         self.loop.create_task(self._reset(session))
 
     async def _reset(self, session: ServerSession) -> None:
-        if not await session.query(self.config.pool.server_reset_query):
+        sqls = [self.config.pool.server_reset_query]
+        again = params.set_query(session.applied, {})
+        if again is not None:
+            sqls.append(again)
+        if not await session.query(*sqls):
             session.stats.reset_failures += 1
             session.close("reset_failed")
             return
@@ -569,6 +583,15 @@ class Pool:
             return
         session.idle_since = time.monotonic()
         sessions.append(session)
+
+    def put_back(self, session: ServerSession, ticket: Ticket) -> None:
+        """A warm session taken for a client that left before using it: clean still, park it."""
+        session.ticket = ticket
+        if session.gone:
+            session.ticket = None
+            self.host.release(ticket)
+            return
+        self.park(session)
 
     def claim(self, session: ServerSession) -> Ticket:
         """``session`` (just parked) goes to a waiter: its ticket, taken from the session."""

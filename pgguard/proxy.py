@@ -166,6 +166,7 @@ class ClientConnection(asyncio.Protocol):
     _login: pool_mod.ClientLogin | None = None
     _client_key: bytes | None = None
     _server_key: bytes | None = None
+    _greeting = b""
 
     def __init__(self, server: Host) -> None:
         self.server = server
@@ -445,15 +446,21 @@ class ClientConnection(asyncio.Protocol):
         """Bytes to the client (pool.ClientLogin's messages)."""
         self._write(data)
 
-    def logged_in(self, client_key: bytes | None, server_key: bytes | None) -> None:
-        """pgguard accepted the client's password (or its role is trusted): AuthenticationOk, admission."""
+    def logged_in(self, client_key: bytes | None, server_key: bytes | None, final: bytes) -> None:
+        """pgguard accepted the client's password (or its role is trusted): admission.
+
+        ``final`` (AuthenticationSASLFinal) and AuthenticationOk go out with the session's
+        ParameterStatus, BackendKeyData and ReadyForQuery in one write (_attach): one system
+        call per login less, and a client refused meanwhile (53300) gets only the
+        ErrorResponse, as any client pgguard refuses.
+        """
         _cancel(self._login_timer)
         self._login_timer = None
         login, self._login = self._login, None
         if login is not None:
             self._early += login.rest()
         self._client_key, self._server_key = client_key, server_key
-        self._write(wire.build_authentication_ok())
+        self._greeting = final + wire.build_authentication_ok()
         self._move(State.ADMITTING)
         self.server.admit(self)
 
@@ -527,7 +534,9 @@ class ClientConnection(asyncio.Protocol):
         self.backend_pid, self.backend_key = pid, key
         self.server_cancel = session.cancel_request
         self.server.session_key(self)
-        out = [session.negotiate] if session.negotiate else []
+        # A NegotiateProtocolVersion comes before authentication ends, as the server sends it.
+        out = [session.negotiate, self._greeting]
+        self._greeting = b""
         out += [wire.build_parameter_status(k, v) for k, v in session.params.items()]
         out.append(wire.build_backend_key_data(pid, key))
         out.append(wire.build_ready_for_query())
@@ -580,6 +589,12 @@ class ClientConnection(asyncio.Protocol):
         self.waiter = None
         self.admitted_at = time.time()
         if self._client_gone or self.state is State.CLOSED:
+            warm, self.warm = self.warm, None
+            if warm is not None:  # [pool]: the warm session goes back as it came, with the slot
+                ticket, self.ticket = self.ticket, None
+                assert self.server.pool is not None and ticket is not None
+                self.server.pool.put_back(warm, ticket)
+                return
             self._release()
             return
         self._move(State.DIALING)

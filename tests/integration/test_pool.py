@@ -128,7 +128,7 @@ async def test_show_pools_and_metrics_count_created_and_reused(pooled) -> None: 
 
 async def test_next_client_sees_nothing_of_the_previous_one(pooled) -> None:  # type: ignore[no-untyped-def]
     g = await pooled()
-    first = await _connect(g, server_settings={"application_name": "one"})
+    first = await _connect(g, server_settings={"application_name": "one", "work_mem": "8MB"})
     pid = await first.fetchval("SELECT pg_backend_pid()")
     await first.execute("CREATE TEMP TABLE leftover (x int)")
     await first.execute("PREPARE leftover_stmt AS SELECT 1")
@@ -153,6 +153,7 @@ async def test_next_client_sees_nothing_of_the_previous_one(pooled) -> None:  # 
     ) == 0
     assert await second.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
     assert await second.fetchval("SHOW application_name") == "two"
+    assert await second.fetchval("SHOW work_mem") == "4MB"  # client 1's startup value is not kept
     assert second.get_settings().application_name == "two"  # from its ParameterStatus
     await second.close()
 

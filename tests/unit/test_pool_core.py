@@ -78,3 +78,11 @@ def test_a_wrong_password_yields_no_client_key() -> None:
     with pytest.raises(AuthenticationFailed):
         _client_exchange(server, "wrong", verifier)
     assert server.client_key is None
+
+
+def test_set_query_resets_what_the_previous_client_had_and_this_one_has_not() -> None:
+    applied = {"application_name": "pgbench", "work_mem": "8MB"}
+    reported = {"application_name": "pgbench"}
+    assert params.set_query({"application_name": "pgbench", "work_mem": "8MB"}, reported, applied) is None
+    assert params.set_query({"application_name": "pgbench"}, reported, applied) == 'RESET "work_mem"'
+    assert params.set_query({}, reported, {"my.set\"ting": "1"}) == 'RESET "my.set""ting"'
