@@ -24,6 +24,9 @@ __all__ = ["Verifiers", "CACHE_MAX"]
 
 # Role names come from clients: the cache is bounded (cleared when full).
 CACHE_MAX: Final = 10000
+# A failed login forgets a verifier looked up at least this long ago: a flood of wrong
+# passwords costs one lookup per second per role, not one per attempt.
+REFRESH_MIN: Final = 1.0
 
 
 class Verifiers:
@@ -31,7 +34,7 @@ class Verifiers:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._cache: dict[str, tuple[str | None, float]] = {}
+        self._cache: dict[str, tuple[str | None, float, float]] = {}  # verifier, expires, fetched
         self._pending: dict[str, asyncio.Future[str | None]] = {}
         self._conn: Any = None  # asyncpg.Connection
         self._lock = asyncio.Lock()
@@ -58,13 +61,17 @@ class Verifiers:
         if ok:
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
-            self._cache[role] = (verifier, time.monotonic() + self.config.pool.auth_cache_ttl)
+            now = time.monotonic()
+            self._cache[role] = (verifier, now + self.config.pool.auth_cache_ttl, now)
         future.set_result(verifier)
         return verifier
 
     def forget(self, role: str) -> None:
-        """A login failed: the next one looks the verifier up again."""
-        self._cache.pop(role, None)
+        """A login with a real verifier failed: the next one looks it up again (the password
+        may have changed), unless it was looked up less than REFRESH_MIN ago."""
+        hit = self._cache.get(role)
+        if hit is not None and time.monotonic() - hit[2] >= REFRESH_MIN:
+            del self._cache[role]
 
     async def _lookup(self, role: str) -> tuple[str | None, bool]:
         """(verifier, True), or (None, False) when the lookup itself failed (logged)."""

@@ -307,7 +307,7 @@ class Control:
     def _take_warm(self, client: ClientConnection) -> bool:
         """[pool]: give ``client`` a warm session of its pair and that session's slot, if any."""
         assert self.pool is not None and client.startup is not None
-        if self._gate.paused:
+        if self._gate.paused or self._gate.exceeded(client.role, client.database):
             return False
         session = self.pool.take(client.startup)
         if session is None:
@@ -322,6 +322,8 @@ class Control:
     def hand_to_waiter(self, role: str, database: str, ticket: Ticket, session: ServerSession) -> bool:
         """[pool]: a just-reset session (and its slot) to the oldest waiter of its pair; False if none."""
         protocol = session.key[2]
+        if self._gate.exceeded(role, database):
+            return False
 
         def fits(waiter: Waiter) -> bool:
             client = waiter.context
@@ -342,8 +344,15 @@ class Control:
         client.admitted(waiter.ticket)
         return True
 
+    def over_limit(self, role: str, database: str) -> bool:
+        """[pool]: True when (role, database) holds more slots than a (lowered) limit allows."""
+        return self._gate.exceeded(role, database)
+
     def others_waiting(self, role: str, database: str) -> bool:
-        """[pool]: True when a queued client would be helped by (role, database) giving up a slot."""
+        """[pool]: True when (role, database) should give up a slot: a limit was lowered under
+        its count, or a queued client would be helped by it."""
+        if self._gate.exceeded(role, database):
+            return True
         if not self._gate.total_waiting:
             return False
         return any(self._shares(w, role, database) for w in self._gate.queue_heads())

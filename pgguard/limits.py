@@ -409,6 +409,20 @@ class Gate:
         """The first full limit for (role, database) now, or None (pool.py: which idle session to close)."""
         return self._blocking(role, database)
 
+    def exceeded(self, role: str, database: str) -> bool:
+        """True when (role, database) holds more slots than a limit allows now (one was lowered
+        under the count): a slot may not pass to another session of the pair (pool.py)."""
+        if self._role(role).exempt:
+            return False
+        total, _ = self.total_limit()
+        if total != UNLIMITED and self.total_active > total:
+            return True
+        limit = self._role(role).max_connections
+        if limit != UNLIMITED and self.role_active.get(role, 0) > limit:
+            return True
+        limit, _ = self.database_limit(database)
+        return limit != UNLIMITED and self.database_active.get(database, 0) > limit
+
     def queue_heads(self) -> list[Waiter]:
         """The oldest waiter of every (role, database) that has one."""
         heads = []

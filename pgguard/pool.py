@@ -27,8 +27,10 @@ close (its ticket is released when the server has closed the socket). So ``pg_st
 never shows more sessions than the limits allow, idle warm ones included.
 
 Nothing here parses a client's traffic: between hand-over and release the session's bytes
-go through the Python relay (``pump.Pump``) untouched, except that a lone Terminate sent
-while idle is kept from the server (the session outlives its client).
+go through the native relay (``relay.hand_over(keep=True)``: it hands the server's socket
+back when the client leaves it idle) or the Python one (``pump.PooledPump``), untouched,
+except that a lone Terminate sent while idle is kept from the server (the session outlives
+its client).
 
 Size: about 680 lines, one job: the life of a reused server session (login, setup, reset,
 idle, close) and the client login that makes it possible.
@@ -73,6 +75,11 @@ IDLE: Final = ord("I")
 # The server socket's write-buffer marks, as proxy.py sets them for every session.
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
+# Close reasons logged at INFO (something went wrong); the routine ones are DEBUG lines.
+NOTABLE_CLOSES: Final = frozenset({
+    "reset_failed", "setup_failed", "server_message", "protocol_error", "server_signature",
+    "server_auth_method", "internal_error",
+})
 # Pairs whose counters SHOW POOLS keeps; past it, pairs without sessions are forgotten.
 STATS_MAX: Final = 1000
 _INT32 = struct.Struct("!i")
@@ -105,6 +112,8 @@ class Host(Protocol):
     def hand_to_waiter(self, role: str, database: str, ticket: Ticket, session: ServerSession) -> bool: ...
 
     def others_waiting(self, role: str, database: str) -> bool: ...
+
+    def over_limit(self, role: str, database: str) -> bool: ...
 
 
 class Client(Protocol):
@@ -211,7 +220,8 @@ class ClientLogin:
         try:
             final = exchange.final(body)
         except AuthenticationFailed as exc:
-            self.pool.verifiers.forget(self.role)
+            if self._server_key is not None:  # a real verifier: perhaps a changed password
+                self.pool.verifiers.forget(self.role)
             self.pool.auth_failures += 1
             log_event(logging.INFO, "auth_failed", role=self.role, client=self.client.peer)
             self.client.fail(exc)
@@ -423,10 +433,7 @@ class ServerSession(asyncio.Protocol):
             self.stats.in_use -= 1
         self.state = "closed"
         self.stats.closed += 1
-        log_event(
-            logging.DEBUG, "server_session", action="close", role=self.role,
-            database=self.database, pid=self.pid, reason=reason,
-        )  # fmt: skip
+        _log_close(self, reason)
 
     def adopt(self, ticket: Ticket | None) -> None:
         """Hold ``ticket`` until the server socket is gone (released now if it already is)."""
@@ -526,7 +533,6 @@ class Pool:
                 proto.close("login_failed")
             raise
         proto.stats.created += 1
-        log_event(logging.DEBUG, "server_session", action="create", role=key[0], database=key[1], pid=proto.pid)
         return proto
 
     async def prepare(self, session: ServerSession, startup: wire.StartupMessage) -> None:
@@ -646,10 +652,7 @@ class Pool:
             sessions.remove(session)
         if not sessions:
             self.idle.pop(session.key, None)
-        log_event(
-            logging.DEBUG, "server_session", action="close", role=session.role,
-            database=session.database, pid=session.pid, reason=reason,
-        )  # fmt: skip
+        _log_close(session, reason)
 
     def free_slot_for(self, shares: Callable[[str, str], bool]) -> bool:
         """Close the oldest idle session whose slot would help (``shares(role, database)``)."""
@@ -676,12 +679,14 @@ class Pool:
             self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
 
     def _sweep_idle(self) -> None:
-        """Close warm sessions past server_idle_timeout or server_lifetime."""
+        """Close warm sessions past server_idle_timeout or server_lifetime, or over a lowered limit."""
         now = time.monotonic()
         timeout = self.config.pool.server_idle_timeout
-        for sessions in list(self.idle.values()):
+        for (role, database, _), sessions in list(self.idle.items()):
             for session in list(sessions):
-                if timeout and now - session.idle_since > timeout:
+                if self.host.over_limit(role, database):
+                    reason = "limit_lowered"
+                elif timeout and now - session.idle_since > timeout:
                     reason = "server_idle_timeout"
                 elif session.expires and now >= session.expires:
                     reason = "server_lifetime"
@@ -723,6 +728,14 @@ class Pool:
                 str(st.created), str(st.reused), str(st.reset_failures), str(st.closed),
             ))  # fmt: skip
         return out
+
+
+def _log_close(session: ServerSession, reason: str) -> None:
+    level = logging.INFO if reason in NOTABLE_CLOSES else logging.DEBUG
+    log_event(
+        level, "server_session", action="close", role=session.role, database=session.database,
+        pid=session.pid, reason=reason, uses=session.uses,
+    )  # fmt: skip
 
 
 def fake_key(protocol_32: bool) -> tuple[int, bytes]:

@@ -419,3 +419,20 @@ async def test_cancel_on_protocol_3_2_goes_through_the_mapped_32_byte_key(guard,
     await again.close()
     assert [row[2] for row in _pool(g).rows()] == ["3.2"]
     _pool(g).close()
+
+
+async def test_a_lowered_limit_holds_for_warm_sessions_too(pooled, pool_pg) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled(more=f'[admin]\nusers = ["admin"]\nauth = "trust"\n[roles.{ROLE}]\npolicy = "reject"\n')
+    first = await _connect(g)
+    await first.close()
+    await _warm(g, 1)
+    console = await asyncpg.connect(g.dsn("admin", "pgguard"), timeout=30)
+    await console.execute(f"SET LIMIT ROLE {ROLE} = 0")
+    with pytest.raises(asyncpg.TooManyConnectionsError):
+        await _connect(g)  # the warm session is not handed out over the new limit
+    await _warm(g, 0)  # and it is closed, so the server sees the limit too
+    await await_until(
+        lambda: asyncio.to_thread(lambda: pool_pg.connection_count(users=[ROLE]) == 0),
+        timeout=15, what="the warm session to be gone from the server",
+    )  # fmt: skip
+    await console.close()
