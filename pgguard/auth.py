@@ -42,6 +42,13 @@ class Verifiers:
         self.lookups = 0
         self.lookup_failures = 0
 
+    def cached(self, role: str) -> tuple[bool, str | None]:
+        """(True, verifier) when the cache answers for ``role`` now, else (False, None)."""
+        hit = self._cache.get(role)
+        if hit is not None and hit[1] > time.monotonic():
+            return True, hit[0]
+        return False, None
+
     async def get(self, role: str) -> str | None:
         """The role's stored verifier text, or None (unknown role, no password, lookup failed)."""
         hit = self._cache.get(role)

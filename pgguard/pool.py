@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import itertools
 import logging
 import os
@@ -57,7 +58,7 @@ from .auth import Verifiers
 from .config import Config
 from .errors import AuthenticationFailed, PgGuardError, ProtocolViolation
 from .limits import Ticket
-from .log import log_event
+from .log import log, log_event
 
 __all__ = ["Pool", "ServerSession", "ClientLogin", "ServerRefused", "PoolStats"]
 
@@ -83,6 +84,7 @@ NOTABLE_CLOSES: Final = frozenset({
 # Pairs whose counters SHOW POOLS keeps; past it, pairs without sessions are forgotten.
 STATS_MAX: Final = 1000
 _INT32 = struct.Struct("!i")
+AUTH_MD5: Final = 5  # AuthenticationMD5Password
 _fake_pids = itertools.count(FAKE_PID_BASE)
 
 
@@ -127,7 +129,9 @@ class Client(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
-    def logged_in(self, client_key: bytes | None, server_key: bytes | None, final: bytes) -> None: ...
+    def logged_in(
+        self, client_key: bytes | None, server_key: bytes | None, final: bytes, *, md5: str | None = None
+    ) -> None: ...
 
     def fail(self, exc: PgGuardError) -> None: ...
 
@@ -144,7 +148,8 @@ class PoolStats:
 
 
 class ClientLogin:
-    """pgguard's SCRAM-SHA-256 server for one pooled client (trusted roles: none at all)."""
+    """pgguard's own authentication of one pooled client: SCRAM-SHA-256 (md5 for a role whose
+    stored password is md5) against the role's verifier; trusted roles need none at all."""
 
     def __init__(self, pool: Pool, client: Client, role: str) -> None:
         self.pool = pool
@@ -153,6 +158,8 @@ class ClientLogin:
         self._reader = wire.MessageReader(max_length=AUTH_MESSAGE_MAX)
         self._exchange: scram.ScramServer | None = None
         self._server_key: bytes | None = None
+        self._md5: str | None = None  # the stored md5 password, for an md5 role
+        self._salt = b""
         self._step = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -160,11 +167,34 @@ class ClientLogin:
         if self.role in self.pool.config.pool.trusted_roles:
             self.client.logged_in(None, None, b"")
             return
-        self.client.write(wire.build_authentication_sasl([scram.MECHANISM]))
-        self._task = self.pool.loop.create_task(self._fetch())
+        hit, text = self.pool.verifiers.cached(self.role)
+        if hit:
+            self._begin(text)
+        else:
+            self._task = self.pool.loop.create_task(self._fetch())
 
     async def _fetch(self) -> None:
         text = await self.pool.verifiers.get(self.role)
+        self._task = None
+        if self.client.client_gone:
+            return
+        try:
+            self._begin(text)
+            self.feed(b"")
+        except PgGuardError as exc:
+            self.client.fail(exc)
+        except Exception:  # the per-connection boundary (this task is the client's)
+            log.exception("event=internal_error client=%s", self.client.peer)
+            self.client.fail(PgGuardError("pgguard internal error"))
+
+    def _begin(self, text: str | None) -> None:
+        """Ask the client for what the role's verifier can check (unknown: a SCRAM exchange
+        against a mock verifier, which fails at the proof like a wrong password)."""
+        if text is not None and scram.is_md5_verifier(text):
+            self._md5 = text
+            self._salt = secrets.token_bytes(4)
+            self.client.write(wire.build_message(b"R", _INT32.pack(AUTH_MD5) + self._salt))
+            return
         verifier: scram.Verifier | None = None
         if text is not None and scram.is_verifier(text):
             try:
@@ -176,9 +206,7 @@ class ClientLogin:
             self.role, verifier,
             mock_iterations=verifier.iterations if verifier else scram.DEFAULT_ITERATIONS,
         )  # fmt: skip
-        self._task = None
-        if not self.client.client_gone:
-            self.feed(b"")
+        self.client.write(wire.build_authentication_sasl([scram.MECHANISM]))
 
     def rest(self) -> bytes:
         """What the client sent after its last authentication message."""
@@ -193,18 +221,36 @@ class ClientLogin:
         """Bytes from the client during its login; answers, or ends the login either way."""
         if data:
             self._reader.feed(data)
-        if self._exchange is None:
+        if self._exchange is None and self._md5 is None:
             if self._reader.buffered > AUTH_MESSAGE_MAX:
                 raise ProtocolViolation("client sent too much data during authentication")
             return  # the verifier is being looked up: the message waits in the reader
-        while self._exchange is not None:
+        while self._exchange is not None or self._md5 is not None:
             message = self._reader.next_message()
             if not isinstance(message, tuple):
                 return
             tag, body = message
             if tag != b"p":
-                raise ProtocolViolation(f"expected SASL response, got message type {tag.decode('latin-1')!r}")
-            self._answer(body)
+                raise ProtocolViolation(f"expected password response, got message type {tag.decode('latin-1')!r}")
+            if self._md5 is not None:
+                self._answer_md5(self._md5, body)
+            else:
+                self._answer(body)
+
+    def _failed(self, exc: AuthenticationFailed, *, real: bool) -> None:
+        if real:  # a real verifier: perhaps a changed password
+            self.pool.verifiers.forget(self.role)
+        self.pool.auth_failures += 1
+        log_event(logging.INFO, "auth_failed", role=self.role, client=self.client.peer)
+        self.client.fail(exc)
+
+    def _answer_md5(self, stored: str, body: bytes) -> None:
+        self._md5 = None
+        answer = body.rstrip(b"\x00")
+        if not hmac.compare_digest(answer, scram.md5_response(stored, self._salt).encode("ascii")):
+            self._failed(AuthenticationFailed(self.role), real=True)
+            return
+        self.client.logged_in(None, None, b"", md5=stored)
 
     def _answer(self, body: bytes) -> None:
         exchange = self._exchange
@@ -220,11 +266,7 @@ class ClientLogin:
         try:
             final = exchange.final(body)
         except AuthenticationFailed as exc:
-            if self._server_key is not None:  # a real verifier: perhaps a changed password
-                self.pool.verifiers.forget(self.role)
-            self.pool.auth_failures += 1
-            log_event(logging.INFO, "auth_failed", role=self.role, client=self.client.peer)
-            self.client.fail(exc)
+            self._failed(exc, real=self._server_key is not None)
             return
         # AuthenticationSASLFinal goes out with AuthenticationOk and the session's greeting
         # (one write, as PostgreSQL sends them), once the session is ready.
@@ -261,6 +303,7 @@ class ServerSession(asyncio.Protocol):
         self._scram: scram.ScramClient | None = None
         self._client_key: bytes | None = None
         self._server_key: bytes | None = None
+        self._md5: str | None = None
         self._closing_reason = ""
         self.gone = False
 
@@ -345,6 +388,9 @@ class ServerSession(asyncio.Protocol):
             self._write(wire.build_message(b"p", mech + _INT32.pack(len(first)) + first))
         elif code == wire.AUTH_SASL_CONTINUE and self._scram is not None:
             self._write(wire.build_message(b"p", self._scram.final(body[4:])))
+        elif code == AUTH_MD5 and self._md5 is not None and len(body) >= 8:
+            answer = scram.md5_response(self._md5, body[4:8]).encode("ascii") + b"\x00"
+            self._write(wire.build_message(b"p", answer))
         elif code == wire.AUTH_SASL_FINAL and self._scram is not None:
             if not self._scram.verify(body[4:]):
                 self._finish({"C": "08006", "M": "the server's SCRAM signature is wrong"})
@@ -394,14 +440,17 @@ class ServerSession(asyncio.Protocol):
         await self._done
         self._done = None
 
-    async def login(self, startup: wire.StartupMessage, client_key: bytes | None, server_key: bytes | None) -> None:
+    async def login(
+        self, startup: wire.StartupMessage, client_key: bytes | None, server_key: bytes | None,
+        md5: str | None = None,
+    ) -> None:
         """Log in as the session's role; raises ServerRefused with the server's (or our) error."""
-        self._client_key, self._server_key = client_key, server_key
+        self._client_key, self._server_key, self._md5 = client_key, server_key, md5
         body = {"user": startup.user, "database": startup.database}
         waiting = self._wait()
         self._write(wire.build_startup_message(body, protocol=startup.protocol))
         await waiting
-        self._client_key = self._server_key = None
+        self._client_key = self._server_key = self._md5 = None
         self._scram = None
         if self._error is not None or self.gone:
             raise ServerRefused(self._error or {"C": "08006", "M": "the server closed the connection"})
@@ -512,6 +561,7 @@ class Pool:
         client_key: bytes | None,
         server_key: bytes | None,
         on_fail: Callable[[ServerSession], None],
+        md5: str | None = None,
     ) -> ServerSession:
         """A new server session for this client, logged in (raises ServerRefused, OSError, TimeoutError).
 
@@ -526,7 +576,7 @@ class Pool:
                 assert isinstance(opened, ServerSession)
                 proto = opened
                 transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-                await proto.login(startup, client_key, server_key)
+                await proto.login(startup, client_key, server_key, md5)
         except BaseException:
             if proto is not None:
                 on_fail(proto)

@@ -167,6 +167,7 @@ class ClientConnection(asyncio.Protocol):
     _client_key: bytes | None = None
     _server_key: bytes | None = None
     _greeting = b""
+    _md5: str | None = None
     _released_fd: int | None = None
 
     def __init__(self, server: Host) -> None:
@@ -447,7 +448,9 @@ class ClientConnection(asyncio.Protocol):
         """Bytes to the client (pool.ClientLogin's messages)."""
         self._write(data)
 
-    def logged_in(self, client_key: bytes | None, server_key: bytes | None, final: bytes) -> None:
+    def logged_in(
+        self, client_key: bytes | None, server_key: bytes | None, final: bytes, *, md5: str | None = None
+    ) -> None:
         """pgguard accepted the client's password (or its role is trusted): admission.
 
         ``final`` (AuthenticationSASLFinal) and AuthenticationOk go out with the session's
@@ -460,7 +463,7 @@ class ClientConnection(asyncio.Protocol):
         login, self._login = self._login, None
         if login is not None:
             self._early += login.rest()
-        self._client_key, self._server_key = client_key, server_key
+        self._client_key, self._server_key, self._md5 = client_key, server_key, md5
         self._greeting = final + wire.build_authentication_ok()
         self._move(State.ADMITTING)
         self.server.admit(self)
@@ -473,7 +476,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             if session is None:
                 session = await pool.connect(
-                    self.startup, self._client_key, self._server_key, self._hand_slot
+                    self.startup, self._client_key, self._server_key, self._hand_slot, self._md5
                 )
                 log_event(logging.DEBUG, "server_session", action="create", role=self.role,
                           database=self.database, pid=session.pid, client=self.peer)

@@ -47,6 +47,8 @@ __all__ = [
     "ScramServer",
     "ScramClient",
     "client_proof",
+    "is_md5_verifier",
+    "md5_response",
 ]
 
 MECHANISM: Final = "SCRAM-SHA-256"
@@ -291,6 +293,22 @@ class ScramClient:
         except ValueError:
             return False
         return hmac.compare_digest(signature, _hmac(self._server_key, self._auth_message))
+
+
+# md5, PostgreSQL's older password method (deprecated, still accepted): pg_authid stores
+# "md5" + md5(password || user) in hex; the client answers a 4-byte salt with
+# "md5" + md5(hex(md5(password || user)) || salt) in hex. The stored text is enough both to
+# check a client's answer and to answer the server: a password-equivalent, kept as such.
+
+
+def is_md5_verifier(text: str) -> bool:
+    """True for a stored md5 password: ``md5`` and 32 lower-case hex digits."""
+    return len(text) == 35 and text.startswith("md5") and all(c in "0123456789abcdef" for c in text[3:])
+
+
+def md5_response(stored: str, salt: bytes) -> str:
+    """The answer to AuthenticationMD5Password(``salt``) for the stored md5 password ``stored``."""
+    return "md5" + hashlib.md5(stored[3:].encode("ascii") + salt, usedforsecurity=False).hexdigest()
 
 
 def _hmac(key: bytes, msg: bytes) -> bytes:

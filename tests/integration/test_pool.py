@@ -436,3 +436,33 @@ async def test_a_lowered_limit_holds_for_warm_sessions_too(pooled, pool_pg) -> N
         timeout=15, what="the warm session to be gone from the server",
     )  # fmt: skip
     await console.close()
+
+
+@pytest.fixture(scope="module")
+def md5_pg() -> Iterator[PostgresCluster]:
+    """A server of its own whose role has an md5 stored password and an ``md5`` pg_hba line."""
+    import hashlib
+
+    with PostgresCluster(max_connections=30) as cluster:
+        cluster.create_role("md5_user", password="md5-pass")
+        stored = "md5" + hashlib.md5(b"md5-passmd5_user").hexdigest()
+        cluster.execute(f"ALTER ROLE md5_user PASSWORD '{stored}'")
+        hba = cluster.data_dir / "pg_hba.conf"
+        hba.write_text(hba.read_text().replace('"md5_user" 127.0.0.1/32 scram-sha-256', '"md5_user" 127.0.0.1/32 md5'))
+        cluster.reload()
+        cluster.execute(LOOKUP_FUNCTION)
+        yield cluster
+
+
+async def test_md5_roles_are_authenticated_and_reused(guard, md5_pg) -> None:  # type: ignore[no-untyped-def]
+    g = await guard(_toml(md5_pg).replace("[backend]\n", f"[backend]\nport = {md5_pg.port}\n"))
+    with pytest.raises(asyncpg.InvalidPasswordError, match='password authentication failed for user "md5_user"'):
+        await asyncpg.connect(g.dsn("md5_user", password="wrong"), timeout=30)
+    first = await asyncpg.connect(g.dsn("md5_user", password="md5-pass"), timeout=30)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    await first.close()
+    await _warm(g, 1)
+    second = await asyncpg.connect(g.dsn("md5_user", password="md5-pass"), timeout=30)
+    assert await second.fetchval("SELECT pg_backend_pid()") == pid
+    await second.close()
+    _pool(g).close()

@@ -86,3 +86,13 @@ def test_set_query_resets_what_the_previous_client_had_and_this_one_has_not() ->
     assert params.set_query({"application_name": "pgbench", "work_mem": "8MB"}, reported, applied) is None
     assert params.set_query({"application_name": "pgbench"}, reported, applied) == 'RESET "work_mem"'
     assert params.set_query({}, reported, {"my.set\"ting": "1"}) == 'RESET "my.set""ting"'
+
+
+def test_md5_answer_is_what_libpq_sends() -> None:
+    import hashlib
+
+    stored = "md5" + hashlib.md5(b"secretalice").hexdigest()
+    assert scram.is_md5_verifier(stored)
+    assert not scram.is_md5_verifier("SCRAM-SHA-256$4096:abc")
+    inner = hashlib.md5(b"secretalice").hexdigest().encode()
+    assert scram.md5_response(stored, b"salt") == "md5" + hashlib.md5(inner + b"salt").hexdigest()
