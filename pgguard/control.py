@@ -26,7 +26,12 @@ costs one line per key per second.
 each behind one ``self.cluster`` test: an admission the gate made, ``release``, ``leave_queue``
 and ``set_limit``; the lifecycle adds ``start_cluster`` / ``close_cluster``.
 
-Size: about 740 lines, kept as one job on purpose: every change to what is admitted goes
+``[pool]``: ``pool.Pool`` (only when some role or database reuses server sessions) is called
+at the admission (``_take_warm``, behind one test of ``client.pooled``), when a client queues
+(``_free_warm_slot``), and gets ``hand_to_waiter`` / ``others_waiting`` / ``over_limit`` when a
+released session is parked; ``forward_cancel`` maps pgguard's key of a reused session.
+
+Size: about 840 lines, kept as one job on purpose: every change to what is admitted goes
 through this one class (that is the point of the layer); the rows SHOW prints are in
 ``stats.py``.
 """

@@ -32,7 +32,7 @@ back when the client leaves it idle) or the Python one (``pump.PooledPump``), un
 except that a lone Terminate sent while idle is kept from the server (the session outlives
 its client).
 
-Size: about 680 lines, one job: the life of a reused server session (login, setup, reset,
+Size: about 800 lines, one job: the life of a reused server session (login, setup, reset,
 idle, close) and the client login that makes it possible.
 """
 
