@@ -466,3 +466,27 @@ async def test_md5_roles_are_authenticated_and_reused(guard, md5_pg) -> None:  #
     assert await second.fetchval("SELECT pg_backend_pid()") == pid
     await second.close()
     _pool(g).close()
+
+
+async def test_reuse_behind_client_tls(pooled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """TLS clients: pgguard terminates TLS, authenticates them and reuses sessions (the Python
+    relay carries TLS sessions; a Terminate inside TLS records still reaches PooledPump whole)."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key, ca_path = tmp_path / "g.crt", tmp_path / "g.key", tmp_path / "ca.crt"
+    issued.cert_chain_pems[0].write_to_path(cert)
+    issued.private_key_pem.write_to_path(key)
+    ca.cert_pem.write_to_path(ca_path)
+    g = await pooled(more=f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\nclient_mode = "require"\n')
+    conninfo = g.conninfo(ROLE, password=PASSWORD, sslmode="verify-full", sslrootcert=str(ca_path))
+    pids = []
+    for _ in range(2):
+        async with await psycopg.AsyncConnection.connect(conninfo, connect_timeout=30, autocommit=True) as conn:
+            cur = await conn.execute("SELECT pg_backend_pid()")
+            row = await cur.fetchone()
+            assert row is not None
+            pids.append(row[0])
+        await _warm(g, 1)
+    assert pids[0] == pids[1]
