@@ -588,6 +588,8 @@ class Pool:
     async def prepare(self, session: ServerSession, startup: wire.StartupMessage) -> None:
         """Apply the client's startup parameters; raises ServerRefused (the session is closed)."""
         want = params.wanted(startup.params) or {}
+        if session.gone:  # closed by the server between its reset and now
+            raise ServerRefused({"C": "08006", "M": "the server closed the connection"})
         sql = params.set_query(want, session.params, session.applied)
         if sql is not None and not await session.query(sql):
             error = session.error or {"C": "08006", "M": "the server closed the connection"}

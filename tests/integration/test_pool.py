@@ -490,3 +490,25 @@ async def test_reuse_behind_client_tls(pooled, tmp_path) -> None:  # type: ignor
             pids.append(row[0])
         await _warm(g, 1)
     assert pids[0] == pids[1]
+
+
+async def test_reuse_turned_on_by_a_reload(guard, pool_pg) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from pgguard.config import PoolConfig
+
+    g = await guard(f'[backend]\nmonitor_dsn = "{pool_pg.dsn()}"\n')
+    assert g.server.control.pool is None  # off: no pool object, today's path
+    conn = await _connect(g)
+    assert conn.get_server_pid() == await conn.fetchval("SELECT pg_backend_pid()")  # relayed login
+    await conn.close()
+    new = dataclasses.replace(g.server.config, pool=PoolConfig(reuse=True))
+    assert g.server.reload(new)
+    first = await _connect(g)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    await first.close()
+    await _warm(g, 1)
+    second = await _connect(g)
+    assert await second.fetchval("SELECT pg_backend_pid()") == pid
+    await second.close()
+    _pool(g).close()
