@@ -600,6 +600,18 @@ class Pool:
         session.uses += 1
         session.stats.in_use += 1
 
+    def ready(self, session: ServerSession, startup: wire.StartupMessage) -> bool:
+        """True (and ``session`` marked in use) when it already matches the client's startup
+        parameters: the hand-over needs no round trip (``prepare`` otherwise)."""
+        want = params.wanted(startup.params) or {}
+        if session.gone or params.set_query(want, session.params, session.applied) is not None:
+            return False
+        session.applied = want
+        session.state = "client"
+        session.uses += 1
+        session.stats.in_use += 1
+        return True
+
     def give_back(self, session: ServerSession, ticket: Ticket | None, reusable: bool) -> None:
         """The client left: reset and keep ``session`` (with ``ticket``) when it can be reused."""
         session.ticket = ticket

@@ -612,6 +612,14 @@ class ClientConnection(asyncio.Protocol):
             return
         self._move(State.DIALING)
         if self.pooled:
+            warm, pool = self.warm, self.server.pool
+            assert pool is not None and self.startup is not None
+            if warm is not None and pool.ready(warm, self.startup):
+                self.warm = None  # the common hand-over: no statement to run, no task
+                log_event(logging.DEBUG, "server_session", action="reuse", role=self.role,
+                          database=self.database, pid=warm.pid, client=self.peer)
+                self._attach(warm)
+                return
             self._dial = self.server.loop.create_task(self._pooled_session())
             return
         self._dial = self.server.loop.create_task(self._connect_backend())
