@@ -96,3 +96,33 @@ def test_md5_answer_is_what_libpq_sends() -> None:
     assert not scram.is_md5_verifier("SCRAM-SHA-256$4096:abc")
     inner = hashlib.md5(b"secretalice").hexdigest().encode()
     assert scram.md5_response(stored, b"salt") == "md5" + hashlib.md5(inner + b"salt").hexdigest()
+
+
+def test_gate_hand_over_passes_a_slot_to_the_oldest_waiter_of_the_pair_without_counting() -> None:
+    from pgguard.limits import Gate, Kind, RoleRule, Rules
+
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=1)}))
+    held = gate.arrive("app", "db", 0.0)
+    first = gate.arrive("app", "db", 1.0, "first")
+    second = gate.arrive("app", "db", 2.0, "second")
+    other = gate.arrive("app", "otherdb", 3.0, "other")
+    assert held.kind is Kind.ADMIT and first.kind is second.kind is other.kind is Kind.QUEUE
+    assert gate.hand_over("app", "db", lambda w: w.context == "nobody") is None
+    waiter = gate.hand_over("app", "db", lambda w: True)
+    assert waiter is first.waiter and waiter is not None and not waiter.waiting
+    assert gate.role_active["app"] == 1 and gate.total_waiting == 2  # no slot taken, one waiter fewer
+    assert [w.context for w in gate.queue_heads()] == ["second", "other"]
+    gate.pause()
+    assert gate.hand_over("app", "db", lambda w: True) is None
+
+
+def test_gate_exceeded_only_after_a_limit_is_lowered_under_the_count() -> None:
+    from pgguard.limits import Gate, RoleRule, Rules
+
+    gate = Gate(Rules(roles={"app": RoleRule(max_connections=2)}))
+    gate.arrive("app", "db", 0.0)
+    gate.arrive("app", "db", 0.0)
+    assert not gate.exceeded("app", "db")  # full is not over
+    gate.set_role_limit("app", 1)
+    assert gate.exceeded("app", "db")
+    assert not gate.exceeded("other", "db")
