@@ -359,7 +359,7 @@ async def test_queue_timeout_and_faults_answer_pooled_clients_with_53300(pooled)
 
 
 async def test_kill_and_idle_timeout_end_the_client_not_the_pool(pooled) -> None:  # type: ignore[no-untyped-def]
-    g = await pooled(more="[limits]\nidle_timeout = 1.0\n")
+    g = await pooled(more="[limits]\nidle_timeout = 2.0\n")
     conn = await _connect(g)
     pid = await conn.fetchval("SELECT pg_backend_pid()")
     await await_until(lambda: conn.is_closed() or _pool(g).warm() == 1, timeout=15, what="idle_timeout to end the client")
