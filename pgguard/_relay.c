@@ -30,6 +30,13 @@
  * received any byte of is dropped, one already partly sent is completed first; whatever the
  * server sends after it is discarded.
  *
+ * Keep ([pool], ``add(..., keep=True)``): a session whose server side is reused. A lone
+ * Terminate from the client while the server's last ReadyForQuery said idle ('I') is not
+ * forwarded, and when the client side closes with the server idle and nothing pending for
+ * it, the server's stream at a message boundary and none of it dropped after a take-back, the
+ * server's descriptor leaves epoll unclosed and the client-closed event (final, detail
+ * RELEASED) hands it back to the asyncio side, which resets and reuses the session.
+ *
  * Lifetime: the relay holds a reference to each Session (taken in add, with the GIL) and to
  * each queued command's Session; it gives them back through ``events()`` (with the GIL), the
  * session's reference with the event that reports its second side closed. The thread never
@@ -54,6 +61,7 @@
 #define EV_CLIENT_CLOSED 1
 #define EV_BACKEND_CLOSED 2
 #define DETAIL_REQUESTED (-1) /* closed because the asyncio side asked */
+#define DETAIL_RELEASED (-2)  /* client closed; the server's fd handed back open (keep) */
 
 enum { CMD_WRITE, CMD_CLOSE, CMD_ABORT, CMD_STOP };
 
@@ -93,6 +101,8 @@ struct Session {
     size_t inject_len;
     int discard;         /* the injection is written: drop what the server sends */
     int client_x;        /* the client's last chunk ended with a Terminate */
+    int keep;            /* [pool]: a client leaving an idle session hands the server side back */
+    int dropped;         /* server bytes were discarded after a take-back */
     int live;            /* in the relay's list */
     Session *next, *prev;
 };
@@ -207,6 +217,20 @@ static void end_close(Relay *r, End *e, int detail)
     e->buf = NULL;
     e->start = e->end = e->cap = 0;
     End *other = e->is_client ? &s->b : &s->c;
+    if (e->is_client && s->keep && other->fd >= 0 && !other->close_req && pending(other) == 0
+        && !s->broken && s->need == 0 && s->hlen == 0 && !s->dropped
+        && __atomic_load_n(&s->status, __ATOMIC_RELAXED) == 'I') {
+        /* [pool] The client left a session idle outside a transaction: the server side goes
+         * back to the asyncio side open (it resets and reuses it), with nothing pending. */
+        if (other->registered)
+            epoll_ctl(r->epfd, EPOLL_CTL_DEL, other->fd, NULL);
+        other->registered = 0;
+        other->fd = -1;
+        free(other->buf);
+        other->buf = NULL;
+        other->start = other->end = other->cap = 0;
+        detail = DETAIL_RELEASED;
+    }
     int final = other->fd < 0;
     if (e->is_client) {
         free(s->inject);
@@ -427,14 +451,21 @@ static void handle_read(Relay *r, End *src)
         end_close(r, src, errno);
         return;
     }
-    if (drop)
+    if (drop) {
+        if (!src->is_client)
+            s->dropped = 1;
         return;
+    }
     __atomic_store_n(&s->last_ns, r->now, __ATOMIC_RELAXED);
     if (src->is_client) {
         __atomic_add_fetch(&s->bytes_in, (uint64_t)n, __ATOMIC_RELAXED);
         /* A Terminate is no query: the server reads it at once (see proxy._Pump). */
         static const char terminate[5] = {'X', 0, 0, 0, 4};
         s->client_x = n >= 5 && memcmp(p + n - 5, terminate, 5) == 0;
+        if (s->keep && n == 5 && s->client_x && __atomic_load_n(&s->status, __ATOMIC_RELAXED) == 'I') {
+            end_close(r, src, 0); /* [pool] a goodbye from an idle client: the server keeps its session */
+            return;
+        }
         if (!s->client_x)
             set_status(s, 0);
         forward(r, dst, p, (size_t)n);
@@ -799,12 +830,12 @@ static PyObject *Relay_fileno(Relay *self, PyObject *unused)
 
 static PyObject *Relay_add(Relay *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"client_fd", "backend_fd", "context", "status", "bytes_in", "bytes_out", NULL};
-    int cfd, bfd, status = 'I';
+    static char *kwlist[] = {"client_fd", "backend_fd", "context", "status", "bytes_in", "bytes_out", "keep", NULL};
+    int cfd, bfd, status = 'I', keep = 0;
     PyObject *context = Py_None;
     unsigned long long bin = 0, bout = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii|O$iKK", kwlist, &cfd, &bfd, &context,
-                                     &status, &bin, &bout))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii|O$iKKp", kwlist, &cfd, &bfd, &context,
+                                     &status, &bin, &bout, &keep))
         return NULL;
     if (!self->running) {
         PyErr_SetString(PyExc_RuntimeError, "relay is closed");
@@ -817,6 +848,7 @@ static PyObject *Relay_add(Relay *self, PyObject *args, PyObject *kwds)
     s->c = (End){.fd = cfd, .is_client = 1, .s = s};
     s->b = (End){.fd = bfd, .is_client = 0, .s = s};
     s->status = status;
+    s->keep = keep;
     s->bytes_in = bin;
     s->bytes_out = bout;
     s->last_ns = mono_ns();
@@ -953,11 +985,14 @@ static PyMethodDef Relay_methods[] = {
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS,
      "The eventfd that becomes readable when events() has something."},
     {"add", (PyCFunction)(void (*)(void))Relay_add, METH_VARARGS | METH_KEYWORDS,
-     "add(client_fd, backend_fd, context=None, *, status=73, bytes_in=0, bytes_out=0) -> Session\n"
-     "Relay a session; the relay owns (and will close) both descriptors from now on."},
+     "add(client_fd, backend_fd, context=None, *, status=73, bytes_in=0, bytes_out=0, keep=False) -> Session\n"
+     "Relay a session; the relay owns (and will close) both descriptors from now on. keep: a "
+     "client leaving while the server is idle ('I', nothing pending) hands the server's "
+     "descriptor back open (event detail RELEASED) instead of closing it."},
     {"events", (PyCFunction)Relay_events, METH_NOARGS,
      "Drain the events: a list of (context, kind, detail, final); kind 1 client closed, "
-     "2 server closed; detail 0 end of file, an errno, or -1 closed on request; final: "
+     "2 server closed; detail 0 end of file, an errno, -1 closed on request, or -2 (client "
+     "closed, keep) the server's descriptor is the caller's again; final: "
      "both sides are closed now."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS,
      "Stop the thread, closing every live session (their events stay to be drained)."},
@@ -999,5 +1034,6 @@ PyMODINIT_FUNC PyInit__relay(void)
     PyModule_AddIntConstant(m, "CLIENT_CLOSED", EV_CLIENT_CLOSED);
     PyModule_AddIntConstant(m, "BACKEND_CLOSED", EV_BACKEND_CLOSED);
     PyModule_AddIntConstant(m, "REQUESTED", DETAIL_REQUESTED);
+    PyModule_AddIntConstant(m, "RELEASED", DETAIL_RELEASED);
     return m;
 }

@@ -4,6 +4,9 @@ Validation happens once, at load time. Every error is a ``ConfigError`` naming t
 the dotted key and the bad value. A reload builds a new ``Config``; nothing is changed in
 place. Defaults live in the dataclasses below and are repeated, with comments, in
 ``config.example.toml``.
+
+Size: about 580 lines, one job: the schema of one file (every section's dataclass beside its
+checks), read and validated in one place.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "TLSConfig",
     "FaultsConfig",
     "ClusterConfig",
+    "PoolConfig",
     "load",
     "loads",
     "from_dict",
@@ -165,11 +169,14 @@ class RoleConfig:
     queue_timeout: float | None = field(default=None, metadata=_check(_positive))
     max_queue: int | None = field(default=None, metadata=_check(_non_negative))
     idle_timeout: float | None = field(default=None, metadata=_check(_non_negative))
+    # Warm server-session reuse for this role ([pool] reuse); None: the default.
+    reuse: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DatabaseConfig:
     max_connections: int = field(default=-1, metadata=_check(_limit))
+    reuse: bool | None = None  # [pool] reuse for this database; None: the default
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,6 +264,41 @@ class ClusterConfig:
         return self.heartbeat_interval if self.heartbeat_interval is not None else self.lease_ttl / 3
 
 
+# The default lookup: a SECURITY DEFINER function the DBA creates (README, "Reusing server
+# sessions"), so the monitoring role never reads pg_authid itself.
+DEFAULT_AUTH_QUERY: Final = "SELECT verifier FROM pgguard.lookup_role($1)"
+
+
+def _max_idle(value: int) -> str | None:
+    return None if value >= 0 else "must be 0 or greater"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolConfig:
+    """[pool]: warm server-session reuse (pool.py). Off by default: sessions are relayed as-is."""
+
+    reuse: bool = False
+    # Reads a role's verifier (pg_authid.rolpassword) through [backend] monitor_dsn; $1 is the
+    # role; the first column of the first row is the verifier (NULL or no row: unknown role).
+    auth_query: str = DEFAULT_AUTH_QUERY
+    # Seconds a looked-up verifier is trusted before the next login looks it up again (a
+    # failed login forgets it at once).
+    auth_cache_ttl: float = field(default=30.0, metadata=_check(_positive))
+    # Roles pgguard lets in without a password and logs in to the server without one (the
+    # server must trust pgguard for them).
+    trusted_roles: tuple[str, ...] = ()
+    # Warm idle server sessions kept per (role, database); more are closed on release.
+    max_idle: int = field(default=20, metadata=_check(_max_idle))
+    # Seconds a warm session may stay idle in the pool before it is closed. 0: never.
+    server_idle_timeout: float = field(default=600.0, metadata=_check(_non_negative))
+    # Seconds after which a server session is closed instead of reused (up to 10 % earlier,
+    # so sessions made together do not all close together). 0: never.
+    server_lifetime: float = field(default=3600.0, metadata=_check(_non_negative))
+    # Sent when a client leaves a session idle outside a transaction; the session is reused
+    # only if it succeeds.
+    server_reset_query: str = "DISCARD ALL"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     path: str = DEFAULT_PATH
@@ -271,6 +313,26 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     cluster: ClusterConfig | None = None
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+    def reuse(self, role: str, database: str) -> bool:
+        """True when sessions of (role, database) are reused ([pool] reuse, overridden per
+        role or database; an explicit false on either wins)."""
+        rc = self.roles.get(role)
+        dc = self.databases.get(database)
+        overrides = (None if rc is None else rc.reuse, None if dc is None else dc.reuse)
+        if False in overrides:
+            return False
+        return True in overrides or self.pool.reuse
+
+    @property
+    def reuse_anywhere(self) -> bool:
+        """True when some role or database may reuse server sessions (pool.py is needed)."""
+        return (
+            self.pool.reuse
+            or any(r.reuse for r in self.roles.values())
+            or any(d.reuse for d in self.databases.values())
+        )
 
     def rules(self) -> Rules:
         """The admission rules for ``limits.Gate``."""
@@ -315,6 +377,7 @@ _SECTIONS: Final[dict[str, type]] = {
     "tls": TLSConfig,
     "faults": FaultsConfig,
     "cluster": ClusterConfig,
+    "pool": PoolConfig,
 }
 _NAMED: Final[dict[str, type]] = {"roles": RoleConfig, "databases": DatabaseConfig}
 
@@ -418,7 +481,14 @@ def _build(data: dict[str, Any], path: str) -> Config:
     _check_control(config)
     _check_tls(config)
     _check_cluster(config)
+    _check_pool(config)
     return config
+
+
+def _check_pool(config: Config) -> None:
+    """Reuse authenticates clients against verifiers read through monitor_dsn."""
+    if config.reuse_anywhere and not config.backend.monitor_dsn and not config.pool.trusted_roles:
+        raise ConfigError(config.path, "pool.reuse", "true needs backend.monitor_dsn (to read verifiers)")
 
 
 def _check_cluster(config: Config) -> None:

@@ -246,6 +246,18 @@ def _show_cluster(session: Session, m: re.Match[str]) -> Result:
 
 
 @command(
+    r"SHOW\s+POOLS",
+    syntax="SHOW POOLS",
+    columns=("role", "database", "protocol", "warm", "in_use", "created", "reused", "reset_failures", "closed"),
+    help="[pool]: per (role, database, protocol): warm idle server sessions, sessions in use, "
+    "sessions created, hand-overs of a warm session, failed resets, sessions closed",
+)
+def _show_pools(session: Session, m: re.Match[str]) -> Result:
+    pool = session.host.control.pool
+    return Result("SHOW", [] if pool is None else pool.rows())
+
+
+@command(
     r"SHOW\s+CONFIG",
     syntax="SHOW CONFIG",
     columns=("key", "value"),

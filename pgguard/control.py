@@ -26,7 +26,12 @@ costs one line per key per second.
 each behind one ``self.cluster`` test: an admission the gate made, ``release``, ``leave_queue``
 and ``set_limit``; the lifecycle adds ``start_cluster`` / ``close_cluster``.
 
-Size: about 740 lines, kept as one job on purpose: every change to what is admitted goes
+``[pool]``: ``pool.Pool`` (only when some role or database reuses server sessions) is called
+at the admission (``_take_warm``, behind one test of ``client.pooled``), when a client queues
+(``_free_warm_slot``), and gets ``hand_to_waiter`` / ``others_waiting`` / ``over_limit`` when a
+released session is parked; ``forward_cancel`` maps pgguard's key of a reused session.
+
+Size: about 840 lines, kept as one job on purpose: every change to what is admitted goes
 through this one class (that is the point of the layer); the rows SHOW prints are in
 ``stats.py``.
 """
@@ -58,6 +63,7 @@ from .errors import (
 from .faults import Faults
 from .limits import Gate, Kind, Limit, LimitRow, Policy, Rejection, RejectReason, Ticket, Waiter
 from .log import RateLimitedLog, log, log_event
+from .pool import Pool, ServerSession
 from .proxy import ClientConnection, State
 from .rules import FaultRule
 from .stats import Console, Counts, Stats
@@ -161,6 +167,9 @@ class Control:
         self.cluster: ClusterAdmission | None = None
         if config.cluster is not None:
             self._attach_cluster(config)
+        # [pool]: warm server-session reuse (pool.py), None while no role or database has
+        # reuse on: then the only pool code on any path is the test of this attribute.
+        self.pool: Pool | None = Pool(self) if config.reuse_anywhere else None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -182,6 +191,9 @@ class Control:
             timer.cancel()
             self._end_log_window(limiter)
         self.faults.clear()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.verifiers.close()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` as a task this process cancels when it closes."""
@@ -274,6 +286,8 @@ class Control:
         if self.draining:
             client.reject(ShuttingDown())
             return
+        if client.pooled and self._take_warm(client):
+            return
         replication = client.startup is not None and client.startup.is_replication
         decision = self._gate.arrive(
             client.role, client.database, self.loop.time(), client, replication=replication
@@ -291,9 +305,79 @@ class Control:
             self.stats.queued += 1
             client.queued(decision.waiter)
             self._schedule_queue_timer(decision.waiter.deadline)
+            if self.pool is not None:
+                self._free_warm_slot(decision.waiter)
         else:
             assert decision.rejection is not None
             self._reject(client, decision.rejection)
+
+    # ------------------------------------------------------------------- pool
+
+    def _take_warm(self, client: ClientConnection) -> bool:
+        """[pool]: give ``client`` a warm session of its pair and that session's slot, if any."""
+        assert self.pool is not None and client.startup is not None
+        if self._gate.paused or self._gate.exceeded(client.role, client.database):
+            return False
+        session = self.pool.take(client.startup)
+        if session is None:
+            return False
+        ticket = self.pool.claim(session)
+        client.warm = session
+        self.stats.admissions += 1
+        self.stats.record_wait(0.0)
+        client.admitted(ticket)
+        return True
+
+    def hand_to_waiter(self, role: str, database: str, ticket: Ticket, session: ServerSession) -> bool:
+        """[pool]: a just-reset session (and its slot) to the oldest waiter of its pair; False if none."""
+        protocol = session.key[2]
+        if self._gate.exceeded(role, database):
+            return False
+
+        def fits(waiter: Waiter) -> bool:
+            client = waiter.context
+            return (
+                isinstance(client, ClientConnection) and client.pooled
+                and client.startup is not None and client.startup.protocol == protocol
+            )  # fmt: skip
+
+        waiter = self._gate.hand_over(role, database, fits)
+        if waiter is None:
+            return False
+        client = waiter.context
+        assert isinstance(client, ClientConnection) and self.pool is not None
+        waiter.ticket = self.pool.claim(session)
+        client.warm = session
+        self.stats.admissions += 1
+        self.stats.record_wait(self.loop.time() - waiter.arrived)
+        client.admitted(waiter.ticket)
+        return True
+
+    def over_limit(self, role: str, database: str) -> bool:
+        """[pool]: True when (role, database) holds more slots than a (lowered) limit allows."""
+        return self._gate.exceeded(role, database)
+
+    def others_waiting(self, role: str, database: str) -> bool:
+        """[pool]: True when (role, database) should give up a slot: a limit was lowered under
+        its count, or a queued client would be helped by it."""
+        if self._gate.exceeded(role, database):
+            return True
+        if not self._gate.total_waiting:
+            return False
+        return any(self._shares(w, role, database) for w in self._gate.queue_heads())
+
+    def _shares(self, waiter: Waiter, role: str, database: str) -> bool:
+        blocking = self._gate.blocking(waiter.role, waiter.database)
+        if blocking is None:
+            return False
+        if blocking.limit is Limit.TOTAL:
+            return True
+        return role == blocking.name if blocking.limit is Limit.ROLE else database == blocking.name
+
+    def _free_warm_slot(self, waiter: Waiter) -> None:
+        """[pool]: a client queued behind a limit that idle warm sessions occupy: close the oldest."""
+        assert self.pool is not None
+        self.pool.free_slot_for(lambda role, database: self._shares(waiter, role, database))
 
     def leave_queue(self, waiter: Waiter) -> None:
         """A queued client left (or was answered): it holds nothing any more."""
@@ -454,7 +538,10 @@ class Control:
                 return
             self._unmatched_cancels += 1
         self.stats.cancels_forwarded += 1
-        self.spawn(self._send_cancel(packet.raw, matched))
+        raw = packet.raw
+        if matched and client is not None and client.server_cancel is not None:
+            raw = client.server_cancel  # [pool]: pgguard's key for a reused session -> the server's
+        self.spawn(self._send_cancel(raw, matched))
 
     async def _send_cancel(self, raw: bytes, matched: bool) -> None:
         try:
@@ -507,6 +594,10 @@ class Control:
         self._schedule_idle_sweep()
         if self.cluster is not None and not keep_runtime:
             self.cluster.clear_limits()  # every instance back to its configured limits
+        if self.pool is not None:
+            self.pool.reconfigure(config)
+        elif config.reuse_anywhere:
+            self.pool = Pool(self)
 
     def reset(self) -> None:
         """Back to the configuration (pgguard.testing): run-time limits and policies dropped,
@@ -557,6 +648,8 @@ class Control:
     def shut(self) -> None:
         """Draining: queued clients and clients still in startup get 57P03; nobody new is admitted."""
         self.draining = True
+        if self.pool is not None:
+            self.pool.close()  # warm sessions hold slots: a drain must not wait for them
         log_event(
             logging.INFO,
             "drain",
@@ -582,6 +675,8 @@ class Control:
 
     def abort_all(self) -> None:
         """Close every client and server socket at once (a stop without drain)."""
+        if self.pool is not None:
+            self.pool.abort()
         for client in list(self.clients.values()):
             client.abort()
         for console in list(self.consoles.values()):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final, TypeVar
@@ -430,6 +430,49 @@ class Gate:
         if limit != UNLIMITED and self.database_active.get(database, 0) >= limit:
             return Rejection(Limit.DATABASE, database, limit, RejectReason.LIMIT)
         return None
+
+    def blocking(self, role: str, database: str) -> Rejection | None:
+        """The first full limit for (role, database) now, or None (pool.py: which idle session to close)."""
+        return self._blocking(role, database)
+
+    def exceeded(self, role: str, database: str) -> bool:
+        """True when (role, database) holds more slots than a limit allows now (one was lowered
+        under the count): a slot may not pass to another session of the pair (pool.py)."""
+        if self._role(role).exempt:
+            return False
+        total, _ = self.total_limit()
+        if total != UNLIMITED and self.total_active > total:
+            return True
+        limit = self._role(role).max_connections
+        if limit != UNLIMITED and self.role_active.get(role, 0) > limit:
+            return True
+        limit, _ = self.database_limit(database)
+        return limit != UNLIMITED and self.database_active.get(database, 0) > limit
+
+    def queue_heads(self) -> list[Waiter]:
+        """The oldest waiter of every (role, database) that has one."""
+        heads = []
+        for key in list(self._queues):
+            queue = self._trim(key)
+            if queue is not None:
+                heads.append(queue[0])
+        return heads
+
+    def hand_over(self, role: str, database: str, accept: Callable[[Waiter], bool]) -> Waiter | None:
+        """The oldest waiter of (role, database), if ``accept`` takes it, out of the queue as admitted.
+
+        For a slot that passes from one session to the next of the same pair (a reused server
+        session, pool.py): the ticket moves with it, so no count changes and no limit can be
+        exceeded. None when paused or nobody of the pair waits.
+        """
+        key = (role, database)
+        queue = self._trim(key)
+        if queue is None or self.paused or not accept(queue[0]):
+            return None
+        waiter = queue.popleft()
+        self._unqueue(waiter, Kind.ADMIT)
+        self._trim(key)
+        return waiter
 
     def _take(self, role: str, database: str, exempt: bool) -> Ticket:
         self.total_active += 1

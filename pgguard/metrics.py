@@ -38,7 +38,7 @@ from .log import display, log
 if TYPE_CHECKING:
     from .control import Control
 
-__all__ = ["ServerCollector", "MetricsServer", "ProbeServer", "METRIC_NAMES", "CLUSTER_METRIC_NAMES"]
+__all__ = ["ServerCollector", "MetricsServer", "ProbeServer", "METRIC_NAMES", "CLUSTER_METRIC_NAMES", "POOL_METRIC_NAMES"]
 
 
 # A scrape request is a few hundred bytes; anything larger or slower is not Prometheus.
@@ -79,6 +79,16 @@ METRIC_NAMES: Final = (
     "pgguard_admin_kills_total",
     "pgguard_config_reloads_total",
     "pgguard_mirror_refreshes_total",
+)
+# Only with [pool] reuse somewhere (pool.py): warm server sessions per (role, database).
+POOL_METRIC_NAMES: Final = (
+    "pgguard_pool_warm_sessions",
+    "pgguard_pool_sessions_in_use",
+    "pgguard_pool_sessions_created_total",
+    "pgguard_pool_sessions_reused_total",
+    "pgguard_pool_reset_failures_total",
+    "pgguard_pool_sessions_closed_total",
+    "pgguard_pool_auth_failures_total",
 )
 # Only with [cluster] (cluster.py): the shared lease store's state.
 CLUSTER_METRIC_NAMES: Final = (
@@ -269,6 +279,36 @@ class ServerCollector(Collector):
         yield mirror
         if control.cluster is not None:
             yield from _cluster_metrics(control)
+        if control.pool is not None:
+            yield from _pool_metrics(control)
+
+
+def _pool_metrics(control: Control) -> Iterator[Metric]:
+    pool = control.pool
+    assert pool is not None
+    rows = pool.rows()
+    role = _labeller((r[0] for r in rows), known=control.configured_role)
+    database = _labeller((r[1] for r in rows), known=control.configured_database)
+    specs = (
+        (GaugeMetricFamily, "pgguard_pool_warm_sessions", "Warm idle server sessions kept for reuse.", 3),
+        (GaugeMetricFamily, "pgguard_pool_sessions_in_use", "Reused-pair server sessions held by a client.", 4),
+        (CounterMetricFamily, "pgguard_pool_sessions_created", "Server sessions logged in by pgguard.", 5),
+        (CounterMetricFamily, "pgguard_pool_sessions_reused", "Warm server sessions handed to a client.", 6),
+        (CounterMetricFamily, "pgguard_pool_reset_failures", "Resets (server_reset_query) that failed.", 7),
+        (CounterMetricFamily, "pgguard_pool_sessions_closed", "Reused-pair server sessions closed.", 8),
+    )
+    for family, name, text, column in specs:
+        metric = family(name, text, labels=["role", "database"])
+        sums = Counter[tuple[str, str]]()
+        for row in rows:
+            sums[(role(row[0]), database(row[1]))] += int(row[column])
+        for (r, d), value in sorted(sums.items()):
+            metric.add_metric([r, d], value)
+        yield metric
+    yield CounterMetricFamily(
+        "pgguard_pool_auth_failures", "Client logins pgguard refused (wrong password, unknown role).",
+        value=pool.auth_failures,
+    )  # fmt: skip
 
 
 def _cluster_metrics(control: Control) -> Iterator[Metric]:

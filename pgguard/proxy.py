@@ -29,9 +29,15 @@ the peer's transport, with flow control. No per-message parsing after ReadyForQu
 The session's ``server`` is its ``Host``: the control layer (``control.Control``), which this
 module knows only through that protocol.
 
-Size: about 670 lines, one job: the life of one client socket from accept to close (TLS
-negotiation included, since it decides what the startup bytes mean); the relays are in
-``pump.py``.
+With ``[pool]`` reuse on for the client's (role, database), STARTUP moves to LOGIN instead
+(pgguard authenticates the client, ``pool.ClientLogin``), then ADMITTING; DIALING takes a
+warm server session or logs in a new one (``pool.Pool``) and goes straight to ACTIVE; when
+the client leaves a session idle outside a transaction, the session goes back to the pool
+with its slot instead of being terminated.
+
+Size: about 960 lines, one job: the life of one client socket from accept to close (TLS
+negotiation included, since it decides what the startup bytes mean, and the pooled login,
+since it decides which server session the client gets); the relays are in ``pump.py``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
+from . import pool as pool_mod
 from . import relay, tls, wire
 from .config import Config
 from .errors import (
@@ -58,7 +65,7 @@ from .errors import (
 )
 from .limits import Ticket, Waiter
 from .log import display, log, log_event
-from .pump import BackendAuth, Pump
+from .pump import BackendAuth, PooledPump, Pump
 
 __all__ = ["ClientConnection", "Host", "State", "number_clients"]
 
@@ -71,6 +78,7 @@ WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 # Seconds a closing TLS client gets to answer our close_notify before the socket is dropped.
 TLS_SHUTDOWN_TIMEOUT: Final = 5.0
+IDLE: Final = ord("I")  # ReadyForQuery status: idle, not in a transaction
 
 _ids = itertools.count(1)
 
@@ -87,6 +95,7 @@ def number_clients(first: int, step: int) -> None:
 
 class State(enum.Enum):
     STARTUP = "startup"
+    LOGIN = "login"  # [pool]: pgguard itself authenticates the client
     ADMITTING = "admitting"
     QUEUED = "queued"
     DIALING = "dialing"
@@ -101,10 +110,11 @@ class State(enum.Enum):
 
 # The moves a session may make; _move checks each one (a session only goes forward).
 _MOVES: Final = {
-    State.STARTUP: frozenset({State.ADMITTING, State.CLOSED}),
+    State.STARTUP: frozenset({State.ADMITTING, State.LOGIN, State.CLOSED}),
+    State.LOGIN: frozenset({State.ADMITTING, State.CLOSED}),
     State.ADMITTING: frozenset({State.QUEUED, State.DIALING, State.CLOSED}),
     State.QUEUED: frozenset({State.DIALING, State.CLOSED}),
-    State.DIALING: frozenset({State.AUTH, State.CLOSED}),
+    State.DIALING: frozenset({State.AUTH, State.ACTIVE, State.CLOSED}),
     State.AUTH: frozenset({State.ACTIVE, State.CLOSED}),
     State.ACTIVE: frozenset({State.CLOSED}),
     State.CLOSED: frozenset({State.CLOSED}),
@@ -117,6 +127,7 @@ class Host(Protocol):
     config: Config
     loop: asyncio.AbstractEventLoop
     client_tls: tls.ClientTLS | None
+    pool: pool_mod.Pool | None
 
     def client_opened(self, client: ClientConnection) -> bool: ...
 
@@ -153,6 +164,21 @@ class Host(Protocol):
 
 class ClientConnection(asyncio.Protocol):
     """The client side of one session, and the owner of its backend connection and ticket."""
+
+    # [pool] (class defaults: a session that is not reused never sets them): pooled says
+    # pgguard authenticates the client and its server session is reused; warm is the warm
+    # session admission gave it; session the server session it holds; server_cancel the
+    # CancelRequest that reaches that server process (the client knows pgguard's key only).
+    pooled = False
+    warm: pool_mod.ServerSession | None = None
+    session: pool_mod.ServerSession | None = None
+    server_cancel: bytes | None = None
+    _login: pool_mod.ClientLogin | None = None
+    _client_key: bytes | None = None
+    _server_key: bytes | None = None
+    _greeting = b""
+    _md5: str | None = None
+    _released_fd: int | None = None
 
     def __init__(self, server: Host) -> None:
         self.server = server
@@ -247,6 +273,9 @@ class ClientConnection(asyncio.Protocol):
                 self.bytes_in += len(data)
                 assert self.backend is not None
                 self.backend.write(data)
+            elif self.state is State.LOGIN:
+                assert self._login is not None
+                self._login.feed(data)
             elif self.state in (State.ADMITTING, State.QUEUED, State.DIALING):
                 self._early += data
                 if len(self._early) > MAX_EARLY_DATA:
@@ -402,12 +431,156 @@ class ClientConnection(asyncio.Protocol):
             early, self._early = bytes(self._early), bytearray()
             self.server.open_admin(self, early)
             return
+        pool = self.server.pool
+        if pool is not None and pool.wants(packet):
+            self._pooled_login(pool)
+            return
         self._move(State.ADMITTING)
         self.server.admit(self)
 
+    # ------------------------------------------------------------------ [pool]
+
+    def _pooled_login(self, pool: pool_mod.Pool) -> None:
+        """Authenticate the client here (pool.ClientLogin), within client_login_timeout."""
+        assert self.startup is not None
+        self.pooled = True
+        self._move(State.LOGIN)
+        self._login_timer = self.server.loop.call_later(
+            self.server.config.server.client_login_timeout, self._login_timeout
+        )
+        login = self._login = pool_mod.ClientLogin(pool, self, self.startup.user)
+        login.start()
+        if self._early and self.state is State.LOGIN:
+            early, self._early = bytes(self._early), bytearray()
+            login.feed(early)
+
+    def write(self, data: bytes) -> None:
+        """Bytes to the client (pool.ClientLogin's messages)."""
+        self._write(data)
+
+    def logged_in(
+        self, client_key: bytes | None, server_key: bytes | None, final: bytes, *, md5: str | None = None
+    ) -> None:
+        """pgguard accepted the client's password (or its role is trusted): admission.
+
+        ``final`` (AuthenticationSASLFinal) and AuthenticationOk go out with the session's
+        ParameterStatus, BackendKeyData and ReadyForQuery in one write (_attach): one system
+        call per login less, and a client refused meanwhile (53300) gets only the
+        ErrorResponse, as any client pgguard refuses.
+        """
+        _cancel(self._login_timer)
+        self._login_timer = None
+        login, self._login = self._login, None
+        if login is not None:
+            self._early += login.rest()
+        self._client_key, self._server_key, self._md5 = client_key, server_key, md5
+        self._greeting = final + wire.build_authentication_ok()
+        self._move(State.ADMITTING)
+        self.server.admit(self)
+
+    async def _pooled_session(self) -> None:
+        """A warm session (admission gave it) or a new one, set up for this client, then attach."""
+        pool = self.server.pool
+        assert pool is not None and self.startup is not None
+        session, self.warm = self.warm, None
+        try:
+            if session is None:
+                session = await pool.connect(
+                    self.startup, self._client_key, self._server_key, self._hand_slot, self._md5
+                )
+                log_event(logging.DEBUG, "server_session", action="create", role=self.role,
+                          database=self.database, pid=session.pid, client=self.peer)
+            else:
+                log_event(logging.DEBUG, "server_session", action="reuse", role=self.role,
+                          database=self.database, pid=session.pid, client=self.peer)
+            await pool.prepare(session, self.startup)
+        except asyncio.CancelledError:
+            if session is not None:
+                self._hand_slot(session)
+                session.close("shutdown")
+            self._release()
+            raise
+        except pool_mod.ServerRefused as exc:
+            if session is not None:
+                self._hand_slot(session)
+            self._release()
+            if not self._client_gone:
+                self.server.backend_error(self, exc.fields)
+                fields = exc.fields
+                self._write(wire.build_error_response(
+                    fields.get("C", "08006"), fields.get("M", ""), detail=fields.get("D"),
+                ))  # fmt: skip
+            self._close()
+            return
+        except (OSError, TimeoutError) as exc:
+            reason = "timeout expired" if isinstance(exc, TimeoutError) else _reason(exc)
+            self.server.dial_failed(self, reason)
+            self._release()
+            self.fail(BackendUnreachable(reason))
+            return
+        except Exception:  # the per-connection boundary: log, answer, release
+            log.exception("event=internal_error client=%r", self)
+            if session is not None:
+                self._hand_slot(session)
+                session.close("internal_error")
+            self._release()
+            self.fail(PgGuardError("pgguard internal error"))
+            return
+        finally:
+            self._dial = None
+        if self._client_gone or self.state is State.CLOSED:
+            ticket, self.ticket = self.ticket, None
+            pool.give_back(session, ticket, True)
+            return
+        self._attach(session)
+
+    def _hand_slot(self, session: pool_mod.ServerSession) -> None:
+        """A session that is being closed keeps this client's slot until its socket is gone."""
+        ticket, self.ticket = self.ticket, None
+        session.adopt(ticket)
+
+    def _attach(self, session: pool_mod.ServerSession) -> None:
+        """Hand ``session`` to this client: its parameters, pgguard's key, ReadyForQuery; relay."""
+        assert self.transport is not None and session.transport is not None
+        self.session = session
+        backend = self.backend = session.transport
+        pid, key = pool_mod.fake_key(len(session.secret) > 4)
+        self.backend_pid, self.backend_key = pid, key
+        self.server_cancel = session.cancel_request
+        self.server.session_key(self)
+        # A NegotiateProtocolVersion comes before authentication ends, as the server sends it.
+        out = [session.negotiate, self._greeting]
+        self._greeting = b""
+        out += [wire.build_parameter_status(k, v) for k, v in session.params.items()]
+        out.append(wire.build_backend_key_data(pid, key))
+        out.append(wire.build_ready_for_query())
+        self._write(b"".join(out))
+        self._move(State.ACTIVE)
+        self.server.session_started(self)
+        if not self._early:
+            # The native relay, which hands the server side back when the client leaves it
+            # idle (relay.hand_over keep); with early bytes the Python relay, which sees them.
+            server = self.server
+            native = relay.hand_over(self, None, mode=server.config.server.relay, loop=server.loop, keep=True)
+            if native is not None:
+                self._native = native
+                self.__class__ = _Relayed
+                return
+        client_side = PooledPump(self, backend, from_client=True)
+        backend_side = Pump(self, self.transport, from_client=False)
+        client_side.other = backend_side
+        backend_side.other = client_side
+        self.transport.set_protocol(client_side)
+        backend.set_protocol(backend_side)
+        if self._early:
+            self.bytes_in += len(self._early)
+            backend.write(bytes(self._early))
+            self._early.clear()
+            self.idle_status = 0
+
     def _login_timeout(self) -> None:
         self._login_timer = None
-        if self.state is State.STARTUP:
+        if self.state is State.STARTUP or self.state is State.LOGIN:
             log_event(logging.DEBUG, "login_timeout", client=self.peer)
             self._close()
 
@@ -439,9 +612,26 @@ class ClientConnection(asyncio.Protocol):
         self.waiter = None
         self.admitted_at = time.time()
         if self._client_gone or self.state is State.CLOSED:
+            warm, self.warm = self.warm, None
+            if warm is not None:  # [pool]: the warm session goes back as it came, with the slot
+                ticket, self.ticket = self.ticket, None
+                assert self.server.pool is not None and ticket is not None
+                self.server.pool.put_back(warm, ticket)
+                return
             self._release()
             return
         self._move(State.DIALING)
+        if self.pooled:
+            warm, pool = self.warm, self.server.pool
+            assert pool is not None and self.startup is not None
+            if warm is not None and pool.ready(warm, self.startup):
+                self.warm = None  # the common hand-over: no statement to run, no task
+                log_event(logging.DEBUG, "server_session", action="reuse", role=self.role,
+                          database=self.database, pid=warm.pid, client=self.peer)
+                self._attach(warm)
+                return
+            self._dial = self.server.loop.create_task(self._pooled_session())
+            return
         self._dial = self.server.loop.create_task(self._connect_backend())
 
     def reject(self, exc: PgGuardError) -> None:
@@ -576,6 +766,9 @@ class ClientConnection(asyncio.Protocol):
         if state is State.QUEUED and self.waiter is not None:
             self.server.leave_queue(self.waiter)
             self.waiter = None
+        if self.pooled and self._pooled_lost(state):
+            self.server.client_closed(self)
+            return
         backend = self.backend
         if backend is not None and not self._backend_gone:
             # Tell the server we are leaving (harmless if the client already sent X), then
@@ -600,11 +793,52 @@ class ClientConnection(asyncio.Protocol):
             self._release()
         self.server.client_closed(self)
 
+    def _pooled_lost(self, state: State) -> bool:
+        """[pool] The client left: True when its server session went back to the pool.
+
+        A session idle outside a transaction is reset and kept (with the slot); any other is
+        closed the usual way below (Terminate, a cancel mid-query, the slot released when
+        the server has closed the socket).
+        """
+        if self._login is not None:
+            self._login.cancel()
+            self._login = None
+        session = self.session
+        if session is None or self._backend_gone:
+            return False
+        self.session = None
+        if isinstance(self.backend, relay.NativeEnd):
+            fd, self._released_fd = self._released_fd, None
+            if fd is None:  # the relay kept the server side: it ends the usual way
+                session.detach("client_left_busy")
+                return False
+            ticket, self.ticket = self.ticket, None
+            self.backend = None
+            assert self.server.pool is not None
+            self.server.pool.give_back_fd(session, ticket, fd)
+            return True
+        if state is State.ACTIVE and self.idle_status == IDLE:
+            ticket, self.ticket = self.ticket, None
+            self.backend = None
+            assert self.server.pool is not None
+            self.server.pool.give_back(session, ticket, True)
+            return True
+        session.detach("client_left_busy")
+        return False
+
+    def released(self, fd: int) -> None:
+        """[pool] The native relay handed the server side back (the client left it idle)."""
+        self._released_fd = fd
+        self.client_lost()
+
     def backend_lost(self) -> None:
         """The backend socket is gone: give the slot back, close the client."""
         if self._backend_gone:
             return
         self._backend_gone = True
+        if self.session is not None:
+            self.session.detach("server_closed")
+            self.session = None
         for timer in (self._reply_timer, self._close_timer):
             _cancel(timer)
         self._reply_timer = self._close_timer = None
@@ -628,7 +862,7 @@ class ClientConnection(asyncio.Protocol):
 
     def fail(self, exc: PgGuardError) -> None:
         """Answer ``exc`` if the client is still before authentication, then close."""
-        if self.state in (State.STARTUP, State.ADMITTING, State.QUEUED, State.DIALING):
+        if self.state in (State.STARTUP, State.LOGIN, State.ADMITTING, State.QUEUED, State.DIALING):
             if not (isinstance(exc, ProtocolViolation) and exc.silent):
                 self._write(
                     wire.build_error(exc)

@@ -22,7 +22,7 @@ from . import tls, wire
 from .errors import PgGuardError, ProtocolViolation
 from .log import log_event
 
-__all__ = ["BackendAuth", "Pump", "Session", "idle_status"]
+__all__ = ["BackendAuth", "PooledPump", "Pump", "Session", "idle_status"]
 
 
 class Session(Protocol):
@@ -194,6 +194,21 @@ class Pump(asyncio.Protocol):
 
 
 
+class PooledPump(Pump):
+    """The client side of a reused server session ([pool]): a Terminate sent while the session
+    is idle ends the client only; the server session outlives it (pool.py resets it)."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if data == wire.TERMINATE and session.idle_status == _IDLE and session.transport is not None:
+            session.transport.close()  # its connection_lost hands the server session back
+            return
+        super().data_received(data)
+
+
+_IDLE: Final = ord("I")
 # ReadyForQuery: 'Z', Int32 5, then the transaction status byte.
 _READY_HEADER: Final = b"Z\x00\x00\x00\x05"
 # What a server may send unasked while idle: NotificationResponse, NoticeResponse, ParameterStatus.

@@ -52,6 +52,8 @@ class Session(Protocol):
 
     def backend_lost(self) -> None: ...
 
+    def released(self, fd: int) -> None: ...
+
 try:
     from . import _relay as _native  # type: ignore[attr-defined]
 except ImportError:  # not built (no compiler, not Linux): the Python relay does everything
@@ -69,6 +71,8 @@ BUFSIZE: Final = 256 * 1024
 # The relay's event kinds (pgguard/_relay.c).
 _CLIENT_CLOSED: Final = 1
 _BACKEND_CLOSED: Final = 2
+# Detail of a client-closed event of a ``keep`` session: the server's descriptor is ours again.
+_RELEASED: Final = -2
 
 _relay: Any = None  # the process's _relay.Relay, started by the first hand-over
 _watched: asyncio.AbstractEventLoop | None = None
@@ -195,6 +199,7 @@ def hand_over(
     *,
     mode: str,
     loop: asyncio.AbstractEventLoop,
+    keep: bool = False,
 ) -> Any:
     """Give a session that just got its first ReadyForQuery to the native relay.
 
@@ -202,6 +207,10 @@ def hand_over(
     ``status`` count from zero, now and ``conn.idle_status``), after replacing
     ``conn.transport`` and ``conn.backend`` by ``NativeEnd`` objects; or None when the
     session stays with the Python relay (see the module docstring). Raises nothing.
+
+    ``keep`` ([pool]): when the client leaves while the server is idle, the relay hands the
+    server's descriptor back open and the session's ``released(fd)`` runs instead of
+    ``client_lost`` (see _relay.c).
     """
     if not _wanted(mode):
         return None
@@ -241,7 +250,7 @@ def hand_over(
     backend_end = NativeEnd(None, client=False, fd=bfd)
     link = _Link(conn, client_end, backend_end, loop)
     try:
-        session = relay.add(cfd, bfd, link, status=conn.idle_status)
+        session = relay.add(cfd, bfd, link, status=conn.idle_status, keep=keep)
     except Exception:  # the relay refused (closed): the descriptors are still ours
         os.close(cfd)
         os.close(bfd)
@@ -266,7 +275,11 @@ def _dispatch(relay: Any) -> None:
             continue  # a session of a loop that is gone (see the module docstring)
         conn = link.conn
         try:
-            if kind == _CLIENT_CLOSED:
+            if kind == _CLIENT_CLOSED and detail == _RELEASED:
+                link.client.closed()
+                link.backend.closed()
+                conn.released(link.backend.fd)
+            elif kind == _CLIENT_CLOSED:
                 link.client.closed()
                 link.backend.client_gone = True
                 if detail > 0:

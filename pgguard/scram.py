@@ -45,7 +45,10 @@ __all__ = [
     "is_verifier",
     "saslprep",
     "ScramServer",
+    "ScramClient",
     "client_proof",
+    "is_md5_verifier",
+    "md5_response",
 ]
 
 MECHANISM: Final = "SCRAM-SHA-256"
@@ -170,6 +173,10 @@ class ScramServer:
         self._server_first = ""
         self._gs2_header = ""
         self._nonce = ""
+        # Set by a successful ``final``: the client's ClientKey, recovered from its proof
+        # (ClientProof XOR HMAC(StoredKey, AuthMessage)); what logs pgguard in to the server
+        # as this role without the password (see ScramClient).
+        self.client_key: bytes | None = None
 
     def first(self, client_first: bytes) -> bytes:
         """Take client-first-message; return server-first-message. Raises ProtocolViolation."""
@@ -236,7 +243,72 @@ class ScramServer:
         ok = hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key)
         if not (ok and self._real):
             raise AuthenticationFailed(self.user)
+        self.client_key = client_key
         return f"v={_b64(_hmac(v.server_key, auth_message))}".encode("ascii")
+
+
+class ScramClient:
+    """The client side of one SCRAM-SHA-256 exchange, from a ClientKey instead of a password.
+
+    A verified client proof yields the role's ClientKey; the proof for a new exchange with
+    the server is ``ClientKey XOR HMAC(H(ClientKey), AuthMessage)``: HMACs only, no PBKDF2
+    (the salt and iteration count the server sends are not needed). With the role's
+    ServerKey (from its verifier) the server's signature is checked as libpq checks it.
+    """
+
+    def __init__(self, client_key: bytes, server_key: bytes | None) -> None:
+        self._client_key = client_key
+        self._server_key = server_key
+        self._nonce = _b64(secrets.token_bytes(NONCE_LENGTH))
+        self._client_first_bare = f"n=,r={self._nonce}"
+        self._auth_message = b""
+
+    def first(self) -> bytes:
+        """client-first-message (no channel binding, empty user name as libpq sends it)."""
+        return ("n,," + self._client_first_bare).encode("ascii")
+
+    def final(self, server_first: bytes) -> bytes:
+        """client-final-message for ``server_first``; raises ProtocolViolation when malformed."""
+        text = _text(server_first)
+        attrs = dict(a.split("=", 1) for a in text.split(",") if "=" in a)
+        nonce = attrs.get("r", "")
+        if not nonce.startswith(self._nonce) or len(nonce) <= len(self._nonce):
+            raise _malformed("server nonce does not extend the client's")
+        without_proof = f"c=biws,r={nonce}"
+        self._auth_message = ",".join((self._client_first_bare, text, without_proof)).encode("utf-8")
+        stored_key = hashlib.sha256(self._client_key).digest()
+        signature = _hmac(stored_key, self._auth_message)
+        proof = bytes(a ^ b for a, b in zip(self._client_key, signature, strict=True))
+        return f"{without_proof},p={_b64(proof)}".encode("ascii")
+
+    def verify(self, server_final: bytes) -> bool:
+        """True when the server's signature is right (always True without a ServerKey)."""
+        if self._server_key is None:
+            return True
+        text = _text(server_final)
+        if not text.startswith("v="):
+            return False
+        try:
+            signature = base64.b64decode(text[2:].split(",")[0], validate=True)
+        except ValueError:
+            return False
+        return hmac.compare_digest(signature, _hmac(self._server_key, self._auth_message))
+
+
+# md5, PostgreSQL's older password method (deprecated, still accepted): pg_authid stores
+# "md5" + md5(password || user) in hex; the client answers a 4-byte salt with
+# "md5" + md5(hex(md5(password || user)) || salt) in hex. The stored text is enough both to
+# check a client's answer and to answer the server: a password-equivalent, kept as such.
+
+
+def is_md5_verifier(text: str) -> bool:
+    """True for a stored md5 password: ``md5`` and 32 lower-case hex digits."""
+    return len(text) == 35 and text.startswith("md5") and all(c in "0123456789abcdef" for c in text[3:])
+
+
+def md5_response(stored: str, salt: bytes) -> str:
+    """The answer to AuthenticationMD5Password(``salt``) for the stored md5 password ``stored``."""
+    return "md5" + hashlib.md5(stored[3:].encode("ascii") + salt, usedforsecurity=False).hexdigest()
 
 
 def _hmac(key: bytes, msg: bytes) -> bytes:

@@ -302,3 +302,50 @@ def test_close_ends_every_live_session() -> None:
     for p in pairs:
         assert p.client.recv(1) == b""
         assert p.read(p.server, 5) == TERMINATE and p.server.recv(1) == b""
+
+
+def _keep_pair(relay: Any) -> tuple[Pair, int]:
+    """A keep session ([pool]); returns it and the relay's own descriptor for the server side."""
+    p = Pair.__new__(Pair)
+    p.relay = relay
+    p.client, near_c = socket.socketpair()
+    p.server, near_b = socket.socketpair()
+    for s in (p.client, p.server):
+        s.settimeout(TIMEOUT)
+    bfd = os.dup(near_b.fileno())
+    p.session = relay.add(os.dup(near_c.fileno()), bfd, p, status=ord("I"), keep=True)
+    near_c.close()
+    near_b.close()
+    return p, bfd
+
+
+def test_keep_hands_the_idle_server_side_back_and_swallows_the_terminate(relay: Any) -> None:
+    p, bfd = _keep_pair(relay)
+    query = msg(b"Q", b"select 1\x00")
+    p.client.sendall(query)
+    assert p.read(p.server, len(query)) == query
+    reply = msg(b"C", b"SELECT 1\x00") + rfq(b"I")
+    p.server.sendall(reply)
+    assert p.read(p.client, len(reply)) == reply
+    p.client.sendall(TERMINATE)
+    [(ctx, kind, detail, final)] = events(relay, 1)
+    assert (ctx, kind, detail, final) == (p, _relay.CLIENT_CLOSED, _relay.RELEASED, True)
+    # The server saw no Terminate, and the descriptor is open and ours: it still talks.
+    back = socket.socket(fileno=bfd)
+    back.settimeout(TIMEOUT)
+    back.sendall(b"ping")
+    assert p.read(p.server, 4) == b"ping"
+    back.close()
+
+
+def test_keep_lets_a_busy_session_end_as_usual(relay: Any) -> None:
+    p, _ = _keep_pair(relay)
+    query = msg(b"Q", b"select pg_sleep(1)\x00")
+    p.client.sendall(query)
+    assert p.read(p.server, len(query)) == query
+    p.client.close()  # mid-query: the server gets a Terminate and the relay closes its side
+    assert p.read(p.server, len(TERMINATE)) == TERMINATE
+    got = events(relay, 1)
+    assert got[0][1] == _relay.CLIENT_CLOSED and got[0][2] != _relay.RELEASED
+    p.server.close()
+    events(relay, 1)

@@ -1,0 +1,812 @@
+"""Warm server-session reuse ([pool]): pgguard's own client login, server logins with a ClientKey, reset, hand-over.
+
+Theory
+------
+For a (role, database) where ``Config.reuse`` is true, a client is authenticated by pgguard
+(``ClientLogin``: SCRAM-SHA-256 against the role's own verifier, read by ``auth.Verifiers``;
+the verified proof yields the role's ClientKey), then admitted as any client. Its server
+session is either a warm one of the same (role, database, protocol) taken from the pool, or
+a new one (``Pool.connect``) that pgguard logs in to with that ClientKey (``scram.ScramClient``:
+no password, no PBKDF2). The session's StartupMessage carries only ``user`` and ``database``;
+the client's startup parameters are applied with ``set_config`` (``params.set_query``), and
+the client gets the session's ParameterStatus values, a BackendKeyData of pgguard's own
+(mapped to the server's for cancels) and ReadyForQuery.
+
+A ``ServerSession`` is the server socket's protocol whenever no client holds it::
+
+    LOGIN --'Z'--> SETUP (set_config) --'Z'--> CLIENT (the client's pumps own the socket)
+    CLIENT --client left idle ('I')--> RESET (server_reset_query) --'Z' I--> IDLE --take--> SETUP
+    any --error, unexpected message, lifetime, max_idle, timeout, a waiter elsewhere--> CLOSED
+
+Slots: a session holds exactly one ticket (``limits.Ticket``) from its client's admission
+until its server socket is gone: the client's while in use, its own while RESET or IDLE.
+A client of the same pair takes a warm session (and its ticket) without going through the
+gate; a released session is handed straight to the oldest waiter of its pair; a waiter of
+another pair blocked by a limit an idle session occupies makes the oldest such idle session
+close (its ticket is released when the server has closed the socket). So ``pg_stat_activity``
+never shows more sessions than the limits allow, idle warm ones included.
+
+Nothing here parses a client's traffic: between hand-over and release the session's bytes
+go through the native relay (``relay.hand_over(keep=True)``: it hands the server's socket
+back when the client leaves it idle) or the Python one (``pump.PooledPump``), untouched,
+except that a lone Terminate sent while idle is kept from the server (the session outlives
+its client).
+
+Size: about 800 lines, one job: the life of a reused server session (login, setup, reset,
+idle, close) and the client login that makes it possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import itertools
+import logging
+import os
+import random
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from . import params, scram, wire
+from .auth import Verifiers
+from .config import Config
+from .errors import AuthenticationFailed, PgGuardError, ProtocolViolation
+from .limits import Ticket
+from .log import log, log_event
+
+__all__ = ["Pool", "ServerSession", "ClientLogin", "ServerRefused", "PoolStats"]
+
+# Longest message read from a client before its login (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH).
+AUTH_MESSAGE_MAX: Final = 65535
+# pgguard's own BackendKeyData process ids: above any real pid (Linux pid_max <= 2^22), so a
+# CancelRequest for a reused session never names a server process directly.
+FAKE_PID_BASE: Final = 0x40000000
+# server_lifetime is shortened by up to this fraction per session, so sessions made in one
+# storm are not all closed in the same sweep.
+LIFETIME_JITTER: Final = 0.1
+# The pool's sweep (server_idle_timeout, server_lifetime) runs at most this often.
+SWEEP_INTERVAL: Final = 1.0
+IDLE: Final = ord("I")
+# The server socket's write-buffer marks, as proxy.py sets them for every session.
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
+# Close reasons logged at INFO (something went wrong); the routine ones are DEBUG lines.
+NOTABLE_CLOSES: Final = frozenset({
+    "reset_failed", "setup_failed", "server_message", "protocol_error", "server_signature",
+    "server_auth_method", "internal_error",
+})
+# Pairs whose counters SHOW POOLS keeps; past it, pairs without sessions are forgotten.
+STATS_MAX: Final = 1000
+_INT32 = struct.Struct("!i")
+AUTH_MD5: Final = 5  # AuthenticationMD5Password
+_fake_pids = itertools.count(FAKE_PID_BASE)
+
+
+class ServerRefused(PgGuardError):
+    """The server answered a pooled login (or its setup) with an ErrorResponse; ``fields`` are its."""
+
+    sqlstate = "08006"
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields.get("M", "server refused the session"))
+        self.fields = fields
+        self.sqlstate = fields.get("C", "08006")
+
+
+class Host(Protocol):
+    """What the pool needs from the control layer (``control.Control``)."""
+
+    config: Config
+    loop: asyncio.AbstractEventLoop
+
+    async def open_backend(
+        self, factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]: ...
+
+    def release(self, ticket: Ticket) -> None: ...
+
+    def hand_to_waiter(self, role: str, database: str, ticket: Ticket, session: ServerSession) -> bool: ...
+
+    def others_waiting(self, role: str, database: str) -> bool: ...
+
+    def over_limit(self, role: str, database: str) -> bool: ...
+
+
+class Client(Protocol):
+    """A pooled client (``proxy.ClientConnection``), as the login sees it."""
+
+    peer: str
+    startup: wire.StartupMessage | None
+
+    @property
+    def client_gone(self) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def logged_in(
+        self, client_key: bytes | None, server_key: bytes | None, final: bytes, *, md5: str | None = None
+    ) -> None: ...
+
+    def fail(self, exc: PgGuardError) -> None: ...
+
+
+@dataclass(slots=True)
+class PoolStats:
+    """One (role, database) pair's counters (SHOW POOLS, /metrics)."""
+
+    created: int = 0
+    reused: int = 0
+    reset_failures: int = 0
+    closed: int = 0
+    in_use: int = 0
+
+
+class ClientLogin:
+    """pgguard's own authentication of one pooled client: SCRAM-SHA-256 (md5 for a role whose
+    stored password is md5) against the role's verifier; trusted roles need none at all."""
+
+    def __init__(self, pool: Pool, client: Client, role: str) -> None:
+        self.pool = pool
+        self.client = client
+        self.role = role
+        self._reader = wire.MessageReader(max_length=AUTH_MESSAGE_MAX)
+        self._exchange: scram.ScramServer | None = None
+        self._server_key: bytes | None = None
+        self._md5: str | None = None  # the stored md5 password, for an md5 role
+        self._salt = b""
+        self._step = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.role in self.pool.config.pool.trusted_roles:
+            self.client.logged_in(None, None, b"")
+            return
+        hit, text = self.pool.verifiers.cached(self.role)
+        if hit:
+            self._begin(text)
+        else:
+            self._task = self.pool.loop.create_task(self._fetch())
+
+    async def _fetch(self) -> None:
+        text = await self.pool.verifiers.get(self.role)
+        self._task = None
+        if self.client.client_gone:
+            return
+        try:
+            self._begin(text)
+            self.feed(b"")
+        except PgGuardError as exc:
+            self.client.fail(exc)
+        except Exception:  # the per-connection boundary (this task is the client's)
+            log.exception("event=internal_error client=%s", self.client.peer)
+            self.client.fail(PgGuardError("pgguard internal error"))
+
+    def _begin(self, text: str | None) -> None:
+        """Ask the client for what the role's verifier can check (unknown: a SCRAM exchange
+        against a mock verifier, which fails at the proof like a wrong password)."""
+        if text is not None and scram.is_md5_verifier(text):
+            self._md5 = text
+            self._salt = secrets.token_bytes(4)
+            self.client.write(wire.build_message(b"R", _INT32.pack(AUTH_MD5) + self._salt))
+            return
+        verifier: scram.Verifier | None = None
+        if text is not None and scram.is_verifier(text):
+            try:
+                verifier = scram.parse_verifier(text)
+            except ValueError:
+                verifier = None
+        self._server_key = None if verifier is None else verifier.server_key
+        self._exchange = scram.ScramServer(
+            self.role, verifier,
+            mock_iterations=verifier.iterations if verifier else scram.DEFAULT_ITERATIONS,
+        )  # fmt: skip
+        self.client.write(wire.build_authentication_sasl([scram.MECHANISM]))
+
+    def rest(self) -> bytes:
+        """What the client sent after its last authentication message."""
+        return self._reader.take_rest()
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the client during its login; answers, or ends the login either way."""
+        if data:
+            self._reader.feed(data)
+        if self._exchange is None and self._md5 is None:
+            if self._reader.buffered > AUTH_MESSAGE_MAX:
+                raise ProtocolViolation("client sent too much data during authentication")
+            return  # the verifier is being looked up: the message waits in the reader
+        while self._exchange is not None or self._md5 is not None:
+            message = self._reader.next_message()
+            if not isinstance(message, tuple):
+                return
+            tag, body = message
+            if tag != b"p":
+                raise ProtocolViolation(f"expected password response, got message type {tag.decode('latin-1')!r}")
+            if self._md5 is not None:
+                self._answer_md5(self._md5, body)
+            else:
+                self._answer(body)
+
+    def _failed(self, exc: AuthenticationFailed, *, real: bool) -> None:
+        if real:  # a real verifier: perhaps a changed password
+            self.pool.verifiers.forget(self.role)
+        self.pool.auth_failures += 1
+        log_event(logging.INFO, "auth_failed", role=self.role, client=self.client.peer)
+        self.client.fail(exc)
+
+    def _answer_md5(self, stored: str, body: bytes) -> None:
+        self._md5 = None
+        answer = body.rstrip(b"\x00")
+        if not hmac.compare_digest(answer, scram.md5_response(stored, self._salt).encode("ascii")):
+            self._failed(AuthenticationFailed(self.role), real=True)
+            return
+        self.client.logged_in(None, None, b"", md5=stored)
+
+    def _answer(self, body: bytes) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        if self._step == 0:
+            mechanism, data = wire.parse_sasl_initial_response(body)
+            if mechanism != scram.MECHANISM:
+                raise ProtocolViolation("client selected an invalid SASL authentication mechanism")
+            self.client.write(wire.build_authentication_sasl_continue(exchange.first(data)))
+            self._step = 1
+            return
+        self._exchange = None
+        try:
+            final = exchange.final(body)
+        except AuthenticationFailed as exc:
+            self._failed(exc, real=self._server_key is not None)
+            return
+        # AuthenticationSASLFinal goes out with AuthenticationOk and the session's greeting
+        # (one write, as PostgreSQL sends them), once the session is ready.
+        self.client.logged_in(exchange.client_key, self._server_key, wire.build_authentication_sasl_final(final))
+
+
+class ServerSession(asyncio.Protocol):
+    """One server connection of a reused pair, and its protocol while no client relays through it."""
+
+    def __init__(self, pool: Pool, key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.stats = pool.stats_for(key)
+        self.transport: asyncio.Transport | None = None
+        self.state = "login"
+        self.pid = 0
+        self.secret = b""
+        self.params: dict[str, str] = {}
+        # The startup settings pgguard applied for the last client (params.set_query): set
+        # again right after each reset, so a run of similar clients needs no statement.
+        self.applied: dict[str, str] = {}
+        self._replies = 0  # ReadyForQuery messages still expected
+        self.negotiate = b""  # a NegotiateProtocolVersion to pass on to each client
+        self.ticket: Ticket | None = None
+        self.created = time.monotonic()
+        lifetime = pool.config.pool.server_lifetime
+        self.expires = self.created + lifetime * (1 - random.random() * LIFETIME_JITTER) if lifetime else 0.0
+        self.idle_since = self.created
+        self.uses = 0
+        self._reader = wire.MessageReader()
+        self._done: asyncio.Future[None] | None = None
+        self._error: dict[str, str] | None = None
+        self._status = 0
+        self._scram: scram.ScramClient | None = None
+        self._client_key: bytes | None = None
+        self._server_key: bytes | None = None
+        self._md5: str | None = None
+        self._closing_reason = ""
+        self.gone = False
+
+    def __repr__(self) -> str:
+        return f"<server session {self.pid} {self.key[0]}@{self.key[1]} {self.state}>"
+
+    @property
+    def role(self) -> str:
+        return self.key[0]
+
+    @property
+    def database(self) -> str:
+        return self.key[1]
+
+    @property
+    def cancel_request(self) -> bytes:
+        """The CancelRequest that reaches this server process."""
+        return wire.build_cancel_request(self.pid, self.secret)
+
+    # ------------------------------------------------------------- protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.state in ("idle", "closed"):
+            # A warm session speaks only when it is being terminated (FATAL 57P01) or is
+            # otherwise not what we left: never hand it out.
+            self.close("server_message" if self.state == "idle" else self._closing_reason)
+            return
+        self._reader.feed(data)
+        try:
+            while True:
+                message = self._reader.next_message()
+                if not isinstance(message, tuple):
+                    return
+                self._message(*message)
+        except (ProtocolViolation, struct.error, IndexError, UnicodeDecodeError) as exc:
+            self._finish({"C": "08P01", "M": str(exc)})
+            self.close("protocol_error")
+
+    def _message(self, tag: bytes, body: bytes) -> None:
+        if tag == b"Z":
+            self._status = body[0] if body else 0
+            self._replies -= 1
+            if self._replies <= 0:
+                self._finish(None)
+        elif tag == b"S":
+            name, pos = wire.read_cstring(body, 0)
+            self.params[name] = wire.read_cstring(body, pos)[0]
+        elif tag == b"E":
+            if self._error is None:
+                self._error = wire.parse_error_fields(body)
+            if self.state == "login":
+                self._finish(self._error)
+        elif tag == b"R" and self.state == "login":
+            self._auth(body)
+        elif tag == b"K" and self.state == "login":
+            self.pid, self.secret = wire.parse_backend_key_data(body)
+        elif tag == b"v" and self.state == "login":
+            self.negotiate = wire.build_message(tag, body)
+        elif tag in b"CNATDIn" and len(tag) == 1 and self.state != "login":
+            pass  # replies to our statements, notices, notifications the reset discards
+        elif tag == b"N":
+            pass
+        else:
+            self._finish({"C": "08P01", "M": f"unexpected message type {tag!r} from the server"})
+            self.close("protocol_error")
+
+    def _auth(self, body: bytes) -> None:
+        (code,) = _INT32.unpack_from(body, 0)
+        if code == 0:
+            return  # AuthenticationOk
+        if code == wire.AUTH_SASL:
+            mechanisms = body[4:].split(b"\x00")
+            if self._client_key is None or scram.MECHANISM.encode() not in mechanisms:
+                self._refuse()
+                return
+            self._scram = scram.ScramClient(self._client_key, self._server_key)
+            first = self._scram.first()
+            mech = scram.MECHANISM.encode() + b"\x00"
+            self._write(wire.build_message(b"p", mech + _INT32.pack(len(first)) + first))
+        elif code == wire.AUTH_SASL_CONTINUE and self._scram is not None:
+            self._write(wire.build_message(b"p", self._scram.final(body[4:])))
+        elif code == AUTH_MD5 and self._md5 is not None and len(body) >= 8:
+            answer = scram.md5_response(self._md5, body[4:8]).encode("ascii") + b"\x00"
+            self._write(wire.build_message(b"p", answer))
+        elif code == wire.AUTH_SASL_FINAL and self._scram is not None:
+            if not self._scram.verify(body[4:]):
+                self._finish({"C": "08006", "M": "the server's SCRAM signature is wrong"})
+                self.close("server_signature")
+        else:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        """The server asks for an authentication pgguard cannot give for this role."""
+        self._finish(
+            {"C": "28P01", "M": f'password authentication failed for user "{self.role}"'}
+        )
+        self.close("server_auth_method")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        reason = self._closing_reason or "server_closed"
+        self._finish({"C": "08006", "M": "the server closed the connection"})
+        prev, self.state = self.state, "closed"
+        self.pool.forget(self, prev, reason)
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            self.pool.host.release(ticket)
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # ------------------------------------------------------------- steps
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _finish(self, error: dict[str, str] | None) -> None:
+        done = self._done
+        if done is not None and not done.done():
+            self._error = error or self._error
+            done.set_result(None)
+
+    async def _wait(self, replies: int = 1) -> None:
+        self._done = self.pool.loop.create_future()
+        self._error = None
+        self._replies = replies
+        await self._done
+        self._done = None
+
+    async def login(
+        self, startup: wire.StartupMessage, client_key: bytes | None, server_key: bytes | None,
+        md5: str | None = None,
+    ) -> None:
+        """Log in as the session's role; raises ServerRefused with the server's (or our) error."""
+        self._client_key, self._server_key, self._md5 = client_key, server_key, md5
+        body = {"user": startup.user, "database": startup.database}
+        waiting = self._wait()
+        self._write(wire.build_startup_message(body, protocol=startup.protocol))
+        await waiting
+        self._client_key = self._server_key = self._md5 = None
+        self._scram = None
+        if self._error is not None or self.gone:
+            raise ServerRefused(self._error or {"C": "08006", "M": "the server closed the connection"})
+        self.state = "setup"
+
+    async def query(self, *sqls: str) -> bool:
+        """Run each of ``sqls`` as one simple Query, pipelined (one round trip); True when all
+        ended without error and the session is idle outside a transaction."""
+        waiting = self._wait(len(sqls))
+        self._write(b"".join(wire.build_message(b"Q", sql.encode("utf-8") + b"\x00") for sql in sqls))
+        try:
+            # Bounded: a server that does not answer (or a stream pgguard misread) must not
+            # keep the session, and its slot, in RESET forever.
+            async with asyncio.timeout(self.pool.config.backend.connect_timeout):
+                await waiting
+        except TimeoutError:
+            self._done = None
+            self._error = {"C": "08006", "M": "the server did not answer in time"}
+            return False
+        return self._error is None and not self.gone and self._status == IDLE
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        return self._error
+
+    def detach(self, reason: str) -> None:
+        """The client's relay keeps the socket to its end (closed the usual way): count it closed."""
+        if self.state == "client":
+            self.stats.in_use -= 1
+        self.state = "closed"
+        self.stats.closed += 1
+        _log_close(self, reason)
+
+    def adopt(self, ticket: Ticket | None) -> None:
+        """Hold ``ticket`` until the server socket is gone (released now if it already is)."""
+        if ticket is None:
+            return
+        if self.gone:
+            self.pool.host.release(ticket)
+        else:
+            self.ticket = ticket
+
+    def close(self, reason: str) -> None:
+        """Terminate and close; the ticket is released when the server socket is gone."""
+        if not self._closing_reason:
+            self._closing_reason = reason
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(wire.TERMINATE)
+            transport.close()
+        self._finish({"C": "08006", "M": "the server session was closed"})
+
+
+class Pool:
+    """Every warm session of this process, per (role, database, protocol)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.loop = host.loop
+        self.verifiers = Verifiers(host.config)
+        self.idle: dict[tuple[str, str, int], collections.deque[ServerSession]] = {}
+        self.stats: dict[tuple[str, str, int], PoolStats] = {}
+        self.auth_failures = 0
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._schedule()
+
+    @property
+    def config(self) -> Config:
+        return self.host.config
+
+    def reconfigure(self, config: Config) -> None:
+        self.verifiers.config = config
+
+    def stats_for(self, key: tuple[str, str, int]) -> PoolStats:
+        stats = self.stats.get(key)
+        if stats is None:
+            if len(self.stats) >= STATS_MAX:
+                # Database names come from clients: forget pairs that hold nothing now.
+                for old in [k for k, st in self.stats.items() if not st.in_use and k not in self.idle]:
+                    del self.stats[old]
+            stats = self.stats[key] = PoolStats()
+        return stats
+
+    def wants(self, startup: wire.StartupMessage) -> bool:
+        """True when this client's sessions are reused (its pair has reuse on, its startup allows it)."""
+        return self.config.reuse(startup.user, startup.database) and params.wanted(startup.params) is not None
+
+    # ---------------------------------------------------------- sessions
+
+    def take(self, startup: wire.StartupMessage) -> ServerSession | None:
+        """A warm session for this client's pair (newest first), with its ticket, or None."""
+        sessions = self.idle.get((startup.user, startup.database, startup.protocol))
+        now = time.monotonic()
+        while sessions:
+            session = sessions.pop()
+            if session.gone or session.state != "idle":
+                continue
+            if session.expires and now >= session.expires:
+                session.close("server_lifetime")
+                continue
+            return session  # claim() counts the reuse and takes its ticket
+        return None
+
+    async def connect(
+        self,
+        startup: wire.StartupMessage,
+        client_key: bytes | None,
+        server_key: bytes | None,
+        on_fail: Callable[[ServerSession], None],
+        md5: str | None = None,
+    ) -> ServerSession:
+        """A new server session for this client, logged in (raises ServerRefused, OSError, TimeoutError).
+
+        When the login fails after the connection was made, ``on_fail(session)`` runs before
+        it is closed (the client hands it its slot: released when the socket is gone).
+        """
+        key = (startup.user, startup.database, startup.protocol)
+        proto: ServerSession | None = None
+        try:
+            async with asyncio.timeout(self.config.backend.connect_timeout):
+                transport, opened = await self.host.open_backend(lambda: ServerSession(self, key))
+                assert isinstance(opened, ServerSession)
+                proto = opened
+                transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+                await proto.login(startup, client_key, server_key, md5)
+        except BaseException:
+            if proto is not None:
+                on_fail(proto)
+                proto.close("login_failed")
+            raise
+        proto.stats.created += 1
+        return proto
+
+    async def prepare(self, session: ServerSession, startup: wire.StartupMessage) -> None:
+        """Apply the client's startup parameters; raises ServerRefused (the session is closed)."""
+        want = params.wanted(startup.params) or {}
+        if session.gone:  # closed by the server between its reset and now
+            raise ServerRefused({"C": "08006", "M": "the server closed the connection"})
+        sql = params.set_query(want, session.params, session.applied)
+        if sql is not None and not await session.query(sql):
+            error = session.error or {"C": "08006", "M": "the server closed the connection"}
+            session.close("setup_failed")
+            raise ServerRefused(error)
+        session.applied = want
+        session.state = "client"
+        session.uses += 1
+        session.stats.in_use += 1
+
+    def ready(self, session: ServerSession, startup: wire.StartupMessage) -> bool:
+        """True (and ``session`` marked in use) when it already matches the client's startup
+        parameters: the hand-over needs no round trip (``prepare`` otherwise)."""
+        want = params.wanted(startup.params) or {}
+        if session.gone or params.set_query(want, session.params, session.applied) is not None:
+            return False
+        session.applied = want
+        session.state = "client"
+        session.uses += 1
+        session.stats.in_use += 1
+        return True
+
+    def give_back(self, session: ServerSession, ticket: Ticket | None, reusable: bool) -> None:
+        """The client left: reset and keep ``session`` (with ``ticket``) when it can be reused."""
+        session.ticket = ticket
+        if session.state == "client":
+            session.stats.in_use -= 1
+        transport = session.transport
+        if session.gone or transport is None or transport.is_closing():
+            if ticket is not None and session.gone:
+                session.ticket = None
+                self.host.release(ticket)
+            return
+        transport.set_protocol(session)
+        transport.resume_reading()
+        if not reusable:
+            session.state = "closing"
+            session.close("client_left_busy")
+            return
+        session.state = "reset"
+        self.loop.create_task(self._reset(session))
+
+    def give_back_fd(self, session: ServerSession, ticket: Ticket | None, fd: int) -> None:
+        """The native relay handed ``session``'s server socket back (``fd``): reset and keep it."""
+        session.ticket = ticket
+        if session.state == "client":
+            session.stats.in_use -= 1
+        session.state = "reset"
+        self.loop.create_task(self._adopt_fd(session, fd))
+
+    async def _adopt_fd(self, session: ServerSession, fd: int) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            session.connection_lost(None)
+            return
+        try:
+            transport, _ = await self.loop.connect_accepted_socket(lambda: session, sock)
+        except Exception:  # the socket is unusable (closed meanwhile): the session is gone
+            sock.close()
+            session.connection_lost(None)
+            return
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        await self._reset(session)
+
+    async def _reset(self, session: ServerSession) -> None:
+        sqls = [self.config.pool.server_reset_query]
+        again = params.set_query(session.applied, {})
+        if again is not None:
+            sqls.append(again)
+        if not await session.query(*sqls):
+            session.stats.reset_failures += 1
+            session.close("reset_failed")
+            return
+        self.park(session)
+
+    def park(self, session: ServerSession) -> None:
+        """A clean session: to the oldest waiter of its pair, else the idle list (or closed)."""
+        ticket = session.ticket
+        assert ticket is not None
+        role, database, _ = session.key
+        if self._closed or (session.expires and time.monotonic() >= session.expires):
+            session.close("server_lifetime" if not self._closed else "shutdown")
+            return
+        session.state = "idle"
+        if self.host.hand_to_waiter(role, database, ticket, session):
+            return
+        if self.host.others_waiting(role, database):
+            session.close("slot_wanted")
+            return
+        sessions = self.idle.setdefault(session.key, collections.deque())
+        if len(sessions) >= self.config.pool.max_idle:
+            session.close("max_idle")
+            return
+        session.idle_since = time.monotonic()
+        sessions.append(session)
+
+    def put_back(self, session: ServerSession, ticket: Ticket) -> None:
+        """A warm session taken for a client that left before using it: clean still, park it."""
+        session.ticket = ticket
+        if session.gone:
+            session.ticket = None
+            self.host.release(ticket)
+            return
+        self.park(session)
+
+    def claim(self, session: ServerSession) -> Ticket:
+        """``session`` (just parked) goes to a waiter: its ticket, taken from the session."""
+        ticket = session.ticket
+        assert ticket is not None
+        session.ticket = None
+        session.state = "setup"
+        session.stats.reused += 1
+        return ticket
+
+    def forget(self, session: ServerSession, state: str, reason: str) -> None:
+        """The server socket of ``session`` is gone."""
+        session.stats.closed += 1
+        if state == "client":
+            session.stats.in_use -= 1
+        sessions = self.idle.get(session.key)
+        if sessions is not None and session in sessions:
+            sessions.remove(session)
+        if not sessions:
+            self.idle.pop(session.key, None)
+        _log_close(session, reason)
+
+    def free_slot_for(self, shares: Callable[[str, str], bool]) -> bool:
+        """Close the oldest idle session whose slot would help (``shares(role, database)``)."""
+        oldest: ServerSession | None = None
+        for key, sessions in self.idle.items():
+            if sessions and shares(key[0], key[1]):
+                head = sessions[0]
+                if oldest is None or head.idle_since < oldest.idle_since:
+                    oldest = head
+        if oldest is None:
+            return False
+        self.idle[oldest.key].popleft()
+        oldest.state = "closing"
+        oldest.close("slot_wanted")
+        return True
+
+    def warm(self) -> int:
+        return sum(len(s) for s in self.idle.values())
+
+    # ---------------------------------------------------------- upkeep
+
+    def _schedule(self) -> None:
+        if not self._closed:
+            self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Close warm sessions past server_idle_timeout or server_lifetime, or over a lowered limit."""
+        now = time.monotonic()
+        timeout = self.config.pool.server_idle_timeout
+        for (role, database, _), sessions in list(self.idle.items()):
+            for session in list(sessions):
+                if self.host.over_limit(role, database):
+                    reason = "limit_lowered"
+                elif timeout and now - session.idle_since > timeout:
+                    reason = "server_idle_timeout"
+                elif session.expires and now >= session.expires:
+                    reason = "server_lifetime"
+                else:
+                    continue
+                sessions.remove(session)
+                session.state = "closing"
+                session.close(reason)
+        self._schedule()
+
+    def close(self) -> None:
+        """Close every warm session (pgguard stops)."""
+        self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for sessions in list(self.idle.values()):
+            for session in list(sessions):
+                session.state = "closing"
+                session.close("shutdown")
+        self.idle.clear()
+
+    def abort(self) -> None:
+        """Drop every warm session's socket at once (a stop without drain)."""
+        sessions = [s for queue in self.idle.values() for s in queue]
+        self.close()
+        for session in sessions:
+            if session.transport is not None:
+                session.transport.abort()
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """SHOW POOLS: role, database, protocol, warm, in_use, created, reused, reset_failures, closed."""
+        out: list[tuple[str, ...]] = []
+        for key, st in sorted(self.stats.items()):
+            warm = len(self.idle.get(key, ()))
+            role, database, protocol = key
+            out.append((
+                role, database, f"3.{protocol & 0xFFFF}", str(warm), str(st.in_use),
+                str(st.created), str(st.reused), str(st.reset_failures), str(st.closed),
+            ))  # fmt: skip
+        return out
+
+
+def _log_close(session: ServerSession, reason: str) -> None:
+    level = logging.INFO if reason in NOTABLE_CLOSES else logging.DEBUG
+    log_event(
+        level, "server_session", action="close", role=session.role, database=session.database,
+        pid=session.pid, reason=reason, uses=session.uses,
+    )  # fmt: skip
+
+
+def fake_key(protocol_32: bool) -> tuple[int, bytes]:
+    """pgguard's own BackendKeyData for a client of a reused session: (pid, secret)."""
+    global _fake_pids
+    pid = next(_fake_pids)
+    if pid > 0x7FFFFFFF:
+        _fake_pids = itertools.count(FAKE_PID_BASE)
+        pid = next(_fake_pids)
+    return pid, secrets.token_bytes(32 if protocol_32 else 4)
