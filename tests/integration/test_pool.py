@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 
@@ -19,7 +20,7 @@ import psycopg
 import pytest
 from console_client import sample, scrape
 
-from pgguard import relay
+from pgguard import relay, wire
 from pgguard.testing.cluster import PostgresCluster
 from pgguard.testing.wait import await_until
 
@@ -512,3 +513,49 @@ async def test_reuse_turned_on_by_a_reload(guard, pool_pg) -> None:  # type: ign
     assert await second.fetchval("SELECT pg_backend_pid()") == pid
     await second.close()
     _pool(g).close()
+
+
+def _sasl_initial(mechanism: bytes, data: bytes | None) -> bytes:
+    body = mechanism + b"\0" + (struct.pack("!i", -1) if data is None else struct.pack("!i", len(data)) + data)
+    return wire.build_message(b"p", body)
+
+
+# What a broken or hostile client sends once pgguard has asked it for SCRAM (reuse on, so pgguard
+# runs the exchange itself): each must end with an ErrorResponse, never a bare close.
+_HOSTILE_AUTH = {
+    "unknown mechanism": _sasl_initial(b"SCRAM-MD5-NOPE", b"n,,n=,r=abc"),
+    "no initial data": _sasl_initial(b"SCRAM-SHA-256", None),
+    "garbage first message": _sasl_initial(b"SCRAM-SHA-256", b"\xff\xfe garbage \x00"),
+    "channel binding asked": _sasl_initial(b"SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc"),
+    "bad final message": _sasl_initial(b"SCRAM-SHA-256", b"n,,n=,r=abcdef")
+    + wire.build_message(b"p", b"c=biws,r=WRONG,p=!!notbase64"),
+    "query instead of auth": wire.build_message(b"Q", b"SELECT 1\0"),
+    "truncated message": b"p\x00\x00\x00\x02",
+    "huge declared length": b"p\x40\x00\x00\x00" + b"x" * 64,
+    "mechanism without terminator": wire.build_message(b"p", b"SCRAM-SHA-256"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HOSTILE_AUTH))
+async def test_broken_authentication_gets_an_error_and_holds_nothing(pooled, case: str) -> None:  # type: ignore[no-untyped-def]
+    g = await pooled()
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.port)
+    try:
+        writer.write(wire.build_startup_message({"user": ROLE, "database": "postgres"}))
+        first = await asyncio.wait_for(reader.readexactly(5), 15)
+        assert first[:1] == b"R"  # pgguard asks for a password (SASL)
+        await asyncio.wait_for(reader.readexactly(struct.unpack("!I", first[1:])[0] - 4), 15)
+        writer.write(_HOSTILE_AUTH[case])
+        rest = await asyncio.wait_for(reader.read(1 << 16), 15)
+        while rest and b"E" not in rest[:1] and rest[:1] == b"R":
+            # a SASLContinue for a well-formed first message: the answer to the final follows
+            (length,) = struct.unpack("!I", rest[1:5])
+            rest = rest[1 + length :] or await asyncio.wait_for(reader.read(1 << 16), 15)
+        assert rest[:1] == b"E", f"{case}: {rest[:40]!r}"
+        fields = wire.parse_error_fields(rest[5 : 1 + struct.unpack("!I", rest[1:5])[0]])
+        assert fields["S"] == "FATAL" and fields["C"] in ("08P01", "28P01", "28000"), fields
+        assert await asyncio.wait_for(reader.read(), 15) == b""  # then the connection ends
+    finally:
+        writer.close()
+    await g.wait_idle()
+    assert _pool(g).rows() == []  # no server session was made for any of them
