@@ -46,7 +46,7 @@ import logging
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from . import stats, tls, wire
@@ -63,7 +63,7 @@ from .errors import (
 from .faults import Faults
 from .limits import Gate, Kind, Limit, LimitRow, Policy, Rejection, RejectReason, Ticket, Waiter
 from .log import RateLimitedLog, log, log_event
-from .pool import Pool, ServerSession
+from .pool import FAKE_PID_BASE, Pool, ServerSession
 from .proxy import ClientConnection, State
 from .rules import FaultRule
 from .stats import Console, Counts, Stats
@@ -148,6 +148,9 @@ class Control:
         # Server process id -> the session it serves, to tell known CancelRequests from others.
         self._backend_keys: dict[int, ClientConnection] = {}
         self._unmatched_cancels = 0
+        # [server] workers: asks the other workers of this host to cancel with a key pgguard
+        # minted ([pool]) that none of this worker's sessions holds (set by workers.py).
+        self.cancel_elsewhere: Callable[[bytes], Awaitable[None]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._queue_timer: asyncio.TimerHandle | None = None
         self._queue_deadline: float | None = None
@@ -537,11 +540,32 @@ class Control:
                 self._log_limited(self._refuse_log, ("cancel_flood",), reason="cancel_flood")
                 return
             self._unmatched_cancels += 1
+            if packet.pid >= FAKE_PID_BASE and self.cancel_elsewhere is not None:
+                # A key pgguard minted, for a session another worker holds: no server knows it.
+                self.spawn(self._cancel_elsewhere(self.cancel_elsewhere, packet.raw))
+                return
         self.stats.cancels_forwarded += 1
         raw = packet.raw
         if matched and client is not None and client.server_cancel is not None:
             raw = client.server_cancel  # [pool]: pgguard's key for a reused session -> the server's
         self.spawn(self._send_cancel(raw, matched))
+
+    def cancel_mine(self, packet: wire.CancelRequest) -> bool:
+        """Forward ``packet`` if one of this process's sessions holds its key (another worker
+        received it); False otherwise, and nothing is sent."""
+        client = self._backend_keys.get(packet.pid)
+        if client is None or not hmac.compare_digest(client.backend_key, packet.key):
+            return False
+        self.forward_cancel(packet)
+        return True
+
+    async def _cancel_elsewhere(self, ask: Callable[[bytes], Awaitable[None]], raw: bytes) -> None:
+        try:
+            await ask(raw)
+        except Exception as exc:  # the supervisor is gone or slow: the cancel is lost, as on a dead link
+            log_event(logging.WARNING, "cancel_failed", reason=str(exc) or type(exc).__name__)
+        finally:
+            self._unmatched_cancels -= 1
 
     async def _send_cancel(self, raw: bytes, matched: bool) -> None:
         try:

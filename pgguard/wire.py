@@ -205,6 +205,16 @@ class StartupReader:
         return _parse_startup_packet(packet)
 
 
+def parse_cancel_request(packet: bytes) -> CancelRequest:
+    """A whole CancelRequest packet (as ``CancelRequest.raw`` holds it); ProtocolViolation if not one."""
+    if len(packet) < 8 or _INT32.unpack_from(packet, 0)[0] != len(packet):
+        raise ProtocolViolation("invalid length of cancel request packet", silent=True)
+    parsed = _parse_startup_packet(packet)
+    if not isinstance(parsed, CancelRequest):
+        raise ProtocolViolation("not a cancel request", silent=True)
+    return parsed
+
+
 def _parse_startup_packet(packet: bytes) -> Packet:
     length, code = _STARTUP_HEADER.unpack_from(packet, 0)
     if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:

@@ -79,11 +79,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import config as config_mod
-from . import proxy
+from . import proxy, wire
 from .admin import AdminSession, execute
 from .config import Config
 from .console import Command, Host, Result, find
-from .errors import AdminCommandError, ConfigError
+from .errors import AdminCommandError, ConfigError, ProtocolViolation
 from .log import log, log_event
 from .metrics import MetricsServer, ProbeServer
 from .server import Server, StopRequest, run_loop, serve
@@ -366,6 +366,12 @@ class _WorkerService:
             return {"text": body.decode()}
         if op == "ready":
             return {"reason": await self.probe.not_ready()}
+        if op == "cancel":  # another worker received a CancelRequest with a key pgguard minted
+            try:
+                packet = wire.parse_cancel_request(bytes.fromhex(str(message["packet"])))
+            except (ValueError, ProtocolViolation):
+                return {"mine": False}
+            return {"mine": self.server.control.cancel_mine(packet)}
         return {"error": {"sqlstate": "XX000", "message": f"unknown op {op!r}"}}
 
 
@@ -381,6 +387,11 @@ async def _serve_worker(cfg: Config, spec: WorkerSpec) -> int:
     service = _WorkerService(server)
     channel = Channel(reader, writer, handle=service.handle)
     server.console_runner = _WorkerConsole(channel)
+
+    async def cancel_elsewhere(packet: bytes) -> None:
+        await channel.request("cancel", packet=packet.hex())
+
+    server.control.cancel_elsewhere = cancel_elsewhere
     reading: list[asyncio.Task[None]] = []
 
     def started(server: Server, stop: StopRequest) -> None:
@@ -777,7 +788,12 @@ class Supervisor:
     # ------------------------------------------------------------------ console
 
     async def _handle(self, message: dict[str, Any]) -> dict[str, Any]:
-        """A worker's request: ``console`` (run a statement on every worker)."""
+        """A worker's request: ``console`` (run a statement on every worker) or ``cancel``
+        (a CancelRequest with a key pgguard minted for a reused session: every other worker is
+        asked, and the one holding the session forwards it)."""
+        if message.get("op") == "cancel":
+            await self.ask_all("cancel", packet=message.get("packet", ""))
+            return {}
         if message.get("op") != "console":
             return {"error": {"sqlstate": "XX000", "message": f"unknown op {message.get('op')!r}"}}
         statement = str(message.get("statement", ""))

@@ -84,7 +84,9 @@ def _get_openmetrics(url: str) -> str:
         return response.read().decode()
 
 
-def _write_config(path: Path, pg: PostgresCluster, redis_url: str, port: int, metrics_port: int, body: str) -> None:
+def _write_config(
+    path: Path, pg: PostgresCluster, redis_url: str, port: int, metrics_port: int, body: str, backend: str = ""
+) -> None:
     path.write_text(
         f"""
 [server]
@@ -96,6 +98,7 @@ shutdown_timeout = 10.0
 host = "127.0.0.1"
 port = {pg.port}
 close_timeout = 5.0
+{backend}
 
 [admin]
 users = ["admin"]
@@ -118,13 +121,14 @@ timeout = 3.0
 
 @asynccontextmanager
 async def supervisor(
-    tmp_path: Path, pg: PostgresCluster, redis_url: str, body: str, *, port: int | None = None
+    tmp_path: Path, pg: PostgresCluster, redis_url: str, body: str, *, port: int | None = None,
+    backend: str = "",
 ) -> AsyncIterator[Supervisor]:
     """The supervisor of WORKERS workers, once it logged that all serve; ``port`` 0 lets
     the supervisor pick it (then ``Supervisor.port`` is read from its log)."""
     port, metrics_port = free_port() if port is None else port, free_port()
     path = tmp_path / "workers.toml"
-    _write_config(path, pg, redis_url, port, metrics_port, body)
+    _write_config(path, pg, redis_url, port, metrics_port, body, backend)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pgguard", "run", "-c", str(path), "--log-level", "info",
         stderr=asyncio.subprocess.PIPE,
@@ -445,3 +449,48 @@ def test_merged_exposition_labels_every_sample_with_its_worker() -> None:
     admissions = families[0].samples
     assert [(s.labels, s.value) for s in admissions] == [({"worker": "0"}, 3.0), ({"worker": "1"}, 5.0)]
     assert families[1].samples[1].labels == {"database": "db", "role": "app", "worker": "1"}
+
+
+POOL_ROLE = "wpool_user"
+POOL_PASSWORD = "wpool-pass"
+LOOKUP_FUNCTION = """
+CREATE SCHEMA IF NOT EXISTS pgguard;
+CREATE OR REPLACE FUNCTION pgguard.lookup_role(role_name text, OUT verifier text)
+RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT rolpassword FROM pg_authid WHERE rolname = role_name AND rolcanlogin
+$$;
+REVOKE ALL ON FUNCTION pgguard.lookup_role(text) FROM PUBLIC;
+"""
+
+
+async def test_cancel_of_a_reused_session_reaches_it_through_either_worker(tmp_path, pg, redis_server) -> None:
+    """[pool] gives a reused session's client a key pgguard minted, which no server knows: a
+    CancelRequest that lands on the other worker goes through the supervisor to the worker
+    holding the session. Each cancel comes on a new connection, so the kernel spreads them
+    over both workers (6 of 6 must work; without the routing about half fail)."""
+    pg.create_role(POOL_ROLE, password=POOL_PASSWORD)
+    pg.execute(LOOKUP_FUNCTION)
+    body = "[pool]\nreuse = true\n"
+    async with supervisor(tmp_path, pg, redis_server.url, body, backend=f'monitor_dsn = "{pg.dsn()}"') as sup:
+        dsn = f"postgresql://{POOL_ROLE}:{POOL_PASSWORD}@127.0.0.1:{sup.port}/postgres"
+        # Connect until a client gets a server process an earlier client had (the kernel picks
+        # the worker, and each worker has its own warm sessions).
+        seen: set[int] = set()
+        for _ in range(30):
+            conn = await asyncpg.connect(dsn, ssl=False, timeout=20)
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            if pid in seen:
+                break
+            seen.add(pid)
+            await conn.close()
+        else:
+            pytest.fail("no client got a reused server session in 30 tries")
+        try:
+            for _ in range(6):
+                with pytest.raises((TimeoutError, asyncpg.QueryCanceledError)):
+                    await conn.fetchval("SELECT pg_sleep(60)", timeout=0.2)
+                assert await conn.fetchval("SELECT 1", timeout=15) == 1  # the sleep was cancelled, not waited out
+        finally:
+            await conn.close()
+        pools = await sup.show("POOLS")
+        assert sum(int(r["reused"]) for r in pools) >= 1, pools
