@@ -55,7 +55,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final, Literal
 
 from .config import ClusterConfig
-from .errors import ClusterLeaseLost, RedisUnavailable, ShuttingDown
+from .errors import ClusterLeaseLost, PgGuardError, RedisUnavailable, ShuttingDown
 from .leases import (
     Blocked,
     Claim,
@@ -116,6 +116,7 @@ class ClusterAdmission:
         count_queued: Callable[[], None],
         apply_limit: Callable[[Limit, str, int | None], None],
         replace_limits: Callable[[dict[tuple[Limit, str], int]], None],
+        end: Callable[[Ticket, PgGuardError], None],
     ) -> None:
         self.config = config
         self._gate = gate
@@ -128,9 +129,10 @@ class ClusterAdmission:
         self._count_queued = count_queued
         self._apply_limit = apply_limit
         self._replace_limits = replace_limits
+        self._end = end  # closes whatever holds a ticket: its client, or a warm session ([pool])
         self.store = LeaseStore.from_config(config, on_event=self._on_event)
         self._leases: dict[Ticket, Lease] = {}
-        self._sessions: dict[str, ClientConnection] = {}  # lease id -> its client
+        self._tickets: dict[str, Ticket] = {}  # lease id -> its ticket (which may change hands: [pool])
         self._held: Counter[str] = Counter()  # limit id -> leases this instance holds on it
         self._queue: list[_Entry] = []  # oldest first
         self._entries: dict[Waiter, _Entry] = {}
@@ -215,7 +217,7 @@ class ClusterAdmission:
             self._refuse(client, RedisUnavailable(type(exc).__name__))
             return
         if isinstance(outcome, Lease):
-            self._hold(ticket, outcome, client)
+            self._hold(ticket, outcome)
             self._start(client, ticket, arrived)
         elif isinstance(outcome, Blocked):
             if client.state is State.CLOSED:
@@ -234,7 +236,7 @@ class ClusterAdmission:
         lease = self._leases.pop(ticket, None)
         if lease is None:
             return
-        self._sessions.pop(lease.id, None)
+        self._tickets.pop(lease.id, None)
         for claim in lease.claims:
             self._held[claim.id] -= 1
             if not self._held[claim.id]:
@@ -281,9 +283,9 @@ class ClusterAdmission:
                 return Blocked(claim.limit, claim.name, share, self._held[claim.id])
         return store.adopt(claims)
 
-    def _hold(self, ticket: Ticket, lease: Lease, client: ClientConnection) -> None:
+    def _hold(self, ticket: Ticket, lease: Lease) -> None:
         self._leases[ticket] = lease
-        self._sessions[lease.id] = client
+        self._tickets[lease.id] = ticket
         for claim in lease.claims:
             self._held[claim.id] += 1
 
@@ -396,7 +398,7 @@ class ClusterAdmission:
                         continue
                     if isinstance(outcome, Lease):
                         self._unqueue(entry, Kind.ADMIT)
-                        self._hold(entry.ticket, outcome, entry.client)
+                        self._hold(entry.ticket, outcome)
                         self._start(entry.client, entry.ticket, entry.waiter.arrived)
                     elif isinstance(outcome, Blocked):
                         entry.blocked = self._pair_blocked[key] = outcome
@@ -435,15 +437,15 @@ class ClusterAdmission:
                     logging.WARNING, "cluster_overrun", limit=over.limit.value, name=over.name,
                     value=over.value, used=over.used,
                 )  # fmt: skip
-            lost = [c for c in (self._sessions.get(lease_id) for lease_id in event.lost) if c is not None]
+            lost = [t for t in (self._tickets.get(lease_id) for lease_id in event.lost) if t is not None]
             if lost:
                 self.lost_sessions += len(lost)
                 log_event(
                     logging.WARNING, "cluster_sessions_lost", instance=self.store.instance,
                     count=len(lost), kept=len(self._leases) - len(lost),
                 )  # fmt: skip
-            for client in lost:
-                client.terminate(ClusterLeaseLost())
+            for ticket in lost:
+                self._end(ticket, ClusterLeaseLost())
         elif isinstance(event, Resync):
             self._flush_limits()  # limit events may have been missed, or changes made here wait
         elif not isinstance(event, Released):

@@ -725,7 +725,18 @@ class Control:
             count_queued=self._count_queued,
             apply_limit=self._apply_shared_limit,
             replace_limits=self._replace_shared_limits,
+            end=self._end_ticket,
         )
+
+    def _end_ticket(self, ticket: Ticket, exc: PgGuardError) -> None:
+        """[cluster]: the slot ``ticket`` stands for was given away; end whatever holds it now:
+        the client it was admitted for, or, with [pool], the client or warm session it passed to."""
+        for client in self.clients.values():
+            if client.ticket is ticket:
+                client.terminate(exc)
+                return
+        if self.pool is not None:
+            self.pool.close_holding(ticket, "cluster_lease_lost")
 
     def _start_session(self, client: ClientConnection, ticket: Ticket, arrived: float) -> None:
         """[cluster]: ``client`` holds its local ticket and its leases: start its session."""

@@ -516,6 +516,7 @@ class Pool:
         self.auth_failures = 0
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        self._doomed: set[Ticket] = set()  # [cluster]: slots given away while their session was reset
         self._schedule()
 
     @property
@@ -672,6 +673,10 @@ class Pool:
         ticket = session.ticket
         assert ticket is not None
         role, database, _ = session.key
+        if ticket in self._doomed:
+            self._doomed.discard(ticket)
+            session.close("cluster_lease_lost")
+            return
         if self._closed or (session.expires and time.monotonic() >= session.expires):
             session.close("server_lifetime" if not self._closed else "shutdown")
             return
@@ -735,6 +740,19 @@ class Pool:
 
     def warm(self) -> int:
         return sum(len(s) for s in self.idle.values())
+
+    def close_holding(self, ticket: Ticket, reason: str) -> None:
+        """Close the warm session holding ``ticket``; one being reset now is closed when it
+        would be parked ([cluster]: its slot was given to another pgguard)."""
+        for sessions in self.idle.values():
+            for session in sessions:
+                if session.ticket is ticket:
+                    sessions.remove(session)
+                    session.state = "closing"
+                    session.close(reason)
+                    return
+        self._doomed = {t for t in self._doomed if not t.released}  # bounded by the live tickets
+        self._doomed.add(ticket)
 
     # ---------------------------------------------------------- upkeep
 
