@@ -356,6 +356,9 @@ async def storm(spec: _Spec) -> dict[str, Any]:
     outcomes = Counter(s.outcome for s in sessions)
     waits = [s.t_first - s.t_sent for s in sessions if s.t_first and s.t_sent]
     served_waits = [s.t_first - s.t_sent for s in sessions if s.outcome == "served"]
+    # StartupMessage to the answer of ``select 1``: comparable between a proxy that answers
+    # AuthenticationOk before it has a server session (PgBouncer) and one that answers after.
+    served_done = [s.t_done - s.t_sent for s in sessions if s.outcome == "served"]
     return {
         "mode": "storm",
         "clients": spec.clients,
@@ -364,6 +367,7 @@ async def storm(spec: _Spec) -> dict[str, Any]:
         "peak_open": peak_open,
         "first_byte_wait": _percentiles(waits),
         "served_wait": _percentiles(served_waits),
+        "served_done": _percentiles(served_done),
     }
 
 

@@ -52,7 +52,7 @@ def _result(row: Row) -> str:
 
 def _cells(row: Row, targets: Sequence[str]) -> list[str]:
     values = [_fmt(row.values.get(t), row.unit) if t in row.values else "n/a" for t in targets]
-    if row.scenario == "storm admission wait":
+    if row.scenario.startswith("storm admission wait"):
         values = []
         for t in targets:
             d = row.details.get(t)
@@ -95,7 +95,7 @@ def write_json(path: Path, machine: dict[str, Any], settings: dict[str, Any],
 
 
 def _summary(row: Row) -> str:
-    if row.scenario == "storm admission wait":
+    if row.scenario.startswith("storm admission wait"):
         vals = ", ".join(
             f"{k} " + "/".join(f"{d[p]:.0f}" for p in ("p50", "p99", "max")) for k, d in row.details.items()
         )

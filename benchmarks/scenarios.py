@@ -135,14 +135,17 @@ def _libpq_env(sslmode: str | None) -> dict[str, str]:
 
 async def pgbench(
     target: Target, args: Sequence[str], seconds: int, *, clients: int, jobs: int,
-    sslmode: str | None = None,
+    sslmode: str | None = None, user: str = BENCH_ROLE, password: str | None = None,
 ) -> dict[str, float]:
     argv = [
         "pgbench", "-n", *args, "-c", str(clients), "-j", str(jobs), "-T", str(seconds),
-        "-h", target.host, "-p", str(target.port), "-U", BENCH_ROLE, "bench",
+        "-h", target.host, "-p", str(target.port), "-U", user, "bench",
     ]
+    env = _libpq_env(sslmode)
+    if password is not None:
+        env["PGPASSWORD"] = password
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=_libpq_env(sslmode), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         async with asyncio.timeout(seconds + _PGBENCH_GRACE_S):
@@ -634,6 +637,13 @@ async def tls_throughput(stack: Stack, s: Settings) -> list[Row]:
     return [row]
 
 
+async def reuse_rows(stack: Stack, s: Settings) -> list[Row]:
+    """Warm server-session reuse of issue 15 (``[pool] reuse``; benchmarks/reuse.py)."""
+    from .reuse import reuse
+
+    return await reuse(stack, s)
+
+
 async def cluster_rows(stack: Stack, s: Settings) -> list[Row]:
     """Three pgguards sharing limits through Redis vs the single one (benchmarks/cluster.py)."""
     from .cluster import cluster
@@ -653,6 +663,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "copy": copy_out,
     "tls": tls_throughput,
     "cluster": cluster_rows,
+    "reuse": reuse_rows,
 }
 
 

@@ -294,7 +294,9 @@ class Stack:
 
     # --------------------------------------------------------------------- pgguard
 
-    def pgguard_config(self, *, tls: bool = False, tree: Path | None = None, extra: str = "") -> str:
+    def pgguard_config(
+        self, *, tls: bool = False, tree: Path | None = None, extra: str = "", backend_extra: str = ""
+    ) -> str:
         # Only the TLS instance names the TLS keys, so --pgguard-tree still runs older trees.
         tls_conf = ""
         if tls:
@@ -324,6 +326,7 @@ host = "{self.backend_host}"
 port = {self.pg.port}
 connect_timeout = 30.0
 {'sslmode = "disable"' if tls else ""}
+{backend_extra}
 
 [limits]
 policy = "queue"
@@ -342,15 +345,18 @@ max_connections = 0
 queue_timeout = 600.0
 {tls_conf}{extra}"""
 
-    def start_pgguard(self, name: str, *, tls: bool = False, extra: str = "") -> _Process:
+    def start_pgguard(
+        self, name: str, *, tls: bool = False, extra: str = "", backend_extra: str = ""
+    ) -> _Process:
         """A pgguard in its own process (``python -m pgguard run``), as deployed.
 
         ``tls``: clients must use TLS (``[tls] client_mode = "require"``), the server is
         reached in clear (``[backend] sslmode = "disable"``). ``extra``: TOML appended to
-        the configuration (the cluster scenario's ``[cluster]``).
+        the configuration (the cluster scenario's ``[cluster]``, the reuse scenario's
+        ``[pool]``); ``backend_extra``: keys added to ``[backend]`` (``monitor_dsn``).
         """
         conf = self.workdir / f"{name}.toml"
-        conf.write_text(self.pgguard_config(tls=tls, extra=extra))
+        conf.write_text(self.pgguard_config(tls=tls, extra=extra, backend_extra=backend_extra))
         env = clean_env()
         if self.pgguard_tree is not None:
             env["PYTHONPATH"] = str(self.pgguard_tree)
@@ -372,11 +378,15 @@ queue_timeout = 600.0
 
     # ------------------------------------------------------------------- pgbouncer
 
-    def start_pgbouncer(self, name: str, *, client_tls: bool = False) -> tuple[_Process, int]:
+    def start_pgbouncer(
+        self, name: str, *, client_tls: bool = False, scram_users: dict[str, str] | None = None
+    ) -> tuple[_Process, int]:
         """A PgBouncer in session mode, trusting everyone on loopback; returns it and its port.
 
         ``client_tls``: clients must use TLS (``client_tls_sslmode = require``), the server
-        is reached in clear (``server_tls_sslmode = disable``).
+        is reached in clear (``server_tls_sslmode = disable``). ``scram_users`` (role ->
+        stored SCRAM verifier): ``auth_type = scram-sha-256`` against those verifiers in its
+        own user file, instead of trust (the reuse scenario).
         """
         from pgguard.testing.cluster import free_port
 
@@ -391,8 +401,14 @@ queue_timeout = 600.0
             run_as = pwd.getpwnam("postgres")
             os.chown(self.workdir, run_as.pw_uid, run_as.pw_gid)
         users = [BENCH_ROLE, STORM_ROLE, REJECT_ROLE, WAITER_ROLE, "postgres"]
+        auth_type = "trust"
         userlist = self.workdir / "userlist.txt"
-        userlist.write_text("".join(f'"{u}" ""\n' for u in users))
+        if scram_users:
+            auth_type = "scram-sha-256"
+            userlist = self.workdir / f"{name}-userlist.txt"
+            userlist.write_text("".join(f'"{u}" "{v}"\n' for u, v in scram_users.items()))
+        else:
+            userlist.write_text("".join(f'"{u}" ""\n' for u in users))
         port = free_port()
         ini = self.workdir / f"{name}.ini"
         ini.write_text(f"""\
@@ -406,7 +422,7 @@ queue_timeout = 600.0
 listen_addr = 127.0.0.1
 listen_port = {port}
 unix_socket_dir =
-auth_type = trust
+auth_type = {auth_type}
 auth_file = {userlist}
 admin_users = postgres
 pool_mode = session
