@@ -64,18 +64,6 @@ CLIENTS: Final = 8
 REUSE_GOAL: Final = 5.0  # issue 15: reuse >= 5x PostgreSQL direct
 STORM_P99_S: Final = 1.0
 
-LOOKUP_FUNCTION: Final = """
-CREATE SCHEMA IF NOT EXISTS pgguard;
-CREATE OR REPLACE FUNCTION pgguard.lookup_role(role_name text, OUT verifier text)
-RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  SELECT rolpassword FROM pg_authid
-  WHERE rolname = role_name AND rolcanlogin
-    AND (rolvaliduntil IS NULL OR rolvaliduntil > now())
-$$;
-REVOKE ALL ON FUNCTION pgguard.lookup_role(text) FROM PUBLIC;
-"""
-
-
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -88,7 +76,7 @@ def _prepare(stack: Stack) -> str:
     pg.execute(f"ALTER ROLE {SCRAM_ROLE} PASSWORD '{verifier}'")
     pg.execute(f"GRANT CONNECT ON DATABASE bench TO {SCRAM_ROLE}")
     pg.psql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {SCRAM_ROLE}", database="bench")
-    pg.execute(LOOKUP_FUNCTION)
+    pg.create_auth_lookup()
     return verifier
 
 
