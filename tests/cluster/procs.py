@@ -24,12 +24,12 @@ LEASE_TTL = 2.0
 
 
 @dataclass
-class Instance:
+class PgguardProcess:
+    """A ``python -m pgguard run`` process: its listen port, its log lines, its console."""
+
     proc: asyncio.subprocess.Process
     port: int
-    name: str
-    prefix: str
-    log: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list, kw_only=True)
 
     @property
     def log_text(self) -> str:
@@ -50,6 +50,14 @@ class Instance:
             return [dict(r) for r in await console.fetch(f"SHOW {what}")]
         finally:
             await console.close()
+
+
+@dataclass
+class Instance(PgguardProcess):
+    """One pgguard of a cluster test: its instance name and the test's key prefix."""
+
+    name: str
+    prefix: str
 
 
 def _config(

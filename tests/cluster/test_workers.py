@@ -17,11 +17,12 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
+from procs import PgguardProcess
 
 from pgguard.testing.cluster import PostgresCluster, free_port
 from pgguard.testing.wait import await_until
@@ -32,32 +33,11 @@ WORKERS = 2
 
 
 @dataclass
-class Supervisor:
-    proc: asyncio.subprocess.Process
-    port: int
+class Supervisor(PgguardProcess):
+    """The supervisor of a workers-mode pgguard (its console is the workers')."""
+
     metrics_port: int
     config: Path
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def log_text(self) -> str:
-        return "\n".join(self.log)
-
-    def dsn(self, user: str = "app") -> str:
-        return f"postgresql://{user}@127.0.0.1:{self.port}/postgres"
-
-    async def console(self) -> asyncpg.Connection:
-        return await asyncpg.connect(
-            host="127.0.0.1", port=self.port, user="admin", database="pgguard",
-            statement_cache_size=0, ssl=False, timeout=20,
-        )  # fmt: skip
-
-    async def show(self, what: str) -> list[dict[str, str]]:
-        console = await self.console()
-        try:
-            return [dict(r) for r in await console.fetch(f"SHOW {what}")]
-        finally:
-            await console.close()
 
     def worker_pids(self) -> dict[int, int]:
         """The pid of each worker, as the supervisor last logged it started."""
