@@ -223,10 +223,21 @@ async def test_two_workers_behind_one_port_hold_the_role_limit(tmp_path, pg, red
         # (a client waiting for the store keeps its local slot, so "active" sums may exceed it)
         assert await _app_sessions(pg) == ROLE_LIMIT
 
+        # Each worker's clients of app are in its samples, as active sessions or as waiting (a
+        # worker may hold none of the 4 slots: its clients then all wait for the store), and the
+        # active ones add up to the 4 slots (once every admission in flight has its answer).
+        async def scraped() -> bool:
+            status, text = await sup.http("/metrics")
+            assert status == 200
+            active = re.findall(r'pgguard_sessions_active\{database="postgres",role="app",worker="[01]"\} (\S+)', text)
+            seen = [
+                re.search(rf'pgguard_(sessions_active|clients_waiting)\{{database="postgres",role="app",worker="{w}"\}}', text)
+                for w in ("0", "1")
+            ]
+            return all(seen) and sum(float(n) for n in active) == ROLE_LIMIT
+
+        await await_until(scraped, timeout=30, what="/metrics to show both workers' clients and the 4 slots")
         status, text = await sup.http("/metrics")
-        assert status == 200
-        assert re.search(r'pgguard_sessions_active\{database="postgres",role="app",worker="0"\}', text)
-        assert re.search(r'pgguard_sessions_active\{database="postgres",role="app",worker="1"\}', text)
         assert text.count("# TYPE pgguard_sessions_active gauge") == 1
         assert "pgguard_workers 2.0" in text and "pgguard_workers_alive 2.0" in text
         for name in WORKER_METRIC_NAMES:
