@@ -609,6 +609,27 @@ class Control:
     def resume(self) -> None:
         self._admit_waiters(self._gate.resume())
 
+    def runtime_state(self) -> dict[str, Any]:
+        """What a restarted worker copies from a live one (workers.py): PAUSE, SET POLICY and
+        the fault rules. SET LIMIT is not in it: with [cluster] it comes back from the store."""
+        return {
+            "paused": self._gate.paused,
+            "policies": {role: p.value for role, p in self._gate.runtime_policies().items()},
+            "faults": self.faults.snapshot(),
+        }
+
+    def restore_runtime_state(self, state: dict[str, Any]) -> None:
+        """Take ``runtime_state()`` of another worker, before serving. Raises ValueError,
+        KeyError or FaultSpecError on a malformed one (nothing is half taken but the faults)."""
+        policies = {str(role): Policy(value) for role, value in state["policies"].items()}
+        rules = self.faults.restore(state["faults"])
+        for role, policy in policies.items():
+            self.set_policy(role, policy)
+        if state["paused"]:
+            self.pause()
+        log_event(logging.INFO, "runtime_state_restored", paused=bool(state["paused"]),
+                  policies=len(policies), faults=rules)
+
     def apply_config(self, config: Config, *, keep_runtime: bool = False) -> None:
         """A new configuration (reload): rules, faults, the socket cap, the idle sweep."""
         self.config = config

@@ -47,7 +47,6 @@ hands it its loop and clients (``FaultHost``). The console commands (``INJECT ru
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 from collections import Counter
@@ -104,7 +103,7 @@ class Faults:
         self.rules: list[FaultRule] = []
         self.totals: Counter[str] = Counter()  # firings by kind since start
         self.active = False  # True while an admission rule is live: Control.admit's cheap test
-        self._ids = itertools.count(1)
+        self._next_id = 1
         self._timers: dict[int, Any] = {}  # rule id -> asyncio.TimerHandle (terminate)
         self._config_rules: tuple[str, ...] = ()
         self.configure(config)
@@ -124,7 +123,7 @@ class Faults:
 
     def add(self, rule: FaultRule, *, source: str = "runtime") -> FaultRule:
         """Install ``rule``; a TERMINATE with no AFTER fires now. Returns the rule (with its id)."""
-        rule.id = next(self._ids)
+        rule.id, self._next_id = self._next_id, self._next_id + 1
         rule.source = source
         rule.fired = 0
         seed = rule.seed if rule.seed is not None else f"{self.seed}/{rule.describe()}"
@@ -167,6 +166,37 @@ class Faults:
         if count:
             _log("faults_cleared", rules=count)
         return count
+
+    def snapshot(self) -> dict[str, Any]:
+        """The rules as they stand, for a restarted worker to copy (``restore``). TERMINATE
+        rules are left out: they act on the sessions of the moment, which the copy has none of."""
+        rules = [
+            {"id": r.id, "rule": r.describe(), "source": r.source, "fired": r.fired, "state": r.state}
+            for r in self.rules
+            if r.kind != "terminate"
+        ]
+        return {"rules": rules, "next_id": self._next_id, "config_rules": list(self._config_rules)}
+
+    def restore(self, snapshot: dict[str, Any]) -> int:
+        """Take another worker's rules (``snapshot``) in place of these: same ids, sources,
+        firings and states, so ``CLEAR FAULT id`` means the same rule on every worker.
+        Returns how many rules were taken. Raises ValueError or FaultSpecError on a bad one."""
+        rules = []
+        for item in snapshot["rules"]:
+            rule = parse_rule(str(item["rule"]))
+            rule.id, rule.source, rule.fired = int(item["id"]), str(item["source"]), int(item["fired"])
+            rule.state = "spent" if item["state"] == "spent" else "live"
+            seed = rule.seed if rule.seed is not None else f"{self.seed}/{rule.describe()}"
+            rule._rng = random.Random(seed)
+            rules.append(rule)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self.rules = rules
+        self._config_rules = tuple(str(t) for t in snapshot["config_rules"])
+        self._next_id = max([int(snapshot["next_id"]), *(r.id + 1 for r in rules)])
+        self._update()
+        return len(rules)
 
     def _update(self) -> None:
         self.active = any(r.live and r.kind in ADMISSION_KINDS for r in self.rules)

@@ -321,6 +321,10 @@ class Gate:
             out[(Limit.TOTAL, "")] = self._runtime_total
         return out
 
+    def runtime_policies(self) -> dict[str, Policy]:
+        """The SET POLICY overrides in force (role -> policy)."""
+        return dict(self._runtime_policies)
+
     def set_role_policy(self, role: str, policy: Policy) -> list[Waiter]:
         self._runtime_policies[role] = policy
         return self._changed()

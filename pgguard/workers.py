@@ -44,6 +44,9 @@ limits through it, as separate pgguards do) becomes a *supervisor*. It serves no
 - A worker that exits on its own is logged (``event=worker_exited``) and started again after
   ``BACKOFF_FIRST`` seconds, doubling up to ``BACKOFF_MAX`` (back to the first after
   ``BACKOFF_RESET`` seconds of service); its leases in the store expire within ``lease_ttl``.
+  Before it serves, a worker asks the supervisor for ``state``: the supervisor asks a live
+  worker for its ``snapshot`` (PAUSE, SET POLICY, fault rules: ``Control.runtime_state``),
+  which the new worker takes; at the first start nobody serves and there is nothing to copy.
   A worker that fails before it ever served at start stops the whole supervisor with its
   exit code (a configuration the worker refuses is not retried forever). A worker whose
   supervisor is gone (its channel closed) drains and exits.
@@ -86,6 +89,7 @@ from .console import Command, Host, Result, find
 from .errors import AdminCommandError, ConfigError, ProtocolViolation
 from .log import log, log_event
 from .metrics import MetricsServer, ProbeServer
+from .rules import FaultSpecError
 from .server import Server, StopRequest, run_loop, serve
 
 __all__ = [
@@ -366,6 +370,8 @@ class _WorkerService:
             return {"text": body.decode()}
         if op == "ready":
             return {"reason": await self.probe.not_ready()}
+        if op == "snapshot":  # a restarted worker copies this one's run-time state
+            return {"state": self.server.control.runtime_state()}
         if op == "cancel":  # another worker received a CancelRequest with a key pgguard minted
             try:
                 packet = wire.parse_cancel_request(bytes.fromhex(str(message["packet"])))
@@ -392,23 +398,44 @@ async def _serve_worker(cfg: Config, spec: WorkerSpec) -> int:
         await channel.request("cancel", packet=packet.hex())
 
     server.control.cancel_elsewhere = cancel_elsewhere
-    reading: list[asyncio.Task[None]] = []
+    reading = loop.create_task(channel.run())
+    await _copy_runtime_state(server, channel)
+
+    watching: list[asyncio.Task[None]] = []
 
     def started(server: Server, stop: StopRequest) -> None:
-        async def run_channel() -> None:
+        async def watch_channel() -> None:
             with contextlib.suppress(ChannelClosed):
                 await channel.notify("started", pid=os.getpid())
-            await channel.run()
+            await asyncio.wait({reading})
             stop("supervisor_gone")  # the supervisor died or closed the channel: drain, exit
 
-        reading.append(loop.create_task(run_channel()))
+        watching.append(loop.create_task(watch_channel()))
 
     try:
         return await serve(server.config, server=server, started=started)
     finally:
-        channel.close()
-        for task in reading:
+        for task in watching:
             task.cancel()
+        channel.close()
+        reading.cancel()
+
+
+async def _copy_runtime_state(server: Server, channel: Channel) -> None:
+    """Before serving, take a live worker's PAUSE, SET POLICY and fault rules (a worker
+    restarted after a crash would otherwise come back without them). At the first start, or
+    when no worker answers, there is nothing to copy."""
+    try:
+        reply = await channel.request("state")
+    except (ChannelClosed, TimeoutError):
+        return
+    state = reply.get("state")
+    if not state:
+        return
+    try:
+        server.control.restore_runtime_state(state)
+    except (KeyError, TypeError, ValueError, FaultSpecError) as exc:
+        log_event(logging.WARNING, "runtime_state_not_restored", error=repr(exc))
 
 
 def run_worker(cfg: Config, spec: WorkerSpec) -> int:
@@ -794,6 +821,14 @@ class Supervisor:
         if message.get("op") == "cancel":
             await self.ask_all("cancel", packet=message.get("packet", ""))
             return {}
+        if message.get("op") == "state":  # a starting worker: a live one's run-time state, if any
+            for w in self.workers:
+                if w.serving and w.channel is not None:
+                    with contextlib.suppress(ChannelClosed, TimeoutError):
+                        reply = await w.channel.request("snapshot")
+                        if "state" in reply:
+                            return {"state": reply["state"]}
+            return {"state": None}
         if message.get("op") != "console":
             return {"error": {"sqlstate": "XX000", "message": f"unknown op {message.get('op')!r}"}}
         statement = str(message.get("statement", ""))

@@ -356,6 +356,63 @@ async def test_sigkilled_worker_is_restarted_and_sigterm_drains_all(tmp_path, pg
         assert "level=INFO event=stop clean=True" in sup.log_text
 
 
+async def test_restarted_worker_copies_pause_policies_and_faults_from_a_live_one(tmp_path, pg, redis_server) -> None:
+    body = f"[roles.app]\nmax_connections = {ROLE_LIMIT}\n[faults]\nrules = [\"DELAY 0.01 ROLE nobody\"]\n"
+    async with supervisor(tmp_path, pg, redis_server.url, body) as sup:
+        console = await sup.console()
+        try:
+            for statement in (
+                "PAUSE",
+                "SET POLICY ROLE app = reject",
+                "INJECT REJECT NEXT 5 ROLE other SQLSTATE 08004",
+                "INJECT DROP ROLE gone",
+                "CLEAR FAULT 3",  # ids go on from 4 on every worker, restarted or not
+                "INJECT TERMINATE ROLE app AFTER 600",  # an action on the sessions of the moment: not copied
+            ):
+                await console.execute(statement)
+        finally:
+            await console.close()
+
+        async def state() -> dict[str, object]:
+            stats = await sup.show("STATS")
+            limits = await sup.show("LIMITS")
+            faults = await sup.show("FAULTS")
+            return {
+                w: (
+                    [r["value"] for r in stats if r["stat"] == "paused" and r["worker"] == w],
+                    [r["policy"] for r in limits if r["name"] == "app" and r["worker"] == w],
+                    sorted((r["id"], r["rule"], r["source"]) for r in faults if r["worker"] == w and r["kind"] != "terminate"),
+                )
+                for w in ("0", "1")
+            }
+
+        before = await state()
+        assert before["0"] == before["1"]
+        assert before["0"][:2] == (["yes"], ["reject"])
+        assert [rule[0] for rule in before["0"][2]] == ["1", "2"]  # the config rule, the REJECT
+
+        victim = sup.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        await await_until(
+            lambda: sup.worker_pids().get(0, victim) != victim, timeout=30, what="worker 0 to be restarted"
+        )
+        await await_until(
+            lambda: asyncio.to_thread(lambda: _get(f"http://127.0.0.1:{sup.metrics_port}/healthz")[0] == 200),
+            timeout=30,
+            what="both workers to serve again",
+        )
+        assert await state() == before
+        assert "event=runtime_state_restored paused=True policies=1 faults=2" in sup.log_text
+
+        # The copy goes on from the same ids: a rule injected now has one id everywhere.
+        console = await sup.console()
+        try:
+            rows = [dict(r) for r in await console.fetch("INJECT DELAY 0.01 ROLE late")]
+            assert {r["worker"]: r["id"] for r in rows} == {"0": "5", "1": "5"}
+        finally:
+            await console.close()
+
+
 async def test_second_signal_stops_every_worker_at_once(tmp_path, pg, redis_server) -> None:
     async with supervisor(tmp_path, pg, redis_server.url, QUEUE_BODY) as sup:
         live = await asyncpg.connect(sup.dsn(), ssl=False)
