@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -109,3 +111,39 @@ def test_keyword_form_builds_the_same_rules() -> None:
     )
     with pytest.raises(FaultSpecError, match="exactly one"):
         rule_from_kwargs(role="app")
+
+
+class _Host:
+    """The engine's owner, for rules that never touch a client (no loop needed)."""
+
+    loop = None
+
+    def live_clients(self) -> list[object]:
+        return []
+
+    def admit_now(self, client: object) -> None: ...
+
+    def terminate(self, client: object, exc: object) -> None: ...
+
+    def count_rejection(self, reason: str) -> None: ...
+
+
+def test_a_restarted_workers_copy_keeps_ids_firings_and_states() -> None:
+    from pgguard.config import FaultsConfig
+    from pgguard.faults import Faults
+
+    config = FaultsConfig(rules=("DELAY 0.01 ROLE x",))
+    donor = Faults(_Host(), config)  # type: ignore[arg-type]
+    once = donor.add(parse_rule("REJECT NEXT 1 ROLE a SQLSTATE 08004"), source="console")
+    donor._fired(once)  # spent now
+    donor.add(parse_rule("DROP ROLE b"), source="api")
+    donor.remove(donor.add(parse_rule("DROP ROLE c")).id)
+    snapshot = json.loads(json.dumps(donor.snapshot()))  # as it crosses the channel
+
+    copy = Faults(_Host(), config)  # type: ignore[arg-type]
+    assert copy.restore(snapshot) == 3
+    assert copy.table() == donor.table()
+    assert copy.active is donor.active is True
+    assert copy.add(parse_rule("DROP")).id == donor.add(parse_rule("DROP")).id == 5
+    copy.configure(config)  # a reload of the same file keeps the copied config rule
+    assert [r.id for r in copy.rules][:1] == [1]
