@@ -46,6 +46,18 @@ class Supervisor(PgguardProcess):
             pids[int(m[1])] = int(m[2])
         return pids
 
+    async def restarted(self, index: int, dead_pid: int) -> None:
+        """Wait until worker ``index`` (pid ``dead_pid`` before) runs again and every worker serves."""
+        await await_until(
+            lambda: self.worker_pids().get(index, dead_pid) != dead_pid, timeout=30,
+            what=f"worker {index} to be restarted",
+        )
+        await await_until(
+            lambda: asyncio.to_thread(lambda: _get(f"http://127.0.0.1:{self.metrics_port}/healthz")[0] == 200),
+            timeout=30,
+            what="every worker to serve again",
+        )
+
     async def http(self, path: str) -> tuple[int, str]:
         return await asyncio.to_thread(_get, f"http://127.0.0.1:{self.metrics_port}{path}")
 
@@ -331,14 +343,7 @@ async def test_sigkilled_worker_is_restarted_and_sigterm_drains_all(tmp_path, pg
         for _ in range(10):  # the other worker serves the port meanwhile
             conn = await asyncpg.connect(sup.dsn(), ssl=False, timeout=20)
             await conn.close()
-        await await_until(
-            lambda: sup.worker_pids().get(0, victim) != victim, timeout=30, what="worker 0 to be restarted"
-        )
-        await await_until(
-            lambda: asyncio.to_thread(lambda: _get(f"http://127.0.0.1:{sup.metrics_port}/healthz")[0] == 200),
-            timeout=30,
-            what="both workers to serve again",
-        )
+        await sup.restarted(0, victim)
         _, text = await sup.http("/metrics")
         assert 'pgguard_worker_restarts_total{worker="0"} 1.0' in text
 
@@ -393,14 +398,7 @@ async def test_restarted_worker_copies_pause_policies_and_faults_from_a_live_one
 
         victim = sup.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)
-        await await_until(
-            lambda: sup.worker_pids().get(0, victim) != victim, timeout=30, what="worker 0 to be restarted"
-        )
-        await await_until(
-            lambda: asyncio.to_thread(lambda: _get(f"http://127.0.0.1:{sup.metrics_port}/healthz")[0] == 200),
-            timeout=30,
-            what="both workers to serve again",
-        )
+        await sup.restarted(0, victim)
         assert await state() == before
         assert "event=runtime_state_restored paused=True policies=1 faults=2" in sup.log_text
 
