@@ -130,3 +130,31 @@ def test_any_password_logs_in_with_its_own_verifier(password: str) -> None:
 def test_mock_exchange_announces_the_real_iteration_count() -> None:
     first = scram.ScramServer("nobody", None, mock_iterations=10000).first(b"n,,n=,r=abc")
     assert first.endswith(b",i=10000")
+
+
+_ATTRS = st.sampled_from([b"n,,", b"y,,", b"p=x,,", b"n=", b"r=", b"c=biws", b"c=", b"p=", b",", b"=", b"\xff", b"\x00"])
+_JUNK = st.one_of(st.binary(max_size=200), st.lists(st.one_of(_ATTRS, st.binary(max_size=12)), max_size=12).map(b"".join))
+
+
+@given(_JUNK, _JUNK)
+def test_any_client_messages_end_in_a_protocol_violation_or_a_failed_login(first: bytes, final: bytes) -> None:
+    """Whatever a client sends (pgguard runs this exchange itself with [pool] reuse): a
+    ProtocolViolation (08P01) or AuthenticationFailed (28P01), never another exception."""
+    server = scram.ScramServer("app", scram.make_verifier("x", iterations=1))
+    try:
+        server.first(first)
+        server.final(final)
+    except (ProtocolViolation, AuthenticationFailed):
+        pass
+
+
+@given(st.data())
+def test_any_client_final_after_a_good_first_ends_cleanly(data: st.DataObject) -> None:
+    server = scram.ScramServer("app", scram.make_verifier("x", iterations=1))
+    server_first = server.first(b"n,,n=,r=abc").decode()
+    nonce = dict(part.split("=", 1) for part in server_first.split(","))["r"].encode()
+    head = data.draw(st.sampled_from([b"c=biws,r=" + nonce, b"c=biws,r=" + nonce + b",p=", b"c=eSws,r=" + nonce, b""]))
+    try:
+        server.final(head + data.draw(_JUNK))
+    except (ProtocolViolation, AuthenticationFailed):
+        pass
