@@ -7,6 +7,12 @@ Lookups for the same role share one query (a storm of logins costs one), each an
 kept ``auth_cache_ttl`` seconds, and a failed login forgets it (a changed password is seen at
 the next attempt). Unknown roles are cached too, as None, so a flood of made-up names costs
 one query per name per TTL; the cache is cleared when it reaches ``CACHE_MAX`` names.
+
+When the lookup itself fails (``monitor_dsn`` unreachable, the function missing, a timeout),
+``get`` raises ``LookupUnavailable`` and the client logs in as without reuse: PostgreSQL
+checks its password (pool.ClientLogin, proxy.ClientConnection.verifier_unavailable). For
+``REFRESH_MIN`` after a failure no lookup is tried, so a storm of logins does not queue
+behind connection attempts that time out.
 """
 
 from __future__ import annotations
@@ -20,13 +26,17 @@ from typing import Any, Final
 from .config import Config
 from .log import log_event
 
-__all__ = ["Verifiers", "CACHE_MAX"]
+__all__ = ["Verifiers", "LookupUnavailable", "CACHE_MAX"]
 
 # Role names come from clients: the cache is bounded (cleared when full).
 CACHE_MAX: Final = 10000
 # A failed login forgets a verifier looked up at least this long ago: a flood of wrong
 # passwords costs one lookup per second per role, not one per attempt.
 REFRESH_MIN: Final = 1.0
+
+
+class LookupUnavailable(Exception):
+    """The role's verifier could not be read (the lookup failed, or failed a moment ago)."""
 
 
 class Verifiers:
@@ -39,6 +49,7 @@ class Verifiers:
         self._conn: Any = None  # asyncpg.Connection
         self._lock = asyncio.Lock()
         self._failing = False
+        self._retry_at = 0.0  # after a failure, no lookup is tried before this (monotonic)
         self.lookups = 0
         self.lookup_failures = 0
 
@@ -50,10 +61,13 @@ class Verifiers:
         return False, None
 
     async def get(self, role: str) -> str | None:
-        """The role's stored verifier text, or None (unknown role, no password, lookup failed)."""
+        """The role's stored verifier text, or None (unknown role, no password). Raises
+        LookupUnavailable when the lookup failed (or failed less than REFRESH_MIN ago)."""
         hit = self._cache.get(role)
         if hit is not None and hit[1] > time.monotonic():
             return hit[0]
+        if self._failing and time.monotonic() < self._retry_at:
+            raise LookupUnavailable
         pending = self._pending.get(role)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -65,11 +79,14 @@ class Verifiers:
             raise
         finally:
             self._pending.pop(role, None)
-        if ok:
-            if len(self._cache) >= CACHE_MAX:
-                self._cache.clear()
-            now = time.monotonic()
-            self._cache[role] = (verifier, now + self.config.pool.auth_cache_ttl, now)
+        if not ok:
+            future.set_exception(LookupUnavailable())
+            future.exception()  # retrieved here: the logins sharing it get it from their await
+            raise LookupUnavailable
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        now = time.monotonic()
+        self._cache[role] = (verifier, now + self.config.pool.auth_cache_ttl, now)
         future.set_result(verifier)
         return verifier
 
@@ -99,6 +116,7 @@ class Verifiers:
                 value = await self._conn.fetchval(self.config.pool.auth_query, role, timeout=timeout)
             except Exception as exc:  # a bad DSN, a missing function, a timeout: logins fail
                 self.lookup_failures += 1
+                self._retry_at = time.monotonic() + REFRESH_MIN
                 await self._disconnect()
                 if not self._failing:
                     self._failing = True

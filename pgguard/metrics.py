@@ -89,6 +89,7 @@ POOL_METRIC_NAMES: Final = (
     "pgguard_pool_reset_failures_total",
     "pgguard_pool_sessions_closed_total",
     "pgguard_pool_auth_failures_total",
+    "pgguard_pool_auth_lookup_fallbacks_total",
 )
 # Only with [cluster] (cluster.py): the shared lease store's state.
 CLUSTER_METRIC_NAMES: Final = (
@@ -309,6 +310,8 @@ def _pool_metrics(control: Control) -> Iterator[Metric]:
         "pgguard_pool_auth_failures", "Client logins pgguard refused (wrong password, unknown role).",
         value=pool.auth_failures,
     )  # fmt: skip
+    text = "Logins passed to the server (it checked the password) as the verifier lookup failed."
+    yield CounterMetricFamily("pgguard_pool_auth_lookup_fallbacks", text, value=pool.lookup_fallbacks)
 
 
 def _cluster_metrics(control: Control) -> Iterator[Metric]:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from . import params, scram, wire
-from .auth import Verifiers
+from .auth import LookupUnavailable, Verifiers
 from .config import Config
 from .errors import AuthenticationFailed, PgGuardError, ProtocolViolation
 from .limits import Ticket
@@ -135,6 +135,8 @@ class Client(Protocol):
 
     def fail(self, exc: PgGuardError) -> None: ...
 
+    def verifier_unavailable(self) -> None: ...
+
 
 @dataclass(slots=True)
 class PoolStats:
@@ -174,7 +176,16 @@ class ClientLogin:
             self._task = self.pool.loop.create_task(self._fetch())
 
     async def _fetch(self) -> None:
-        text = await self.pool.verifiers.get(self.role)
+        try:
+            text = await self.pool.verifiers.get(self.role)
+        except LookupUnavailable:
+            # Nothing was sent to the client yet: it logs in as without reuse, and PostgreSQL
+            # checks its password (better than refusing everyone while the lookup is down).
+            self._task = None
+            if not self.client.client_gone:
+                self.pool.lookup_fallbacks += 1
+                self.client.verifier_unavailable()
+            return
         self._task = None
         if self.client.client_gone:
             return
@@ -514,6 +525,7 @@ class Pool:
         self.idle: dict[tuple[str, str, int], collections.deque[ServerSession]] = {}
         self.stats: dict[tuple[str, str, int], PoolStats] = {}
         self.auth_failures = 0
+        self.lookup_fallbacks = 0  # logins passed to the server because the lookup failed
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
         self._doomed: set[Ticket] = set()  # [cluster]: slots given away while their session was reset

@@ -454,6 +454,21 @@ class ClientConnection(asyncio.Protocol):
             early, self._early = bytes(self._early), bytearray()
             login.feed(early)
 
+    def verifier_unavailable(self) -> None:
+        """[pool] The role's verifier could not be read (auth.LookupUnavailable), before
+        anything was asked of the client: it logs in as without reuse (PostgreSQL checks its
+        password, the session is its own), admitted as any client."""
+        if self.state is not State.LOGIN:
+            return
+        _cancel(self._login_timer)
+        self._login_timer = None
+        login, self._login = self._login, None
+        if login is not None:
+            self._early += login.rest()
+        self.pooled = False
+        self._move(State.ADMITTING)
+        self.server.admit(self)
+
     def write(self, data: bytes) -> None:
         """Bytes to the client (pool.ClientLogin's messages)."""
         self._write(data)

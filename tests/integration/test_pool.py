@@ -293,6 +293,22 @@ async def test_reuse_off_for_a_role_keeps_the_relayed_login(pooled) -> None:  # 
     assert _pool(g).warm() == 0
 
 
+async def test_a_failing_verifier_lookup_passes_logins_to_the_server(pooled) -> None:  # type: ignore[no-untyped-def]
+    # The lookup fails at the real server (no such function): PostgreSQL checks the passwords.
+    g = await pooled('auth_query = "SELECT pgguard.no_such_lookup($1)"')
+    first = await _connect(g)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    assert first.get_server_pid() == pid  # the server's own key: a relayed login, not reuse
+    with pytest.raises(asyncpg.InvalidPasswordError, match=f'password authentication failed for user "{ROLE}"'):
+        await asyncpg.connect(g.dsn(ROLE, password="wrong"), timeout=30)  # PostgreSQL's own answer
+    await first.close()
+    await g.wait_idle()
+    pool = _pool(g)
+    assert pool.warm() == 0 and pool.rows() == []  # nothing kept for reuse
+    assert pool.lookup_fallbacks == 2
+    assert pool.verifiers.lookup_failures >= 1
+
+
 async def _peak_sessions(pg: PostgresCluster, role: str, stop: asyncio.Event) -> int:
     """The most server sessions of ``role`` seen at once until ``stop`` (pg_stat_activity)."""
     conn = await asyncpg.connect(pg.dsn(), timeout=30)
