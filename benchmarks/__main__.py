@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chaos = sub.add_parser("chaos", help="hostile clients and server faults against a pgguard process, then checks")
     chaos.add_argument("--quick", action="store_true", help="smaller counts (about a minute)")
     chaos.add_argument("--smoke", action="store_true", help="tiny counts, for the test suite (< 30 s)")
-    chaos.add_argument("--only", help="comma-separated runs: fuzz,disconnects,slowloris,faults,fdlimit,memory")
+    chaos.add_argument("--only", help="comma-separated runs: fuzz,disconnects,slowloris,faults,fdlimit,memory,reuse")
     chaos.add_argument("--pgguard-tree", type=Path,
                        help="run pgguard from this source tree (holding pgguard/), e.g. /work/main")
     chaos.add_argument("--log-level", default="info", help="pgguard's --log-level (default info)")

@@ -23,8 +23,10 @@ abandoned COPY, linear TLS sniffing, ...).
 Runs: ``fuzz`` (mutated startup packets of every kind, malformed console messages),
 ``disconnects`` (abrupt FIN/RST at every phase of a session), ``slowloris`` (plain and
 direct-TLS dripping), ``faults`` (pg_terminate_backend, SIGKILL of a backend, ``pg_ctl stop -m
-fast`` and start, with clients queued), ``fdlimit`` (pgguard under RLIMIT_NOFILE 256) and
-``memory`` (distinct refused user names, TLS SSLRequest-then-RST).
+fast`` and start, with clients queued), ``fdlimit`` (pgguard under RLIMIT_NOFILE 256),
+``memory`` (distinct refused user names, TLS SSLRequest-then-RST) and ``reuse`` (the
+disconnects again, plus clients leaving idle, with ``[pool] reuse`` on: pgguard's own SCRAM
+exchange, warm sessions handed out, taken back and reset).
 
 Every loop is bounded in count and in time. The table is printed and written as JSON to
 ``benchmarks/results/chaos-*.json``; the exit code is 1 when a check failed.
@@ -459,6 +461,7 @@ class ChaosStack:
         pg.create_database(CHAOS_DB, owner=CHAOS_ROLE)
         for role in (WAIT_ROLE, SCRAM_ROLE):
             pg.execute(f"GRANT CONNECT ON DATABASE {CHAOS_DB} TO {role}")
+        pg.create_auth_lookup()  # the reuse run reads SCRAM_ROLE's verifier through it
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -494,8 +497,10 @@ class ChaosStack:
         return self.pg.connection_count(users=[CHAOS_ROLE, WAIT_ROLE, SCRAM_ROLE])
 
     def guard(self, name: str, settings: ChaosSettings, *, tls: bool = False,
-              login_timeout: float = 5.0, nofile: int | None = None) -> Guard:
-        guard = Guard(self, name, settings, tls=tls, login_timeout=login_timeout, nofile=nofile)
+              login_timeout: float = 5.0, nofile: int | None = None, extra: str = "",
+              backend_extra: str = "") -> Guard:
+        guard = Guard(self, name, settings, tls=tls, login_timeout=login_timeout, nofile=nofile,
+                      extra=extra, backend_extra=backend_extra)
         self.guards.append(guard)
         return guard
 
@@ -510,7 +515,7 @@ class Guard:
     """``python -m pgguard run`` in its own process, with its console and /metrics."""
 
     def __init__(self, stack: ChaosStack, name: str, settings: ChaosSettings, *, tls: bool,
-                 login_timeout: float, nofile: int | None) -> None:
+                 login_timeout: float, nofile: int | None, extra: str = "", backend_extra: str = "") -> None:
         self.stack = stack
         self.name = name
         self.tls = tls
@@ -533,6 +538,7 @@ host = "{stack.pg.host}"
 port = {stack.pg.port}
 connect_timeout = 10.0
 close_timeout = {settings.close_timeout}
+{backend_extra}
 
 [limits]
 policy = "reject"
@@ -560,7 +566,8 @@ auth = "trust"
 [metrics]
 listen = "{HOST}:{self.metrics_port}"
 
-{tls_conf}""")
+{tls_conf}
+{extra}""")
         self.log = stack.workdir / f"{name}.log"
         self.proc: _Process | None = None
 
@@ -614,6 +621,14 @@ listen = "{HOST}:{self.metrics_port}"
 
     def fds(self) -> int:
         return fd_count(self.pid)
+
+    def fd_targets(self) -> dict[str, str]:
+        """fd -> what it is (``socket:[inode]``, a path), for saying which descriptors stayed."""
+        out = {}
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(OSError):
+                out[fd] = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+        return out
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
@@ -723,11 +738,12 @@ class Baseline:
     fds: int
     rss_kib: int
     cpu: float
+    fd_targets: dict[str, str] = field(default_factory=dict)
 
 
 async def baseline(guard: Guard, stack: ChaosStack) -> Baseline:
     await settle(guard, stack, timeout=SETTLE_S)
-    return Baseline(guard.fds(), guard.rss(), guard.cpu())
+    return Baseline(guard.fds(), guard.rss(), guard.cpu(), guard.fd_targets())
 
 
 def scan_log(text: str) -> tuple[list[str], int, int]:
@@ -796,7 +812,9 @@ async def final_checks(run: RunResult, guard: Guard, stack: ChaosStack, base: Ba
         while fds > base.fds and loop.time() - start < 5.0:
             await asyncio.sleep(POLL_S)  # descriptors close asynchronously; bounded
             fds = guard.fds()
-        run.check("fds back to start", fds <= base.fds, f"{base.fds} -> {fds}")
+        new_fds = {fd: what for fd, what in guard.fd_targets().items() if base.fd_targets.get(fd) != what}
+        run.check("fds back to start", fds <= base.fds, f"{base.fds} -> {fds}",
+                  "" if fds <= base.fds else f"new: {new_fds}"[:300])
         rss = guard.rss()
         growth = (rss - base.rss_kib) / 1024
         run.figures.update(rss_kib_after_warmup=base.rss_kib, rss_kib_end=rss, rss_growth_mib=round(growth, 2))
@@ -1138,6 +1156,11 @@ async def disconnect_shot(port: int, phase: str, rst: bool, rng: random.Random) 
         elif phase == "idle-in-tx":
             await conn.send(query_message("BEGIN; SELECT 1"))
             await conn.read_until(lambda b: has_ready(b, b"T"), 10)
+        elif phase == "idle":  # done: with a Terminate or without ([pool]: the session is reused)
+            await conn.send(query_message("SELECT 1"))
+            await conn.read_until(lambda b: has_ready(b, b"I"), 10)
+            if rng.random() < 0.5:
+                await conn.send(TERMINATE)
         return phase
     finally:
         conn.close(rst=rst)
@@ -1166,8 +1189,53 @@ async def abandoned_copy_probe(guard: Guard, pause_s: float) -> float:
 async def disconnects_run(stack: ChaosStack, settings: ChaosSettings, run: RunResult) -> None:
     guard = stack.guard("disconnects", settings, tls=False, login_timeout=5.0)
     guard.start()
+    base = await _disconnect_storm(guard, stack, settings, run, PHASES, PHASE_WEIGHTS)
+    releases = [round(await abandoned_copy_probe(guard, settings.copy_pause_s), 2) for _ in range(settings.copy_probes)]
+    run.figures["abandoned_copy_release_s"] = releases
+    run.check("slot freed promptly after an abandoned COPY", max(releases) <= 2.0 and min(releases) >= 0,
+              f"{releases} s (close_timeout {settings.close_timeout:g})")
+    await final_checks(run, guard, stack, base, rss_bound_mib=16)
+
+
+# [pool] reuse on: pgguard runs the SCRAM exchange itself, hands warm sessions out, takes them
+# back and resets them; the same disconnects at every phase, plus clients that leave idle.
+REUSE_CONF: Final = f"""
+[pool]
+reuse = true
+trusted_roles = ["{CHAOS_ROLE}", "{WAIT_ROLE}"]
+server_idle_timeout = 0.5
+"""
+REUSE_PHASES: Final = (*PHASES, "idle")
+REUSE_WEIGHTS: Final = (*PHASE_WEIGHTS, 30)
+
+
+async def reuse_run(stack: ChaosStack, settings: ChaosSettings, run: RunResult) -> None:
+    guard = stack.guard("reuse", settings, tls=False, login_timeout=5.0, extra=REUSE_CONF,
+                        backend_extra=f'monitor_dsn = "{stack.pg.dsn()}"')
+    guard.start()
+    # One SCRAM login first: pgguard's lookup connection (monitor_dsn) opens with it and stays,
+    # so it is in the baseline's descriptors.
+    import asyncpg
+
+    conn = await asyncpg.connect(host=HOST, port=guard.port, user=SCRAM_ROLE, password=SCRAM_PASSWORD,
+                                 database=CHAOS_DB, ssl=False, timeout=15)
+    run.check("SCRAM login checked by pgguard", await conn.fetchval("select 1") == 1, "select 1 answered")
+    await conn.close()
+    base = await _disconnect_storm(guard, stack, settings, run, REUSE_PHASES, REUSE_WEIGHTS)
+    metrics = await guard.metrics()
+    reused = metric_sum(metrics, "pgguard_pool_sessions_reused_total")
+    created = metric_sum(metrics, "pgguard_pool_sessions_created_total")
+    run.figures.update(server_sessions_created=created, server_sessions_reused=reused)
+    run.check("warm sessions reused", reused > 0, f"{reused:,.0f} reused, {created:,.0f} created")
+    await final_checks(run, guard, stack, base, rss_bound_mib=16)
+
+
+async def _disconnect_storm(guard: Guard, stack: ChaosStack, settings: ChaosSettings, run: RunResult,
+                            phases: tuple[str, ...], weights: tuple[int, ...]) -> Baseline:
+    """Clients that drop (FIN or RST) at each of ``phases``; returns the baseline taken after
+    the warm-up share of them."""
     rng = random.Random(7)
-    plan = rng.choices(PHASES, weights=PHASE_WEIGHTS, k=settings.disconnects)
+    plan = rng.choices(phases, weights=weights, k=settings.disconnects)
 
     def shot_for(plan: list[str]) -> Callable[[int], Awaitable[str]]:
         async def shot(i: int) -> str:
@@ -1177,7 +1245,7 @@ async def disconnects_run(stack: ChaosStack, settings: ChaosSettings, run: RunRe
 
         return shot
 
-    warm_plan = rng.choices(PHASES, weights=PHASE_WEIGHTS, k=max(len(PHASES), int(settings.disconnects * settings.warmup)))
+    warm_plan = rng.choices(phases, weights=weights, k=max(len(phases), int(settings.disconnects * settings.warmup)))
     await run_pool(len(warm_plan), settings.disconnect_concurrency, shot_for(warm_plan), deadline_s=300)
     base = await baseline(guard, stack)
     outcomes, elapsed = await run_pool(settings.disconnects, settings.disconnect_concurrency, shot_for(plan),
@@ -1186,20 +1254,16 @@ async def disconnects_run(stack: ChaosStack, settings: ChaosSettings, run: RunRe
     by_phase: Counter[str] = Counter()
     for key, n in outcomes.items():
         phase = key.split(" ")[0]
-        by_phase[phase if phase in PHASES else "other"] += n
-    reached = sum(by_phase[p] for p in PHASES)
+        by_phase[phase if phase in phases else "other"] += n
+    reached = sum(by_phase[p] for p in phases)
     run.figures.update(disconnects=done, seconds=round(elapsed, 1), per_s=round(done / elapsed),
                        by_phase=dict(by_phase), outcomes=dict(outcomes.most_common(30)))
     run.check("disconnects done", done >= settings.disconnects, f"{done:,} in {elapsed:.0f} s")
-    run.check("every phase reached", all(by_phase[p] > 0 for p in PHASES) and reached >= 0.95 * done,
+    run.check("every phase reached", all(by_phase[p] > 0 for p in phases) and reached >= 0.95 * done,
               f"{reached:,} of {done:,} reached their phase",
-              ", ".join(f"{k}={v}" for k, v in outcomes.most_common() if k.split(" ")[0] not in PHASES)[:300])
-    ok, waited, _ = await settle(guard, stack)
-    releases = [round(await abandoned_copy_probe(guard, settings.copy_pause_s), 2) for _ in range(settings.copy_probes)]
-    run.figures["abandoned_copy_release_s"] = releases
-    run.check("slot freed promptly after an abandoned COPY", max(releases) <= 2.0 and min(releases) >= 0,
-              f"{releases} s (close_timeout {settings.close_timeout:g})")
-    await final_checks(run, guard, stack, base, rss_bound_mib=16)
+              ", ".join(f"{k}={v}" for k, v in outcomes.most_common() if k.split(" ")[0] not in phases)[:300])
+    await settle(guard, stack)
+    return base
 
 
 # ------------------------------------------------------------------------- slowloris
@@ -1606,6 +1670,7 @@ RUNS: Final[dict[str, Callable[[ChaosStack, ChaosSettings, RunResult], Awaitable
     "faults": faults_run,
     "fdlimit": fdlimit_run,
     "memory": memory_run,
+    "reuse": reuse_run,
 }
 
 

@@ -63,7 +63,7 @@
 #define DETAIL_REQUESTED (-1) /* closed because the asyncio side asked */
 #define DETAIL_RELEASED (-2)  /* client closed; the server's fd handed back open (keep) */
 
-enum { CMD_WRITE, CMD_CLOSE, CMD_ABORT, CMD_STOP };
+enum { CMD_ADD, CMD_WRITE, CMD_CLOSE, CMD_ABORT, CMD_STOP };
 
 typedef struct Session Session;
 typedef struct Relay Relay;
@@ -542,6 +542,15 @@ static void run_command(Relay *r, Cmd *cmd)
     Session *s = cmd->s;
     End *e = cmd->client ? &s->c : &s->b;
     switch (cmd->type) {
+    case CMD_ADD:
+        /* The session's first command: its sockets join the epoll set here, in the relay
+         * thread, so no event of one side can be handled before the other side is in (a
+         * client reset at once used to end, or release, a server side not registered yet,
+         * whose late registration then pointed at a freed session). The server side first:
+         * a failure there ends the session with the client side not yet read. */
+        update_mask(r, &s->b);
+        update_mask(r, &s->c);
+        break;
     case CMD_WRITE:
         if (e->fd < 0)
             break;
@@ -856,10 +865,6 @@ static PyObject *Relay_add(Relay *self, PyObject *args, PyObject *kwds)
     s->context = context;
     Py_INCREF(self);
     s->relay = self;
-    /* Registered from this thread (epoll_ctl is thread-safe), so a hand-over costs the relay
-     * thread no wake-up: from the ADD on, only the relay thread touches the session. */
-    s->c.mask = s->b.mask = EPOLLIN;
-    s->c.registered = s->b.registered = 1;
     Py_INCREF(s); /* the relay's own reference, given back with the final event */
     pthread_mutex_lock(&self->lock);
     s->live = 1;
@@ -868,10 +873,10 @@ static PyObject *Relay_add(Relay *self, PyObject *args, PyObject *kwds)
     self->live = s;
     pthread_mutex_unlock(&self->lock);
     __atomic_add_fetch(&self->sessions, 1, __ATOMIC_RELAXED);
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &s->c};
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, cfd, &ev) < 0) {
-        /* Not handed over: the caller still owns the descriptors. */
-        PyErr_SetFromErrno(PyExc_OSError);
+    /* Registered by the relay thread itself (CMD_ADD, the session's first command): from
+     * here on only that thread touches the session's sockets. */
+    if (enqueue(self, CMD_ADD, s, 0, NULL, 0) < 0) {
+        /* Not handed over (the relay is closed): the caller still owns the descriptors. */
         pthread_mutex_lock(&self->lock);
         s->live = 0;
         if (s->prev) s->prev->next = s->next; else self->live = s->next;
@@ -882,13 +887,6 @@ static PyObject *Relay_add(Relay *self, PyObject *args, PyObject *kwds)
         Py_DECREF(s);
         Py_DECREF(s);
         return NULL;
-    }
-    ev.data.ptr = &s->b;
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, bfd, &ev) < 0) {
-        /* The client side is live already: end the session as if the server side failed. */
-        s->b.registered = 0;
-        if (enqueue(self, CMD_ABORT, s, 0, NULL, 0) < 0)
-            PyErr_Clear();
     }
     return (PyObject *)s;
 }

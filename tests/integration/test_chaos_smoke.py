@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUNS = ("fuzz", "disconnects", "slowloris", "faults", "fdlimit", "memory")
+RUNS = ("fuzz", "disconnects", "slowloris", "faults", "fdlimit", "memory", "reuse")
 COMMON_CHECKS = (
     "alive",
     "no slots, waiters or server sessions left",

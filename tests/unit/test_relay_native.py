@@ -349,3 +349,33 @@ def test_keep_lets_a_busy_session_end_as_usual(relay: Any) -> None:
     assert got[0][1] == _relay.CLIENT_CLOSED and got[0][2] != _relay.RELEASED
     p.server.close()
     events(relay, 1)
+
+
+def test_a_client_gone_before_the_hand_over_never_leaves_the_server_side_registered(relay: Any) -> None:
+    """A client that resets right at the hand-over (the chaos harness's reuse run): its side
+    is read at once, and the server side is handed back (keep) or closed. Both sides join the
+    epoll set in the relay thread, so the server side can never be registered after the
+    session ended, pointing at a freed session (which crashed the process when the server
+    side next had bytes to read)."""
+    for i in range(500):
+        client, near_c = socket.socketpair()
+        server, near_b = socket.socketpair()
+        client.close()  # gone before the relay has the session
+        bfd = os.dup(near_b.fileno())
+        session = relay.add(os.dup(near_c.fileno()), bfd, None, status=ord("I"), keep=i % 2 == 0)
+        near_c.close()
+        near_b.close()
+        got = events(relay, 1)
+        assert got[0][1] == _relay.CLIENT_CLOSED
+        if got[0][2] == _relay.RELEASED:  # keep: the server side is ours again, open
+            back = socket.socket(fileno=bfd)
+            server.sendall(b"after")  # bytes the relay must never see
+            assert back.recv(5) == b"after"
+            back.close()
+        else:
+            assert server.recv(5) == TERMINATE  # told the client left; closed when the server goes
+            server.close()
+            assert events(relay, 1)[0][1:] == (_relay.BACKEND_CLOSED, 0, True)
+        del session
+        server.close()
+    assert relay.sessions == 0
