@@ -126,8 +126,7 @@ class Faults:
         rule.id, self._next_id = self._next_id, self._next_id + 1
         rule.source = source
         rule.fired = 0
-        seed = rule.seed if rule.seed is not None else f"{self.seed}/{rule.describe()}"
-        rule._rng = random.Random(seed)
+        self._seed(rule)
         self.rules.append(rule)
         _log("fault_added", id=rule.id, rule=rule.describe(), source=source)
         if rule.kind == "terminate":
@@ -167,6 +166,10 @@ class Faults:
             _log("faults_cleared", rules=count)
         return count
 
+    def _seed(self, rule: FaultRule) -> None:
+        """The rule's own draws: from ``SEED k``, else from ``[faults] seed`` and its text."""
+        rule._rng = random.Random(rule.seed if rule.seed is not None else f"{self.seed}/{rule.describe()}")
+
     def snapshot(self) -> dict[str, Any]:
         """The rules as they stand, for a restarted worker to copy (``restore``). TERMINATE
         rules are left out: they act on the sessions of the moment, which the copy has none of."""
@@ -186,8 +189,7 @@ class Faults:
             rule = parse_rule(str(item["rule"]))
             rule.id, rule.source, rule.fired = int(item["id"]), str(item["source"]), int(item["fired"])
             rule.state = "spent" if item["state"] == "spent" else "live"
-            seed = rule.seed if rule.seed is not None else f"{self.seed}/{rule.describe()}"
-            rule._rng = random.Random(seed)
+            self._seed(rule)
             rules.append(rule)
         for timer in self._timers.values():
             timer.cancel()
