@@ -16,10 +16,18 @@ Modes
             flight), each: StartupMessage, wait (queued at the proxy), first server byte,
             ReadyForQuery, ``select 1``, Terminate. Reports outcomes and the time from the
             StartupMessage to the first server byte (admission wait plus backend startup).
-``hold``    open ``clients`` connections and send each a StartupMessage; with
+``hold``    open ``clients`` connections and send each a StartupMessage (answering SCRAM with
+            ``extra.password``, as ``burst``); with
             ``until = "ready"`` wait for each ReadyForQuery (idle sessions), with
             ``until = "sent"`` wait for nothing (queued clients). Print ``{"event": "ready"}``,
             keep them open until a line arrives on stdin, then close them all.
+``burst``   like ``storm``, but armed first: the process prints ``{"event": "armed"}``, waits
+            for a line on stdin (so several load processes start their clients at the same
+            moment), then opens ``clients`` connections at once. Each is timed from its
+            connect call to the answer of ``select 1`` (``time.monotonic``, comparable between
+            processes of one host); ``extra.password`` answers SCRAM-SHA-256 (a client of its
+            own, below). Reports the first start and last answer, so the harness can compute
+            the makespan over every process, and each served client's time.
 ``serial``  ``clients`` connections one at a time: connect, StartupMessage, ReadyForQuery,
             Terminate; reports the time from connect to ReadyForQuery (admission latency),
             per port when ``extra.ports`` names several (taken in turn).
@@ -30,7 +38,11 @@ Nothing here sleeps to synchronise; every wait is bounded by ``deadline`` second
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
+import os
 import resource
 import select
 import socket
@@ -83,7 +95,7 @@ class _Session(asyncio.Protocol):
 
     __slots__ = (
         "startup", "query", "until", "done", "transport", "buf", "outcome",
-        "t_sent", "t_first", "t_done", "readies", "loop", "authed",
+        "t_sent", "t_first", "t_done", "readies", "loop", "authed", "scram",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, startup: bytes, *, query: bool, until: str) -> None:
@@ -100,6 +112,7 @@ class _Session(asyncio.Protocol):
         self.t_done = 0.0
         self.readies = 0
         self.authed = False  # an AuthenticationOk arrived: a server, not a proxy, is answering
+        self.scram: _Scram | None = None  # set to answer SCRAM-SHA-256 (burst mode)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport does not subclass asyncio.Transport: no isinstance check.
@@ -130,7 +143,11 @@ class _Session(asyncio.Protocol):
                     self._finish("error:" + code)
                 return
             if tag == b"R":
-                self.authed = True
+                code = int.from_bytes(buf[pos + 5 : pos + 9], "big")
+                if code == 0:
+                    self.authed = True
+                elif self.scram is not None and code in (10, 11):
+                    self.transport.write(self.scram.answer(code, bytes(buf[pos + 9 : stop])))  # type: ignore[union-attr]
             if tag == b"Z":
                 self.readies += 1
                 if self.until == "first":
@@ -177,6 +194,39 @@ class _Session(asyncio.Protocol):
             except OSError:
                 pass
         transport.abort()
+
+
+class _Scram:
+    """The client side of SCRAM-SHA-256 without channel binding, as libpq answers it."""
+
+    __slots__ = ("password", "nonce", "first_bare")
+    # PBKDF2 per (password, salt, iterations): the load should cost the target, not us.
+    _salted: dict[tuple[bytes, bytes, int], bytes] = {}
+
+    def __init__(self, password: str) -> None:
+        self.password = password.encode()
+        self.nonce = base64.b64encode(os.urandom(18)).decode()
+        self.first_bare = f"n=,r={self.nonce}"
+
+    def answer(self, code: int, body: bytes) -> bytes:
+        if code == 10:  # AuthenticationSASL: the mechanisms; answer with client-first
+            first = ("n,," + self.first_bare).encode()
+            payload = b"SCRAM-SHA-256\x00" + len(first).to_bytes(4, "big") + first
+            return b"p" + (len(payload) + 4).to_bytes(4, "big") + payload
+        server_first = body.decode()
+        fields = dict(part.split("=", 1) for part in server_first.split(","))
+        salt, iterations = base64.b64decode(fields["s"]), int(fields["i"])
+        key = (self.password, salt, iterations)
+        salted = self._salted.get(key)
+        if salted is None:
+            salted = self._salted[key] = hashlib.pbkdf2_hmac("sha256", self.password, salt, iterations)
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        without_proof = f"c=biws,r={fields['r']}"
+        message = f"{self.first_bare},{server_first},{without_proof}".encode()
+        signature = hmac.digest(hashlib.sha256(client_key).digest(), message, "sha256")
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        final = f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+        return b"p" + (len(final) + 4).to_bytes(4, "big") + final
 
 
 @dataclass
@@ -371,13 +421,56 @@ async def storm(spec: _Spec) -> dict[str, Any]:
     }
 
 
+async def burst(spec: _Spec) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    startup = startup_message(spec.user, spec.database)
+    password = spec.extra.get("password")
+    gate = asyncio.Semaphore(spec.connect_inflight)
+    sessions = [_Session(loop, startup, query=True, until="served") for _ in range(spec.clients)]
+    starts = [0.0] * spec.clients
+    ends = [0.0] * spec.clients
+
+    async def one(i: int, session: _Session) -> None:
+        if password is not None:
+            session.scram = _Scram(password)
+        starts[i] = time.monotonic()  # not loop.time(): uvloop's clock has millisecond steps
+        async with gate:
+            failed = await _connect(loop, spec, session)
+        if failed is None:
+            await session.done
+        ends[i] = time.monotonic()
+
+    print(json.dumps({"event": "armed"}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    tasks = [loop.create_task(one(i, s)) for i, s in enumerate(sessions)]
+    _, pending = await asyncio.wait(tasks, timeout=spec.deadline)
+    for task in pending:
+        task.cancel()
+    for s in sessions:
+        if s.outcome is None:
+            s.outcome = "hung"
+            s.abort()
+    served = [i for i, s in enumerate(sessions) if s.outcome == "served"]
+    return {
+        "mode": "burst",
+        "clients": spec.clients,
+        "outcomes": dict(Counter(s.outcome for s in sessions)),
+        "first_start": min(starts),
+        "last_end": max((ends[i] for i in served), default=0.0),
+        "served_times": [round(ends[i] - starts[i], 6) for i in served],
+    }
+
+
 async def hold(spec: _Spec) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     startup = startup_message(spec.user, spec.database)
     gate = asyncio.Semaphore(spec.connect_inflight)
     sessions = [_Session(loop, startup, query=False, until=spec.until) for _ in range(spec.clients)]
+    password = spec.extra.get("password")
 
     async def one(session: _Session) -> None:
+        if password is not None:
+            session.scram = _Scram(password)
         async with gate:
             if await _connect(loop, spec, session) is not None:
                 return
@@ -436,7 +529,7 @@ async def serial(spec: _Spec) -> dict[str, Any]:
     return {"mode": "serial", "clients": spec.clients, "elapsed": loop.time() - started, **first, "ports": per_port}
 
 
-MODES: Final = {"storm": storm, "hold": hold, "serial": serial}
+MODES: Final = {"storm": storm, "burst": burst, "hold": hold, "serial": serial}
 
 
 def main(argv: list[str]) -> int:

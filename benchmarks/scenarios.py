@@ -657,6 +657,13 @@ async def cluster_rows(stack: Stack, s: Settings) -> list[Row]:
     return await cluster(stack, s)
 
 
+async def storm_connect_rows(stack: Stack, s: Settings) -> list[Row]:
+    """Issue 18's storm from connect to answer, reuse on, against PgBouncer (benchmarks/storm_connect.py)."""
+    from .storm_connect import storm_connect
+
+    return await storm_connect(stack, s)
+
+
 Scenario = Callable[[Stack, Settings], Awaitable[list[Row]]]
 # In the issue's order; the names are what ``--only`` takes.
 SCENARIOS: Final[dict[str, Scenario]] = {
@@ -670,6 +677,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "tls": tls_throughput,
     "cluster": cluster_rows,
     "reuse": reuse_rows,
+    "stormconnect": storm_connect_rows,
 }
 
 

@@ -379,14 +379,16 @@ queue_timeout = 600.0
     # ------------------------------------------------------------------- pgbouncer
 
     def start_pgbouncer(
-        self, name: str, *, client_tls: bool = False, scram_users: dict[str, str] | None = None
+        self, name: str, *, client_tls: bool = False, scram_users: dict[str, str] | None = None,
+        user_limits: dict[str, int] | None = None,
     ) -> tuple[_Process, int]:
         """A PgBouncer in session mode, trusting everyone on loopback; returns it and its port.
 
         ``client_tls``: clients must use TLS (``client_tls_sslmode = require``), the server
         is reached in clear (``server_tls_sslmode = disable``). ``scram_users`` (role ->
         stored SCRAM verifier): ``auth_type = scram-sha-256`` against those verifiers in its
-        own user file, instead of trust (the reuse scenario).
+        own user file, instead of trust (the reuse scenario). ``user_limits`` (role -> n):
+        ``max_user_connections`` per role, added to the storm role's.
         """
         from pgguard.testing.cluster import free_port
 
@@ -409,6 +411,8 @@ queue_timeout = 600.0
             userlist.write_text("".join(f'"{u}" "{v}"\n' for u, v in scram_users.items()))
         else:
             userlist.write_text("".join(f'"{u}" ""\n' for u in users))
+        limits = {STORM_ROLE: STORM_LIMIT, **(user_limits or {})}
+        users_ini = "\n".join(f"{u} = max_user_connections={n}" for u, n in limits.items())
         port = free_port()
         ini = self.workdir / f"{name}.ini"
         ini.write_text(f"""\
@@ -416,7 +420,7 @@ queue_timeout = 600.0
 * = host={self.backend_host} port={self.pg.port}
 
 [users]
-{STORM_ROLE} = max_user_connections={STORM_LIMIT}
+{users_ini}
 
 [pgbouncer]
 listen_addr = 127.0.0.1
