@@ -177,6 +177,7 @@ class Server:
         for key, moved in (
             ("server.listen", new.server.listen != old.server.listen),
             ("metrics.listen", new.metrics != old.metrics and self.serve_metrics),
+            ("log.format", new.log != old.log),
         ):
             if moved:  # bound sockets stay as they are until a restart
                 log_event(logging.WARNING, "reload_needs_restart", key=key)

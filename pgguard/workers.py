@@ -752,6 +752,7 @@ class Supervisor:
             ("server.workers", new.server.workers != old.server.workers),
             ("server.listen", new.server.listen != old.server.listen),
             ("metrics.listen", new.metrics != old.metrics),
+            ("log.format", new.log != old.log),
         ):
             if moved:
                 log_event(logging.WARNING, "reload_needs_restart", key=key)
