@@ -265,8 +265,8 @@ class ClusterConfig:
         return self.heartbeat_interval if self.heartbeat_interval is not None else self.lease_ttl / 3
 
 
-# The default lookup: a SECURITY DEFINER function the DBA creates (README, "Reusing server
-# sessions"), so the monitoring role never reads pg_authid itself.
+# The default lookup: a SECURITY DEFINER function the DBA creates (docs/reuse.md), so the
+# monitoring role never reads pg_authid itself.
 DEFAULT_AUTH_QUERY: Final = "SELECT verifier FROM pgguard.lookup_role($1)"
 
 

@@ -3,7 +3,7 @@
 Every ``import`` between pgguard modules counts, those under ``if TYPE_CHECKING:`` and those
 inside functions too: a lazy import taken to dodge a cycle is still an arrow. A module may
 import its own layer or a lower one, never a higher one, and the module graph has no cycle.
-The README's architecture section lists the same layers; this test keeps them true.
+docs/architecture.md lists the same layers (tests/unit/test_docs.py checks every module is there).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pgguard"
 
-# Layer of every module (the README's "Architecture" section says what each one is for).
+# Layer of every module (docs/architecture.md says what each one is for).
 LAYERS: dict[str, int] = {
     # 0: core: no asyncio, no sockets, no clock of its own
     "errors": 0, "log": 0, "wire": 0, "limits": 0, "rules": 0, "scram": 0, "config": 0,
@@ -81,7 +81,7 @@ def _graph() -> dict[str, set[str]]:
 
 def test_every_module_has_a_layer() -> None:
     missing = sorted(set(_graph()) - set(LAYERS))
-    assert missing == [], f"give these modules a layer here and in the README: {missing}"
+    assert missing == [], f"give these modules a layer here and in docs/architecture.md: {missing}"
 
 
 @pytest.mark.parametrize("module", sorted(_graph()))
