@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
