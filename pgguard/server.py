@@ -66,7 +66,8 @@ class Server:
         self.serve_metrics = True
         self.prepare_config: Callable[[Config], Config] | None = None
         self.console_runner: Runner | None = None
-        # The service manager's notifications (systemd Type=notify); a no-op one unless
+        # The service manager's notifications (systemd Type=notify): READY from ``serve``,
+        # RELOADING/READY around ``reload``, STOPPING from ``drain``; a no-op one unless
         # ``serve`` is given one (``run``: from $NOTIFY_SOCKET; workers never notify).
         self.notifier = Notifier(None)
 
@@ -132,7 +133,6 @@ class Server:
         await self._start_mirror()
         await control.start_cluster()
         control.start()
-        self.notifier.ready()
 
     def reload(self, new: Config | None = None) -> bool:
         """Re-read the config file (or apply ``new``); a bad file keeps the old config."""
@@ -331,6 +331,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     if started is not None:
         started(server, request)
+    server.notifier.ready()  # after the handlers: a SIGHUP from now on reloads, never kills
     try:
         await stop.wait()
         drain = loop.create_task(server.drain())

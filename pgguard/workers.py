@@ -880,11 +880,17 @@ class Supervisor:
         statement = str(message.get("statement", ""))
         try:
             cmd, _ = find(statement)
-            if cmd.syntax == "RELOAD":
+            reload = cmd.syntax == "RELOAD"
+            if reload:
+                self.notifier.reloading()
                 self.reload()
-            replies = await self.ask_all(
-                "command", statement=statement, user=message.get("user", ""), client=message.get("client", "")
-            )
+            try:
+                replies = await self.ask_all(
+                    "command", statement=statement, user=message.get("user", ""), client=message.get("client", "")
+                )
+            finally:
+                if reload and not self.stopping.is_set():
+                    self.notifier.ready()
             return self._merge(cmd, replies)
         except AdminCommandError as exc:
             return _error_reply(exc)
