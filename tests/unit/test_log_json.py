@@ -128,7 +128,10 @@ def test_setup_logging_json_for_a_worker_adds_its_index(capsys: pytest.CaptureFi
 
 
 def test_log_format_key_default_env_and_validation() -> None:
+    from pgguard.console import config_rows
+
     assert config_mod.loads("").log.format == "text"
+    assert ("log.format", "json") in config_rows(config_mod.loads('[log]\nformat = "json"\n'))  # SHOW CONFIG
     assert config_mod.loads('[log]\nformat = "json"\n').log.format == "json"
     assert config_mod.loads("", env={"PGGUARD_LOG__FORMAT": "json"}).log.format == "json"
     with pytest.raises(ConfigError, match=r"log\.format.*must be one of text, json"):
