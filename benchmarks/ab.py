@@ -5,7 +5,7 @@ holds a ``pgguard/`` package (e.g. ``git worktree`` or a copy with one change). 
 as separate processes at the same time; every round measures A then B (then B then A), so
 machine noise hits both alike. Besides throughput it reports the proxy's own CPU time per
 operation (user and system, from /proc), which is far steadier than throughput on a
-shared machine. This is how each optimisation in the README's benchmark notes was judged.
+shared machine. This is how each optimisation in docs/benchmarks.md's notes was judged.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def table(rows: Sequence[Row], targets: Sequence[str] = TARGETS) -> str:
 
 
 def markdown_table(rows: Sequence[Row], targets: Sequence[str] = TARGETS) -> str:
-    """The same table as GitHub markdown, for the README."""
+    """The same table as GitHub markdown, for docs/benchmarks.md."""
     head = _header(targets)
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:

@@ -3,7 +3,7 @@
 ``python -m benchmarks run --only reuse``. The scenario starts its own pgguard process
 (``pgguard-reuse``): the run's configuration plus ``[pool] reuse = true`` with ``bench`` and
 ``storm`` in ``trusted_roles``, and ``[backend] monitor_dsn`` (the superuser, database
-``postgres``), where it creates the README's lookup function ``pgguard.lookup_role``. The run's
+``postgres``), where it creates docs/reuse.md's lookup function ``pgguard.lookup_role``. The run's
 own pgguard (reuse off) stays the "reuse off" column.
 
 ``pgbench -n -S -C -c 8 -j 2`` (a connection per transaction), repetitions interleaved with

@@ -12,16 +12,23 @@ from collections.abc import Sequence
 from . import __version__, scram, tls
 from . import config as config_mod
 from .errors import ConfigError
+from .log import TEXT_FORMAT, JSONFormatter
 
 __all__ = ["main", "setup_logging"]
 
-LOG_FORMAT = "%(asctime)s level=%(levelname)s %(message)s"
+LOG_FORMAT = TEXT_FORMAT
 
 
-def setup_logging(level: str, *, worker: int | None = None) -> None:
-    """Log to stderr; a worker of ``[server] workers`` adds ``worker=i`` to every line."""
-    fmt = LOG_FORMAT if worker is None else LOG_FORMAT.replace(" %(message)s", f" worker={worker} %(message)s")
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+def setup_logging(level: str, *, worker: int | None = None, format: str = "text") -> None:
+    """Log to stderr, as ``[log] format`` says (``text`` or ``json``); a worker of
+    ``[server] workers`` adds ``worker=i`` (a ``worker`` key in JSON) to every line."""
+    handler = logging.StreamHandler(sys.stderr)
+    if format == "json":
+        handler.setFormatter(JSONFormatter(None if worker is None else {"worker": worker}))
+    else:
+        fmt = LOG_FORMAT if worker is None else LOG_FORMAT.replace(" %(message)s", f" worker={worker} %(message)s")
+        handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -36,6 +43,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pgguard: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if cfg.log.format != "text":
+        setup_logging(args.log_level, worker=None if spec is None else spec.index, format=cfg.log.format)
     try:
         if spec is not None:
             return workers.run_worker(cfg, spec)

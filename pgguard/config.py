@@ -5,7 +5,7 @@ the dotted key and the bad value. A reload builds a new ``Config``; nothing is c
 place. Defaults live in the dataclasses below and are repeated, with comments, in
 ``config.example.toml``.
 
-Size: about 580 lines, one job: the schema of one file (every section's dataclass beside its
+Size: about 600 lines, one job: the schema of one file (every section's dataclass beside its
 checks), read and validated in one place.
 """
 
@@ -39,6 +39,7 @@ __all__ = [
     "FaultsConfig",
     "ClusterConfig",
     "PoolConfig",
+    "LogConfig",
     "load",
     "loads",
     "from_dict",
@@ -264,8 +265,8 @@ class ClusterConfig:
         return self.heartbeat_interval if self.heartbeat_interval is not None else self.lease_ttl / 3
 
 
-# The default lookup: a SECURITY DEFINER function the DBA creates (README, "Reusing server
-# sessions"), so the monitoring role never reads pg_authid itself.
+# The default lookup: a SECURITY DEFINER function the DBA creates (docs/reuse.md), so the
+# monitoring role never reads pg_authid itself.
 DEFAULT_AUTH_QUERY: Final = "SELECT verifier FROM pgguard.lookup_role($1)"
 
 
@@ -299,6 +300,17 @@ class PoolConfig:
     server_reset_query: str = "DISCARD ALL"
 
 
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    """[log]: how log lines are written to stderr (the level is ``pgguard run --log-level``)."""
+
+    # "text": logfmt lines (ts level=... event=... key=value); "json": one JSON object a line.
+    format: LogFormat = "text"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     path: str = DEFAULT_PATH
@@ -314,6 +326,7 @@ class Config:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     cluster: ClusterConfig | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def reuse(self, role: str, database: str) -> bool:
         """True when sessions of (role, database) are reused ([pool] reuse, overridden per
@@ -378,6 +391,7 @@ _SECTIONS: Final[dict[str, type]] = {
     "faults": FaultsConfig,
     "cluster": ClusterConfig,
     "pool": PoolConfig,
+    "log": LogConfig,
 }
 _NAMED: Final[dict[str, type]] = {"roles": RoleConfig, "databases": DatabaseConfig}
 

@@ -444,7 +444,7 @@ def _transaction(session: Session, m: re.Match[str]) -> Result:
 def config_rows(cfg: Config) -> list[tuple[str, str]]:
     """Every key in force as (dotted key, value); secrets masked."""
     rows: list[tuple[str, str]] = [("file", cfg.path)]
-    for section in ("server", "backend", "limits", "admin", "metrics", "errors", "tls"):
+    for section in ("server", "backend", "limits", "admin", "metrics", "errors", "log", "tls"):
         obj = getattr(cfg, section, None)
         if obj is not None and dataclasses.is_dataclass(obj):
             rows += _dataclass_rows(section, obj)

@@ -1,19 +1,28 @@
-"""The one structured logger: ``event=name key=value`` lines, client-supplied text escaped.
+"""The one structured logger: ``event=name key=value`` lines (or JSON objects), client-supplied text escaped.
 
 Every value is data, never format: a user or database name comes from whoever reached the
 port, so it may hold newlines (which would forge log lines), quotes, control characters or
 bytes that are not UTF-8 (``wire`` keeps them as surrogate escapes). ``display`` turns any
 such text into one printable line that still tells distinct names apart; ``log_event`` quotes
 it logfmt-style where needed. The same ``display`` is what SHOW CLIENTS and ``/metrics`` show.
+
+With ``[log] format = "json"``, ``JSONFormatter`` writes each record as one JSON object
+(``ts``, ``level``, ``event``, then the event's fields), the escaping left to the JSON encoder:
+a name comes back from ``json.loads`` exactly as the client sent it (bytes that were not UTF-8
+as the lone surrogates ``wire`` decoded them to, ``\\udcXX``), cut at ``MAX_DISPLAY``.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
+import math
 import re
+from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["log", "log_event", "display", "logfmt_value", "RateLimitedLog"]
+__all__ = ["log", "log_event", "display", "logfmt_value", "RateLimitedLog", "JSONFormatter", "TEXT_FORMAT"]
 
 log = logging.getLogger("pgguard")
 
@@ -62,11 +71,73 @@ def logfmt_value(value: object) -> str:
 
 
 def log_event(level: int, event: str, **fields: object) -> None:
-    """One structured key=value log line per event that matters."""
+    """One structured key=value log line per event that matters (the fields ride along on the
+    record for ``JSONFormatter``)."""
     if log.isEnabledFor(level):
         parts = [f"event={event}"]
         parts += [f"{key}={logfmt_value(value)}" for key, value in fields.items()]
-        log.log(level, " ".join(parts))
+        log.log(level, " ".join(parts), extra={_EVENT: event, _FIELDS: fields})
+
+
+# The LogRecord attributes log_event sets (a record without them came from a plain log call).
+_EVENT: Final = "pgguard_event"
+_FIELDS: Final = "pgguard_fields"
+# The text format's prefix (a worker of [server] workers adds worker=i after the level).
+TEXT_FORMAT: Final = "%(asctime)s level=%(levelname)s %(message)s"
+# Keys every JSON line starts with; an event field of the same name is written as field_<name>.
+_RESERVED: Final = frozenset({"ts", "level", "event", "message", "logger", "traceback"})
+
+
+def _json_value(value: object) -> object:
+    """A field as JSON: numbers, booleans and null as themselves, anything else as (cut) text."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    text = str(value)
+    return text if len(text) <= MAX_DISPLAY else text[:MAX_DISPLAY] + "..."
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per record: ``ts`` (RFC 3339, UTC), ``level``, ``event``, the fields.
+
+    A record from ``log_event`` carries its fields; any other (a traceback, a library's line)
+    has ``event`` taken from a leading ``event=NAME`` (else ``"log"``) and its text under
+    ``message``; a traceback goes under ``traceback``. ``static`` fields (``worker``) follow
+    ``level``. The encoder escapes quotes, newlines, control characters and undecodable bytes
+    (``ensure_ascii``), so one record is always one line.
+    """
+
+    def __init__(self, static: Mapping[str, object] | None = None) -> None:
+        super().__init__()
+        self.static = dict(static or {})
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        out: dict[str, object] = {"ts": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                                  "level": record.levelname}  # fmt: skip
+        out.update(self.static)
+        event = getattr(record, _EVENT, None)
+        if isinstance(event, str):
+            out["event"] = event
+            fields: Mapping[str, object] = getattr(record, _FIELDS, {})
+            for key, value in fields.items():
+                out[f"field_{key}" if key in _RESERVED or key in self.static else key] = _json_value(value)
+        else:
+            message = record.getMessage()
+            name, sep, rest = message.partition(" ")
+            if name.startswith("event=") and len(name) > 6:
+                out["event"], message = name[6:], rest
+            else:
+                out["event"] = "log"
+            out["message"] = message
+            if record.name != log.name:
+                out["logger"] = record.name
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            out["traceback"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=True, separators=(",", ":"), default=str)
 
 
 class RateLimitedLog:

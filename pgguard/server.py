@@ -26,6 +26,7 @@ from .config import Config
 from .control import Control, Stats, raise_fd_limit
 from .errors import ConfigError
 from .log import log_event
+from .notify import Notifier, from_env
 from .proxy import ClientConnection
 
 __all__ = ["Server", "Stats", "StopRequest", "run", "run_loop", "serve", "new_event_loop"]
@@ -65,6 +66,10 @@ class Server:
         self.serve_metrics = True
         self.prepare_config: Callable[[Config], Config] | None = None
         self.console_runner: Runner | None = None
+        # The service manager's notifications (systemd Type=notify): READY from ``serve``,
+        # RELOADING/READY around ``reload``, STOPPING from ``drain``; a no-op one unless
+        # ``serve`` is given one (``run``: from $NOTIFY_SOCKET; workers never notify).
+        self.notifier = Notifier(None)
 
     # Read-only views for in-process callers (pgguard.testing, the demo); changes go
     # through ``control``.
@@ -131,6 +136,18 @@ class Server:
 
     def reload(self, new: Config | None = None) -> bool:
         """Re-read the config file (or apply ``new``); a bad file keeps the old config."""
+        self.notifier.reloading()
+        try:
+            return self._reload(new)
+        finally:
+            self.notifier.ready()
+
+    def status(self) -> str:
+        """One line for the service manager's STATUS=: sessions and waiting clients now."""
+        counts = self.control.counts()
+        return f"sessions={counts.sessions_active} waiting={counts.clients_waiting}"
+
+    def _reload(self, new: Config | None) -> bool:
         stats = self.control.stats
         try:
             if new is None:
@@ -160,6 +177,7 @@ class Server:
         for key, moved in (
             ("server.listen", new.server.listen != old.server.listen),
             ("metrics.listen", new.metrics != old.metrics and self.serve_metrics),
+            ("log.format", new.log != old.log),
         ):
             if moved:  # bound sockets stay as they are until a restart
                 log_event(logging.WARNING, "reload_needs_restart", key=key)
@@ -175,6 +193,7 @@ class Server:
         """
         if timeout is None:
             timeout = self.config.server.shutdown_timeout
+        self.notifier.stopping()
         for listener in self._listeners:
             listener.close()
         control = self.control
@@ -272,17 +291,22 @@ async def serve(
     *,
     server: Server | None = None,
     started: Callable[[Server, StopRequest], None] | None = None,
+    notifier: Notifier | None = None,
 ) -> int:
     """Run until drained by a signal. Returns the process exit code.
 
     ``server`` (default: a new one for ``config``) is started here; then ``started`` gets
     it and a function that asks for the same drain as SIGTERM (a second call stops at once),
-    with a reason for the log.
+    with a reason for the log. ``notifier`` (see notify.py) hears READY, RELOADING, STOPPING,
+    WATCHDOG and STATUS.
     """
     loop = asyncio.get_running_loop()
     if server is None:
         server = Server(config, loop=loop)
+    if notifier is not None:
+        server.notifier = notifier
     await server.start()
+    keeping = loop.create_task(server.notifier.keep(server.status))
     stop = asyncio.Event()
     signals = 0
 
@@ -307,6 +331,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     if started is not None:
         started(server, request)
+    server.notifier.ready()  # after the handlers: a SIGHUP from now on reloads, never kills
     try:
         await stop.wait()
         drain = loop.create_task(server.drain())
@@ -316,6 +341,7 @@ async def serve(
         for task in (drain, stopped):
             task.cancel()  # after a second signal the drain is abandoned
     finally:
+        keeping.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log_event(logging.INFO, "stop", clean=clean)
@@ -323,8 +349,9 @@ async def serve(
 
 
 def run(config: Config) -> int:
-    """Run pgguard in this process on a fresh (uv)loop until it is drained."""
-    return run_loop(serve(config))
+    """Run pgguard in this process on a fresh (uv)loop until it is drained; it notifies the
+    service manager named by ``$NOTIFY_SOCKET``, if any (systemd Type=notify)."""
+    return run_loop(serve(config, notifier=from_env()))
 
 
 def run_loop(main: Any) -> int:

@@ -71,7 +71,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -89,6 +89,7 @@ from .console import Command, Host, Result, find
 from .errors import AdminCommandError, ConfigError, ProtocolViolation
 from .log import log, log_event
 from .metrics import MetricsServer, ProbeServer
+from .notify import CHILD_ENV, STATUS_EVERY, from_env
 from .rules import FaultSpecError
 from .server import Server, StopRequest, run_loop, serve
 
@@ -370,6 +371,11 @@ class _WorkerService:
             return {"text": body.decode()}
         if op == "ready":
             return {"reason": await self.probe.not_ready()}
+        if op == "reload":  # the supervisor's SIGHUP: re-read the file, answer when done
+            return {"ok": self.server.reload()}
+        if op == "status":  # the supervisor's STATUS= for the service manager
+            counts = self.server.control.counts()
+            return {"sessions": counts.sessions_active, "waiting": counts.clients_waiting}
         if op == "snapshot":  # a restarted worker copies this one's run-time state
             return {"state": self.server.control.runtime_state()}
         if op == "cancel":  # another worker received a CancelRequest with a key pgguard minted
@@ -592,6 +598,11 @@ class Supervisor:
         self._reserved: list[socket.socket] = []
         self._failed: asyncio.Future[int] = self.loop.create_future()
         self._serving_all = asyncio.Event()
+        # The service manager hears the supervisor only (workers get no $NOTIFY_SOCKET):
+        # READY once every worker serves, RELOADING/READY around a reload of all, STOPPING.
+        self.notifier = from_env()
+        self._status = "starting"
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --------------------------------------------------------------- lifecycle
 
@@ -626,6 +637,10 @@ class Supervisor:
                     listen=",".join(self.listen),
                     metrics="{}:{}".format(*self.metrics.address) if self.metrics and self.metrics.address else "",
                 )  # fmt: skip
+                self.notifier.ready()
+                if self.notifier.enabled:
+                    self._spawn(self.notifier.keep(lambda: self._status))
+                    self._spawn(self._poll_status())
                 await self.stopping.wait()
             else:
                 self.stopping.set()
@@ -634,8 +649,9 @@ class Supervisor:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            for task in keepers:
+            for task in (*keepers, *self._tasks):
                 task.cancel()
+            self.notifier.close()
         if code is not None:
             log_event(logging.ERROR, "stop", clean=False, reason="a worker failed to start")
             return code
@@ -678,14 +694,43 @@ class Supervisor:
         self.signals += 1
         action = "drain" if self.signals == 1 else "stop"
         log_event(logging.INFO, "signal", name=signal.Signals(signum).name, action=action)
+        if self.signals == 1:
+            self.notifier.stopping()
         self.stopping.set()
         if self.signals > 1:
             self._forward(signal.SIGTERM)  # a worker's second signal: stop at once
 
     def _on_hangup(self) -> None:
         log_event(logging.INFO, "signal", name="SIGHUP", action="reload")
+        self.notifier.reloading()
         self.reload()
-        self._forward(signal.SIGHUP)
+        self._spawn(self._reload_workers())
+
+    async def _reload_workers(self) -> None:
+        """Every serving worker reloads over its channel (READY=1 once all have answered); one
+        still starting gets SIGHUP (it may have read the file before the change)."""
+        for w in self.workers:
+            if not w.serving and w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGHUP)
+        await self.ask_all("reload")
+        if not self.stopping.is_set():
+            self.notifier.ready()
+
+    async def _poll_status(self) -> None:
+        """Every STATUS_EVERY seconds: the workers' sessions and waiting clients, summed."""
+        while True:
+            replies = await self.ask_all("status")
+            sessions = sum(int(r.get("sessions", 0)) for _, r in replies)
+            waiting = sum(int(r.get("waiting", 0)) for _, r in replies)
+            serving = sum(1 for w in self.workers if w.serving)
+            self._status = f"sessions={sessions} waiting={waiting} workers={serving}/{len(self.workers)}"
+            await asyncio.sleep(STATUS_EVERY)  # a period, not a synchronisation
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _forward(self, signum: int) -> None:
         for w in self.workers:
@@ -707,6 +752,7 @@ class Supervisor:
             ("server.workers", new.server.workers != old.server.workers),
             ("server.listen", new.server.listen != old.server.listen),
             ("metrics.listen", new.metrics != old.metrics),
+            ("log.format", new.log != old.log),
         ):
             if moved:
                 log_event(logging.WARNING, "reload_needs_restart", key=key)
@@ -756,7 +802,7 @@ class Supervisor:
                 listen=self.listen,
                 configured=self.config.server.listen,
             )
-            env = dict(os.environ)
+            env = {k: v for k, v in os.environ.items() if k not in CHILD_ENV}  # only the supervisor notifies
             # The worker imports this very pgguard, wherever the supervisor was started from.
             package_root = str(Path(__file__).resolve().parent.parent)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -834,11 +880,17 @@ class Supervisor:
         statement = str(message.get("statement", ""))
         try:
             cmd, _ = find(statement)
-            if cmd.syntax == "RELOAD":
+            reload = cmd.syntax == "RELOAD"
+            if reload:
+                self.notifier.reloading()
                 self.reload()
-            replies = await self.ask_all(
-                "command", statement=statement, user=message.get("user", ""), client=message.get("client", "")
-            )
+            try:
+                replies = await self.ask_all(
+                    "command", statement=statement, user=message.get("user", ""), client=message.get("client", "")
+                )
+            finally:
+                if reload and not self.stopping.is_set():
+                    self.notifier.ready()
             return self._merge(cmd, replies)
         except AdminCommandError as exc:
             return _error_reply(exc)

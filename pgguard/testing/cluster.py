@@ -139,7 +139,7 @@ def free_port(host: str = _HOST) -> int:
     return port
 
 
-# [pool]'s default auth_query calls this SECURITY DEFINER function (README, "Reusing server sessions").
+# [pool]'s default auth_query calls this SECURITY DEFINER function (docs/reuse.md).
 AUTH_LOOKUP_FUNCTION: Final = """
 CREATE SCHEMA IF NOT EXISTS pgguard;
 CREATE OR REPLACE FUNCTION pgguard.lookup_role(role_name text, OUT verifier text)
@@ -378,7 +378,7 @@ class PostgresCluster:
         self.psql(sql)
 
     def create_auth_lookup(self, database: str = "postgres") -> None:
-        """The function ``[pool]`` reads verifiers through (the README's, as a DBA creates it;
+        """The function ``[pool]`` reads verifiers through (docs/reuse.md's, as a DBA creates it;
         the superuser the DSNs name may call it). Idempotent."""
         self.psql(AUTH_LOOKUP_FUNCTION, database=database)
 

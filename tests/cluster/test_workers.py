@@ -25,6 +25,7 @@ import pytest
 from procs import PgguardProcess
 
 from pgguard.testing.cluster import PostgresCluster, free_port
+from pgguard.testing.notify import notify_socket
 from pgguard.testing.wait import await_until
 from pgguard.workers import WORKER_METRIC_NAMES, merge_exposition
 
@@ -114,7 +115,7 @@ timeout = 3.0
 @asynccontextmanager
 async def supervisor(
     tmp_path: Path, pg: PostgresCluster, redis_url: str, body: str, *, port: int | None = None,
-    backend: str = "",
+    backend: str = "", env: dict[str, str] | None = None,
 ) -> AsyncIterator[Supervisor]:
     """The supervisor of WORKERS workers, once it logged that all serve; ``port`` 0 lets
     the supervisor pick it (then ``Supervisor.port`` is read from its log)."""
@@ -123,7 +124,7 @@ async def supervisor(
     _write_config(path, pg, redis_url, port, metrics_port, body, backend)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pgguard", "run", "-c", str(path), "--log-level", "info",
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=None if env is None else {**os.environ, **env},
     )  # fmt: skip
     sup = Supervisor(proc, port, metrics_port, path)
 
@@ -533,3 +534,30 @@ async def test_cancel_of_a_reused_session_reaches_it_through_either_worker(tmp_p
             await conn.close()
         pools = await sup.show("POOLS")
         assert sum(int(r["reused"]) for r in pools) >= 1, pools
+
+
+async def test_supervisor_notifies_systemd_once_every_worker_serves(tmp_path, pg, redis_server) -> None:
+    """Type=notify with workers: READY=1 from the supervisor once both workers serve (never
+    from a worker), RELOADING/READY around SIGHUP once every worker reloaded, STATUS summed
+    over the workers, STOPPING on SIGTERM; a real datagram socket plays systemd."""
+    body = f'[roles.app]\nmax_connections = {ROLE_LIMIT}\n'
+    async with notify_socket() as manager:
+        async with supervisor(tmp_path, pg, redis_server.url, body, env={"NOTIFY_SOCKET": manager.address}) as sup:
+            ready = await manager.wait_for("READY", "1")
+            held = [await asyncpg.connect(sup.dsn(), ssl=False) for _ in range(2)]
+            await manager.wait_for("STATUS", f"sessions=2 waiting=0 workers={WORKERS}/{WORKERS}")
+            sup.config.write_text(sup.config.read_text().replace(f"max_connections = {ROLE_LIMIT}", "max_connections = 3"))
+            sup.proc.send_signal(signal.SIGHUP)
+            reloading = await manager.wait_for("RELOADING", "1", after=ready)
+            assert "MONOTONIC_USEC" in manager.messages[reloading]
+            await manager.wait_for("READY", "1", after=reloading)
+            # READY after the reload means every worker has the new file already.
+            app = {r["worker"]: r["limit"] for r in await sup.show("LIMITS") if r["name"] == "app"}
+            assert app == {"0": "3", "1": "3"}
+            for conn in held:
+                await conn.close()
+            sup.proc.send_signal(signal.SIGTERM)
+            await manager.wait_for("STOPPING", "1", after=reloading)
+            assert await asyncio.wait_for(sup.proc.wait(), 30) == 0
+        # only the supervisor spoke: exactly one READY per (start, reload)
+        assert sum(1 for m in manager.messages if m.get("READY") == "1") == 2, manager.messages

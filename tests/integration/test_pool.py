@@ -1,7 +1,7 @@
 """Warm server-session reuse ([pool]): real PostgreSQL with SCRAM passwords, real clients.
 
 pgguard authenticates the clients itself against the verifier the server stores (read through
-a SECURITY DEFINER lookup function, as the README tells the DBA to create it), logs in to the
+a SECURITY DEFINER lookup function, as docs/reuse.md tells the DBA to create it), logs in to the
 server with the ClientKey from the client's proof, and hands a reset session to the next client
 of the same (role, database).
 """

@@ -1,4 +1,4 @@
-"""The README's pool advice, shown with SQLAlchemy (psycopg) against a role limit of 5.
+"""The pool advice of docs/semantics.md, shown with SQLAlchemy (psycopg) against a role limit of 5.
 
 An application pool larger than the role's limit does not queue politely: a pooled
 connection keeps its slot while idle in the pool, so with policy queue the checkouts beyond

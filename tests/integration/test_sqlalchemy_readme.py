@@ -1,4 +1,4 @@
-"""The README's SQLAlchemy example runs as written: the block after ``<!-- sqlalchemy-example -->``
+"""The documented SQLAlchemy example (docs/testing.md) runs as written: the block after ``<!-- sqlalchemy-example -->``
 is saved as a test module and run by pytest in a subprocess, with pgguard's plugin fronting
 this run's server (``PGGUARD_BACKEND_DSN``), as a user's suite would run it.
 """
@@ -24,9 +24,9 @@ MARKER = "<!-- sqlalchemy-example -->"
 
 
 def readme_example() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
     match = re.search(re.escape(MARKER) + r"\s*```python\n(.*?)```", text, re.S)
-    assert match is not None, f"README.md has no python block after {MARKER}"
+    assert match is not None, f"docs/testing.md has no python block after {MARKER}"
     return match[1]
 
 

@@ -409,7 +409,7 @@ async def test_channel_binding_with_two_certificates_needs_channel_binding_disab
     """pgguard's own certificate in front of a TLS server: -PLUS is stripped, and libpq
     over TLS then says "I support channel binding, you don't" ('y'), which a TLS server
     refuses (its downgrade protection). channel_binding=disable, and asyncpg (which never
-    binds), authenticate; require cannot, as the README says."""
+    binds), authenticate; require cannot, as docs/tls.md says."""
     g = await guard(guard_toml(certs, backend=tls_pg, sslmode="verify-full"))
     conn = await pq(g, "scram_user", sslmode="require", channel_binding="disable")
     assert conn.pgconn.ssl_in_use and await server_ssl(conn)
