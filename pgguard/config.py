@@ -119,6 +119,12 @@ class ServerConfig:
     # (pgguard._relay, a C extension) when it is built ("auto"), always ("native": a warning
     # and the Python relay when it is missing), or never ("python").
     relay: RelayName = field(default_factory=lambda: _relay_default(os.environ))
+    # Seconds a live session stays on the Python relay before the native one takes it (at
+    # the first ReadyForQuery after that). A session that logs in, runs a query and leaves
+    # sooner (a storm, a connection per transaction) never pays the hand-over: two dup()s,
+    # wake-ups of the relay thread and, for a reused session, adopting its socket back. 0:
+    # the native relay takes every session at its first ReadyForQuery.
+    relay_after: float = field(default=0.1, metadata=_check(_non_negative))
     # Processes serving `listen` together (SO_REUSEPORT; see workers.py). 1: this process
     # alone. More needs [cluster], through which the workers share their limits.
     workers: int = field(default=1, metadata=_check(lambda n: None if 1 <= n <= MAX_WORKERS else f"must be 1 to {MAX_WORKERS}"))

@@ -65,7 +65,7 @@ from .errors import (
 )
 from .limits import Ticket, Waiter
 from .log import display, log, log_event
-from .pump import BackendAuth, PooledPump, Pump
+from .pump import BackendAuth, PooledPump, Pump, YoungPump
 
 __all__ = ["ClientConnection", "Host", "State", "number_clients"]
 
@@ -572,17 +572,14 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"".join(out))
         self._move(State.ACTIVE)
         self.server.session_started(self)
-        if not self._early:
-            # The native relay, which hands the server side back when the client leaves it
-            # idle (relay.hand_over keep); with early bytes the Python relay, which sees them.
-            server = self.server
-            native = relay.hand_over(self, None, mode=server.config.server.relay, loop=server.loop, keep=True)
-            if native is not None:
-                self._native = native
-                self.__class__ = _Relayed
-                return
+        # The native relay, which hands the server side back when the client leaves it idle
+        # (relay.hand_over keep), now or past relay_after; with early bytes the Python relay,
+        # which sees them.
+        young = not self._early and self._native_later()
+        if not self._early and not young and self._to_native(keep=True):
+            return
         client_side = PooledPump(self, backend, from_client=True)
-        backend_side = Pump(self, self.transport, from_client=False)
+        backend_side = self._server_pump(young)
         client_side.other = backend_side
         backend_side.other = client_side
         self.transport.set_protocol(client_side)
@@ -736,23 +733,47 @@ class ClientConnection(asyncio.Protocol):
         self._move(State.ACTIVE)
         auth, self._backend_proto = self._backend_proto, None
         self.server.session_started(self)
-        server = self.server
-        native = relay.hand_over(
-            self,
-            None if auth is None else auth.reader,
-            mode=server.config.server.relay,
-            loop=server.loop,
-        )
-        if native is not None:  # relay.py: the transports are NativeEnd objects now
-            self._native = native
-            self.__class__ = _Relayed
+        young = self._native_later()
+        if young:
+            if auth is not None and auth.reader.take_rest():
+                young = False  # the server sent more already: frame from a boundary or not at all
+        elif self._to_native(None if auth is None else auth.reader):
             return
         client_side = Pump(self, self.backend, from_client=True)
-        backend_side = Pump(self, self.transport, from_client=False)
+        backend_side = self._server_pump(young)
         client_side.other = backend_side
         backend_side.other = client_side
         self.transport.set_protocol(client_side)
         self.backend.set_protocol(backend_side)
+
+    def _native_later(self) -> bool:
+        """True when the native relay should take this session, but only past relay_after."""
+        cfg = self.server.config.server
+        return cfg.relay_after > 0 and self.client_tls is None and relay.wanted(cfg.relay)
+
+    def _to_native(self, reader: wire.MessageReader | None = None, *, keep: bool = False) -> bool:
+        """Hand both sockets to the native relay now; False when the session stays in Python."""
+        server = self.server
+        native = relay.hand_over(self, reader, mode=server.config.server.relay, loop=server.loop,
+                                 keep=keep)
+        if native is None:
+            return False
+        self._native = native  # relay.py: the transports are NativeEnd objects now
+        self.__class__ = _Relayed
+        return True
+
+    def _server_pump(self, young: bool) -> Pump:
+        assert self.transport is not None
+        if young:
+            promote_at = time.monotonic() + self.server.config.server.relay_after
+            return YoungPump(self, self.transport, promote_at=promote_at)
+        return Pump(self, self.transport, from_client=False)
+
+    def promote(self) -> None:
+        """YoungPump: relay_after has passed and the server is at a ReadyForQuery."""
+        if self._client_gone or self._backend_gone or self.state is not State.ACTIVE:
+            return
+        self._to_native(keep=self.session is not None)
 
     # ------------------------------------------------------------------ close
 

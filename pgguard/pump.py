@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import struct
 import time
 from typing import Final, Protocol
 
@@ -47,6 +49,8 @@ class Session(Protocol):
     def startup_error(self, fields: dict[str, str]) -> None: ...
 
     def ready_for_query(self) -> None: ...
+
+    def promote(self) -> None: ...
 
     def fail(self, exc: PgGuardError) -> None: ...
 
@@ -194,6 +198,71 @@ class Pump(asyncio.Protocol):
 
 
 
+class YoungPump(Pump):
+    """The server side of a live session not yet handed to the native relay (``relay_after``).
+
+    It frames the server's messages as they pass (a walk over the headers, no copy) so it
+    knows when a chunk ends on a message boundary, the one place the native relay may start.
+    At the first chunk that ends with a ReadyForQuery once ``promote_at`` (monotonic) has
+    passed, it asks the session to move (``promote``). A session that ends sooner never pays
+    the hand-over. A malformed length stops the framing: such a session stays here.
+    """
+
+    __slots__ = ("promote_at", "_skip", "_head", "_tag")
+
+    def __init__(self, session: Session, peer: asyncio.Transport, *, promote_at: float) -> None:
+        super().__init__(session, peer, from_client=False)
+        self.promote_at = promote_at
+        self._skip = 0  # bytes of the current message still to come
+        self._head = b""  # the start of a message header cut by the chunk's end
+        self._tag = 0  # the type of the current (or last complete) message
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._at_ready(data) and time.monotonic() >= self.promote_at:
+            self.session.promote()
+
+    def _at_ready(self, data: bytes) -> bool:
+        """Frame ``data``; True when it ends exactly after a ReadyForQuery."""
+        if self.promote_at == math.inf:
+            return False  # framing stopped (a malformed length)
+        n = len(data)
+        i = self._skip
+        if self._head:  # i == 0: a header was cut; complete it first
+            need = 5 - len(self._head)
+            head = self._head + data[:need]
+            if len(head) < 5:
+                self._head = head
+                return False
+            self._head = b""
+            i = self._message(head, 0)
+            if i < 0:
+                return False
+            i -= len(head) - need
+        while i < n:
+            if n - i < 5:
+                self._head = data[i:]
+                self._skip = 0
+                return False
+            i = self._message(data, i)
+            if i < 0:
+                return False
+        self._skip = i - n
+        return i == n and self._tag == _READY
+
+    def _message(self, data: bytes, i: int) -> int:
+        """The position after the message whose header starts at ``i``; -1 when malformed."""
+        length = _LENGTH.unpack_from(data, i + 1)[0]
+        if length < 4:
+            self.promote_at = math.inf
+            self._skip = 0
+            self._head = b""
+            self._tag = 0
+            return -1
+        self._tag = data[i]
+        return i + 1 + length
+
+
 class PooledPump(Pump):
     """The client side of a reused server session ([pool]): a Terminate sent while the session
     is idle ends the client only; the server session outlives it (pool.py resets it)."""
@@ -209,6 +278,8 @@ class PooledPump(Pump):
 
 
 _IDLE: Final = ord("I")
+_READY: Final = ord("Z")
+_LENGTH: Final = struct.Struct("!I")
 # ReadyForQuery: 'Z', Int32 5, then the transaction status byte.
 _READY_HEADER: Final = b"Z\x00\x00\x00\x05"
 # What a server may send unasked while idle: NotificationResponse, NoticeResponse, ParameterStatus.

@@ -59,7 +59,7 @@ try:
 except ImportError:  # not built (no compiler, not Linux): the Python relay does everything
     _native = None
 
-__all__ = ["available", "hand_over", "native_sessions", "NativeEnd", "BUFSIZE"]
+__all__ = ["available", "wanted", "hand_over", "native_sessions", "NativeEnd", "BUFSIZE"]
 
 log = logging.getLogger("pgguard")
 
@@ -82,6 +82,11 @@ _warned = False
 def available() -> bool:
     """True when the C extension is built and importable."""
     return _native is not None
+
+
+def wanted(mode: str) -> bool:
+    """True when ``[server] relay`` = ``mode`` lets the native relay take sessions here."""
+    return _wanted(mode)
 
 
 def _wanted(mode: str) -> bool:

@@ -134,7 +134,9 @@ host = "127.0.0.1"
 port = {pg.port}
 close_timeout = 5.0
 """
-    return config_mod.loads(_merge(base, toml), "<test>")
+    # PGGUARD_SECTION__KEY variables apply as they do to `pgguard run` (test_relay.py sets
+    # PGGUARD_SERVER__RELAY_AFTER for its native runs).
+    return config_mod.loads(_merge(base, toml), "<test>", env=os.environ)
 
 
 def _merge(base: str, extra: str) -> str:

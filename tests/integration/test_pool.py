@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
@@ -83,7 +84,7 @@ async def _connect(g, **kw):  # type: ignore[no-untyped-def]
 
 
 async def test_two_consecutive_clients_share_one_server_process(pooled) -> None:  # type: ignore[no-untyped-def]
-    g = await pooled()
+    g = await pooled(more="[server]\nrelay_after = 0\n")  # the native relay from the first ReadyForQuery
     first = await _connect(g)
     pid = await first.fetchval("SELECT pg_backend_pid()")
     await first.close()
@@ -563,3 +564,29 @@ async def test_broken_authentication_gets_an_error_and_holds_nothing(pooled, cas
         writer.close()
     await g.wait_idle()
     assert _pool(g).rows() == []  # no server session was made for any of them
+
+
+async def test_a_reused_session_moves_to_the_native_relay_and_back_to_the_pool(pooled) -> None:  # type: ignore[no-untyped-def]
+    """relay_after: a reused session starts on the Python relay, the native relay takes it at a
+    ReadyForQuery once relay_after has passed, and when the client leaves it idle the server
+    side still comes back warm for the next client."""
+    if not relay.available():
+        pytest.skip("pgguard._relay is not built")
+    g = await pooled(more='[server]\nrelay = "native"\nrelay_after = 0.2\n')
+    first = await _connect(g)
+    pid = await first.fetchval("SELECT pg_backend_pid()")
+    await first.close()
+    await _warm(g, 1)
+    before = relay.native_sessions()
+    second = await _connect(g)
+    assert await second.fetchval("SELECT pg_backend_pid()") == pid
+    assert relay.native_sessions() == before  # young: the Python relay's
+    deadline = time.monotonic() + 15
+    while relay.native_sessions() == before:
+        assert time.monotonic() < deadline, "the reused session never moved to the native relay"
+        assert await second.fetchval("SELECT 1") == 1
+    await second.close()
+    await _warm(g, 1)
+    third = await _connect(g)
+    assert await third.fetchval("SELECT pg_backend_pid()") == pid
+    await third.close()

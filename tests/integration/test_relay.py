@@ -32,10 +32,14 @@ pytestmark = pytest.mark.asyncio
 
 @pytest.fixture(params=["native", "python"], autouse=True)
 def relay_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Which relay the guards of this test use."""
+    """Which relay the guards of this test use. "native" from the first ReadyForQuery on
+    (``relay_after = 0``), so every test here runs whole on each relay; the move from one to
+    the other mid-session has tests of its own below."""
     if request.param == "native" and not relay_mod.available():
         pytest.skip("pgguard._relay is not built")
     monkeypatch.setenv("PGGUARD_RELAY", request.param)
+    if request.param == "native":
+        monkeypatch.setenv("PGGUARD_SERVER__RELAY_AFTER", "0")
     return str(request.param)
 
 
@@ -389,3 +393,61 @@ async def test_many_sessions_at_once_each_get_their_own_bytes(relay) -> None:  #
     for c in conns:
         await c.close()
     await relay.wait_idle()
+
+
+# ----------------------------------------------------- from the Python relay to the native one
+
+
+async def _until_native(conn: asyncpg.Connection, before: int, timeout: float = 15.0) -> int:
+    """Run queries until the native relay holds one more session (relay_after has passed and a
+    ReadyForQuery ended a chunk); returns how many queries that took."""
+    deadline = time.monotonic() + timeout
+    queries = 0
+    while relay_mod.native_sessions() == before:
+        assert time.monotonic() < deadline, "the session never moved to the native relay"
+        assert await conn.fetchval("select 1") == 1
+        queries += 1
+    return queries
+
+
+async def test_a_session_moves_to_the_native_relay_past_relay_after(guard, relay_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Young sessions stay on the Python relay; past relay_after the native one takes the
+    session at a ReadyForQuery, and nothing about it changes for the client."""
+    if relay_kind != "native":
+        pytest.skip("the move is to the native relay")
+    monkeypatch.delenv("PGGUARD_SERVER__RELAY_AFTER")  # this test's own value
+    g = await guard("[server]\nrelay_after = 0.2\n[roles.app]\nmax_connections = 10")
+    before = relay_mod.native_sessions()
+    conn = await asyncpg.connect(g.dsn("app"), timeout=30)
+    stmt = await conn.prepare("select $1::int + 1")
+    assert await stmt.fetchval(1) == 2
+    assert relay_mod.native_sessions() == before  # young: still the Python relay's
+    [client] = g.server.clients.values()
+    assert await _until_native(conn, before) >= 1
+    # The same server session, its prepared statement, transaction status and counters.
+    assert await stmt.fetchval(41) == 42
+    async with conn.transaction():
+        await conn.execute("select 1")
+        assert client.idle_status == ord("T")
+    assert client.idle_status == ord("I")
+    out = client.bytes_out
+    assert await conn.fetchval("select repeat('x', 300000)") == "x" * 300000
+    assert client.bytes_out > out + 300000
+    await conn.close()
+    await g.wait_idle()
+    await await_until(lambda: relay_mod.native_sessions() == before, what="the relay to let go")
+
+
+async def test_a_session_that_ends_young_never_reaches_the_native_relay(guard, relay_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    if relay_kind != "native":
+        pytest.skip("the move is to the native relay")
+    monkeypatch.delenv("PGGUARD_SERVER__RELAY_AFTER")  # this test's own value
+    g = await guard("[server]\nrelay_after = 60\n[roles.app]\nmax_connections = 10")
+    before = relay_mod.native_sessions()
+    for _ in range(3):
+        conn = await asyncpg.connect(g.dsn("app"), timeout=30)
+        assert await conn.fetchval("select count(*) from generate_series(1, 1000)") == 1000
+        assert relay_mod.native_sessions() == before
+        await conn.close()
+    await g.wait_idle()
+    assert relay_mod.native_sessions() == before
