@@ -24,8 +24,8 @@ closed when the server left, the slot released once, when the server socket is g
 relay writes that Terminate itself as the client side closes, unless the client's last
 bytes were one, so ``client_lost``'s own is dropped: one wake-up of its thread less.)
 
-One relay thread serves the process (the relay is started at the first hand-over and never
-stopped: it sleeps in epoll_wait with no session). Its eventfd is watched by the loop of
+One relay thread serves the process (started with the server, ``start``, or else at the
+first hand-over, and never stopped: it sleeps in epoll_wait with no session). Its eventfd is watched by the loop of
 the latest hand-over; events of a session whose loop is not the running one are dropped
 (only a test suite runs several loops, one after the other).
 """
@@ -59,7 +59,7 @@ try:
 except ImportError:  # not built (no compiler, not Linux): the Python relay does everything
     _native = None
 
-__all__ = ["available", "wanted", "hand_over", "native_sessions", "NativeEnd", "BUFSIZE"]
+__all__ = ["available", "wanted", "start", "hand_over", "native_sessions", "NativeEnd", "BUFSIZE"]
 
 log = logging.getLogger("pgguard")
 
@@ -87,6 +87,17 @@ def available() -> bool:
 def wanted(mode: str) -> bool:
     """True when ``[server] relay`` = ``mode`` lets the native relay take sessions here."""
     return _wanted(mode)
+
+
+def start(mode: str, loop: asyncio.AbstractEventLoop) -> None:
+    """Start the relay thread now when ``mode`` will use it (server start), not at the first
+    hand-over: its epoll and eventfd descriptors then belong to the process from its start,
+    like its listeners, whenever (and whether) a session first lives past ``relay_after``."""
+    if _wanted(mode):
+        try:
+            _watch(loop)
+        except OSError as exc:  # hand_over tries again, and says so, at each session
+            log.warning("event=relay_unavailable relay=native reason=%r fallback=python", str(exc))
 
 
 def _wanted(mode: str) -> bool:

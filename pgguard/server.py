@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import config as config_mod
-from . import tls
+from . import relay, tls
 from .admin import AdminSession, Runner, check_admin_config
 from .backend import Backend
 from .config import Config
@@ -99,6 +99,7 @@ class Server:
     async def start(self) -> None:
         """Bind every ``[server] listen`` address; port 0 picks a free one (see ``addresses``)."""
         self.loop.set_exception_handler(self._loop_exception)
+        relay.start(self.config.server.relay, self.loop)
         control = self.control
         for item in self.config.server.listen:
             host, port = config_mod.parse_address(item)
