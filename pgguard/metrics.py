@@ -90,7 +90,6 @@ POOL_METRIC_NAMES: Final = (
     "pgguard_pool_sessions_closed_total",
     "pgguard_pool_auth_failures_total",
     "pgguard_pool_auth_lookup_fallbacks_total",
-    "pgguard_pool_direct_logins_total",
 )
 # Only with [cluster] (cluster.py): the shared lease store's state.
 CLUSTER_METRIC_NAMES: Final = (
@@ -313,8 +312,6 @@ def _pool_metrics(control: Control) -> Iterator[Metric]:
     )  # fmt: skip
     text = "Logins passed to the server (it checked the password) as the verifier lookup failed."
     yield CounterMetricFamily("pgguard_pool_auth_lookup_fallbacks", text, value=pool.lookup_fallbacks)
-    text = "Logins of reuse pairs passed to the server as pgguard cannot check them (no verifier, no monitor_dsn, a method it does not speak)."
-    yield CounterMetricFamily("pgguard_pool_direct_logins", text, value=pool.direct_logins)
 
 
 def _cluster_metrics(control: Control) -> Iterator[Metric]:

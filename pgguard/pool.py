@@ -3,14 +3,19 @@
 Theory
 ------
 For a (role, database) where ``Config.reuse`` is true, a client is authenticated by pgguard
-(``ClientLogin``: SCRAM-SHA-256 against the role's own verifier, read by ``auth.Verifiers``;
-the verified proof yields the role's ClientKey), then admitted as any client. Its server
-session is either a warm one of the same (role, database, protocol) taken from the pool, or
-a new one (``Pool.connect``) that pgguard logs in to with that ClientKey (``scram.ScramClient``:
-no password, no PBKDF2). The session's StartupMessage carries only ``user`` and ``database``;
-the client's startup parameters are applied with ``set_config`` (``params.set_query``), and
-the client gets the session's ParameterStatus values, a BackendKeyData of pgguard's own
-(mapped to the server's for cancels) and ReadyForQuery.
+(``ClientLogin``: SCRAM-SHA-256 against the role's own verifier, read by ``auth.Verifiers`` at
+each login; the verified proof yields the role's ClientKey), then admitted as any client.
+Where pgguard cannot check the client itself (no verifier for the role, no monitor_dsn, the
+lookup failing, a server that asks pgguard's logins of the pair for another method: ``direct``)
+the client logs in to the server as without reuse, before anything was asked of it: reuse
+never changes who may log in. Its server session is either a warm one with the same
+``pool_key`` (role, database, protocol and startup settings) taken from the pool, or a new one
+(``Pool.connect``) that pgguard logs in to with that ClientKey (``scram.ScramClient``: no
+password, no PBKDF2). The session's StartupMessage carries the client's own startup settings
+(``params.startup_settings``), so RESET returns to them; only ``application_name`` is applied
+with ``set_config`` (``params.set_query``). The client gets the session's ParameterStatus
+values, a BackendKeyData with the server process's real id and a secret of pgguard's own
+(``client_secret``, mapped to the server's for cancels) and ReadyForQuery.
 
 A ``ServerSession`` is the server socket's protocol whenever no client holds it::
 
@@ -20,9 +25,9 @@ A ``ServerSession`` is the server socket's protocol whenever no client holds it:
 
 Slots: a session holds exactly one ticket (``limits.Ticket``) from its client's admission
 until its server socket is gone: the client's while in use, its own while RESET or IDLE.
-A client of the same pair takes a warm session (and its ticket) without going through the
-gate; a released session is handed straight to the oldest waiter of its pair; a waiter of
-another pair blocked by a limit an idle session occupies makes the oldest such idle session
+A client of the same key takes a warm session (and its ticket) without going through the
+gate; a released session is handed straight to the oldest waiter of its key; a waiter of
+another key blocked by a limit an idle session occupies makes the oldest such idle session
 close (its ticket is released when the server has closed the socket). So ``pg_stat_activity``
 never shows more sessions than the limits allow, idle warm ones included.
 
@@ -32,7 +37,7 @@ back when the client leaves it idle) or the Python one (``pump.PooledPump``), un
 except that a lone Terminate sent while idle is kept from the server (the session outlives
 its client).
 
-Size: about 800 lines, one job: the life of a reused server session (login, setup, reset,
+Size: about 900 lines, one job: the life of a reused server session (login, setup, reset,
 idle, close) and the client login that makes it possible.
 """
 
