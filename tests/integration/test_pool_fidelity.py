@@ -87,14 +87,15 @@ async def test_clients_are_given_the_server_process_id_on_new_and_reused_session
         await conn.close()
         await _warm(g, 1)
     conninfo = g.conninfo(ROLE, password=PASSWORD)
-    for _ in range(2):
+    for _ in range(2):  # other startup parameters than asyncpg's: warm sessions of their own
         async with await psycopg.AsyncConnection.connect(conninfo, connect_timeout=30, autocommit=True) as conn:
             cur = await conn.execute("SELECT pg_backend_pid()")
             row = await cur.fetchone()
             assert row is not None and conn.info.backend_pid == row[0]
-        await _warm(g, 1)
-    assert pids[0] == pids[1]  # the second asyncpg client had a reused session
-    assert _reused(g) >= 2
+            pids.append(row[0])
+        await _warm(g, 2)
+    assert pids[0] == pids[1] and pids[2] == pids[3]  # each second client had a reused session
+    assert _reused(g) == 2
 
 
 async def test_terminating_the_given_pid_ends_that_client_and_its_session_is_not_reused(pooled, fid_pg) -> None:  # type: ignore[no-untyped-def]
@@ -376,3 +377,31 @@ async def test_a_server_that_asks_no_password_sends_the_next_logins_to_it(pooled
     await conn.close()
     assert await _login_error(fid_pg.dsn(TRUSTING, password="wrong")) is None
     assert await _login_error(g.dsn(TRUSTING, password="wrong")) is None
+
+
+@pytest.fixture(scope="module")
+def cleartext_pg() -> Iterator[PostgresCluster]:
+    """A server of its own whose pg_hba.conf asks the role for a cleartext password (``password``),
+    which pgguard cannot give from a SCRAM verifier."""
+    with PostgresCluster(max_connections=30) as cluster:
+        cluster.create_role("clear_user", password="clear-pass")
+        hba = cluster.data_dir / "pg_hba.conf"
+        hba.write_text(hba.read_text().replace('"clear_user" 127.0.0.1/32 scram-sha-256', '"clear_user" 127.0.0.1/32 password'))
+        cluster.reload()
+        cluster.create_auth_lookup()
+        yield cluster
+
+
+async def test_a_method_pgguard_cannot_answer_sends_the_next_logins_to_the_server(guard, cleartext_pg) -> None:  # type: ignore[no-untyped-def]
+    g = await guard(
+        f'[backend]\nport = {cleartext_pg.port}\nmonitor_dsn = "{cleartext_pg.dsn()}"\n[pool]\nreuse = true\n'
+    )
+    refused = await _login_error(g.dsn("clear_user", password="clear-pass"))
+    assert refused is not None and refused[0] == "28000", refused  # never a 28P01 for a right password
+    assert "authentication method" in refused[1]
+    assert await _login_error(g.dsn("clear_user", password="clear-pass")) is None  # to the server now
+    wrong = await _login_error(g.dsn("clear_user", password="wrong"))
+    assert wrong == await _login_error(cleartext_pg.dsn("clear_user", password="wrong"))
+    await g.wait_idle()
+    assert _pool(g).direct_logins == 2
+    _pool(g).close()
