@@ -341,7 +341,6 @@ class ServerSession(asyncio.Protocol):
         self._client_key: bytes | None = None
         self._server_key: bytes | None = None
         self._md5: str | None = None
-        self._challenged = False  # the server asked for an authentication during the login
         self._closing_reason = ""
         self.gone = False
 
@@ -413,13 +412,11 @@ class ServerSession(asyncio.Protocol):
 
     def _auth(self, body: bytes) -> None:
         (code,) = _INT32.unpack_from(body, 0)
-        if code == 0:  # AuthenticationOk
-            if not self._challenged and (self._client_key is not None or self._md5 is not None):
-                # The server asked for no password (trust): pgguard asked the client for one
-                # PostgreSQL would not have; from now on these clients go to the server.
-                self.pool.learn_direct(self.role, self.database)
+        if code == 0:
+            # AuthenticationOk. Asked for no password (trust), as a server often trusts its
+            # own Unix socket, where pgguard runs: that says nothing of what it would ask a
+            # client over the network, so the role's stored password stays checked.
             return
-        self._challenged = True
         if code == wire.AUTH_SASL:
             mechanisms = body[4:].split(b"\x00")
             if self._client_key is None or scram.MECHANISM.encode() not in mechanisms:
@@ -569,7 +566,7 @@ class Pool:
         self.lookup_fallbacks = 0  # logins passed to the server because the lookup failed
         self.direct_logins = 0  # logins passed to the server because pgguard cannot check them
         # (role, database) pairs whose server asks pgguard's logins for a method it does not
-        # speak (or for none at all): their clients log in as without reuse, until a reload.
+        # speak: their clients log in as without reuse, until a reload.
         # Client-supplied names: bounded (cleared when full).
         self.direct: set[tuple[str, str]] = set()
         self._sweep: asyncio.TimerHandle | None = None
@@ -586,8 +583,8 @@ class Pool:
         self.direct.clear()  # the server's pg_hba.conf may have changed with it: learn again
 
     def learn_direct(self, role: str, database: str) -> None:
-        """The server asks pgguard's logins of (role, database) for another method than the
-        one pgguard checked (or for none): its next clients log in as without reuse."""
+        """The server asks pgguard's logins of (role, database) for a method pgguard cannot
+        answer from a verifier: its next clients log in as without reuse."""
         if len(self.direct) >= auth.CACHE_MAX:
             self.direct.clear()
         self.direct.add((role, database))

@@ -368,15 +368,18 @@ async def test_a_role_without_a_verifier_logs_in_as_the_server_says(pooled, fid_
     assert _pool(g).rows() == []
 
 
-async def test_a_server_that_asks_no_password_sends_the_next_logins_to_it(pooled, fid_pg) -> None:  # type: ignore[no-untyped-def]
-    """A stored verifier, yet pg_hba.conf trusts the role: the first client (right password)
-    gets in and pgguard learns; from then on the server decides, so a wrong password logs in as
-    it does direct."""
+async def test_a_server_that_trusts_pgguard_still_has_the_stored_password_checked(pooled) -> None:  # type: ignore[no-untyped-def]
+    """pg_hba.conf trusts pgguard's own login (as a server often trusts the Unix socket pgguard
+    uses on its host): the role has a password stored, so pgguard checks it and reuses the
+    session; the trust says nothing of what the server would ask a client over the network."""
     g = await pooled()
-    conn = await asyncpg.connect(g.dsn(TRUSTING, password="trusting-pass"), timeout=30)
-    await conn.close()
-    assert await _login_error(fid_pg.dsn(TRUSTING, password="wrong")) is None
-    assert await _login_error(g.dsn(TRUSTING, password="wrong")) is None
+    for _ in range(2):
+        conn = await asyncpg.connect(g.dsn(TRUSTING, password="trusting-pass"), timeout=30)
+        await conn.close()
+        await _warm(g, 1)
+    assert _reused(g) == 1
+    refused = await _login_error(g.dsn(TRUSTING, password="wrong"))
+    assert refused == ("28P01", f'password authentication failed for user "{TRUSTING}"')
 
 
 @pytest.fixture(scope="module")
