@@ -72,6 +72,7 @@ class Verifiers:
         self._hold: dict[str, float] = {}  # after a failed login: no lookup of the role before this
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn: Any = None  # asyncpg.Connection
+        self._statement: tuple[str, Any] | None = None  # (auth_query, its PreparedStatement)
         self._lock = asyncio.Lock()
         self._failing = False
         self._retry_at = 0.0  # after a failure, no lookup is tried before this (monotonic)
@@ -167,7 +168,13 @@ class Verifiers:
                         dsn, timeout=timeout, statement_cache_size=0,
                         server_settings={"application_name": "pgguard auth"},
                     )  # fmt: skip
-                value = await self._conn.fetchval(self.config.pool.auth_query, role, timeout=timeout)
+                    self._statement = None
+                query = self.config.pool.auth_query
+                if self._statement is None or self._statement[0] != query:
+                    # Prepared once per connection: each lookup is then one round trip
+                    # (Bind/Execute), not two (Parse/Describe first), as every login has one.
+                    self._statement = (query, await self._conn.prepare(query, timeout=timeout))
+                value = await self._statement[1].fetchval(role, timeout=timeout)
             except Exception as exc:  # a bad DSN, a missing function, a timeout: logins fail
                 self.lookup_failures += 1
                 self._retry_at = time.monotonic() + REFRESH_MIN
@@ -195,6 +202,7 @@ class Verifiers:
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
+        self._statement = None
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.terminate()
