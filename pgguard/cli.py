@@ -73,7 +73,32 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     roles = ", ".join(sorted(cfg.roles)) or "none"
     workers = f"; {cfg.server.workers} workers" if cfg.server.workers > 1 else ""
     print(f"{args.file}: OK (listen {', '.join(cfg.server.listen)}{workers}; roles configured: {roles})")
+    for line in reuse_summary(cfg):
+        print(line)
     return 0
+
+
+def reuse_summary(cfg: config_mod.Config) -> list[str]:
+    """What ``[pool]`` reuse will do with this configuration, for whom (check-config)."""
+    if not cfg.reuse_anywhere:
+        return []
+    trusted = ", ".join(cfg.pool.trusted_roles)
+    lines = []
+    if trusted:
+        lines.append(f"reuse: trusted roles ({trusted}) are let in without a password and reused")
+    if cfg.backend.monitor_dsn:
+        lines.append(
+            "reuse: other roles are checked by pgguard against the verifier [pool] auth_query reads "
+            "at each login (SCRAM-SHA-256 or md5) and reused; a role without one (unknown, no "
+            "password, NOLOGIN, expired), or whose server asks for another method, logs in to the "
+            "server as without reuse"
+        )
+    else:
+        lines.append(
+            "reuse: no [backend] monitor_dsn, so pgguard cannot check passwords: every other role "
+            "logs in to the server as without reuse (a session of its own, not reused)"
+        )
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

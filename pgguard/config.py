@@ -288,9 +288,15 @@ class PoolConfig:
     # Reads a role's verifier (pg_authid.rolpassword) through [backend] monitor_dsn; $1 is the
     # role; the first column of the first row is the verifier (NULL or no row: unknown role).
     auth_query: str = DEFAULT_AUTH_QUERY
-    # Seconds a looked-up verifier is trusted before the next login looks it up again (a
-    # failed login forgets it at once).
-    auth_cache_ttl: float = field(default=30.0, metadata=_check(_positive))
+    # Seconds a verifier lookup that started that recently may answer a login. 0: every login
+    # is checked against a verifier read after it arrived, as PostgreSQL reads pg_authid at
+    # every login (a changed password, NOLOGIN, VALID UNTIL, DROP ROLE count at once). Over 0:
+    # for up to that long an old password still logs in and a new one is refused.
+    auth_cache_ttl: float = field(default=0.0, metadata=_check(_non_negative))
+    # After a wrong password, a role's next verifier lookup starts no sooner than this after
+    # the one the failed login used: a flood of wrong passwords costs at most 1/this lookups
+    # per second per role (and a client's next attempt waits up to this long).
+    auth_retry_interval: float = field(default=0.1, metadata=_check(_positive))
     # Roles pgguard lets in without a password and logs in to the server without one (the
     # server must trust pgguard for them).
     trusted_roles: tuple[str, ...] = ()

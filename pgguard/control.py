@@ -63,7 +63,7 @@ from .errors import (
 from .faults import Faults
 from .limits import Gate, Kind, Limit, LimitRow, Policy, Rejection, RejectReason, Ticket, Waiter
 from .log import RateLimitedLog, log, log_event
-from .pool import FAKE_PID_BASE, Pool, ServerSession
+from .pool import Pool, ServerSession, pool_key
 from .proxy import ClientConnection, State
 from .rules import FaultRule
 from .stats import Console, Counts, Stats
@@ -148,9 +148,10 @@ class Control:
         # Server process id -> the session it serves, to tell known CancelRequests from others.
         self._backend_keys: dict[int, ClientConnection] = {}
         self._unmatched_cancels = 0
-        # [server] workers: asks the other workers of this host to cancel with a key pgguard
-        # minted ([pool]) that none of this worker's sessions holds (set by workers.py).
-        self.cancel_elsewhere: Callable[[bytes], Awaitable[None]] | None = None
+        # [server] workers: asks the other workers of this host to cancel with a key none of
+        # this worker's sessions holds ([pool]: perhaps another worker's reused session); True
+        # when one of them held it (set by workers.py).
+        self.cancel_elsewhere: Callable[[bytes], Awaitable[bool]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._queue_timer: asyncio.TimerHandle | None = None
         self._queue_deadline: float | None = None
@@ -333,15 +334,14 @@ class Control:
 
     def hand_to_waiter(self, role: str, database: str, ticket: Ticket, session: ServerSession) -> bool:
         """[pool]: a just-reset session (and its slot) to the oldest waiter of its pair; False if none."""
-        protocol = session.key[2]
         if self._gate.exceeded(role, database):
             return False
 
-        def fits(waiter: Waiter) -> bool:
+        def fits(waiter: Waiter) -> bool:  # a client whose own startup the session was made with
             client = waiter.context
             return (
                 isinstance(client, ClientConnection) and client.pooled
-                and client.startup is not None and client.startup.protocol == protocol
+                and client.startup is not None and pool_key(client.startup) == session.pool_key
             )  # fmt: skip
 
         waiter = self._gate.hand_over(role, database, fits)
@@ -540,8 +540,11 @@ class Control:
                 self._log_limited(self._refuse_log, ("cancel_flood",), reason="cancel_flood")
                 return
             self._unmatched_cancels += 1
-            if packet.pid >= FAKE_PID_BASE and self.cancel_elsewhere is not None:
-                # A key pgguard minted, for a session another worker holds: no server knows it.
+            if self.pool is not None and self.cancel_elsewhere is not None:
+                # [pool] with workers: perhaps the key of a reused session another worker
+                # holds (a real process id with a secret pgguard gave its client, which the
+                # server does not know): that worker forwards it mapped; when none holds it,
+                # it goes to the server as it came. Routed by the whole key, not the pid.
                 self.spawn(self._cancel_elsewhere(self.cancel_elsewhere, packet.raw))
                 return
         self.stats.cancels_forwarded += 1
@@ -559,9 +562,11 @@ class Control:
         self.forward_cancel(packet)
         return True
 
-    async def _cancel_elsewhere(self, ask: Callable[[bytes], Awaitable[None]], raw: bytes) -> None:
+    async def _cancel_elsewhere(self, ask: Callable[[bytes], Awaitable[bool]], raw: bytes) -> None:
         try:
-            await ask(raw)
+            if not await ask(raw):  # no worker holds the key: the server's own, or a forged one
+                self.stats.cancels_forwarded += 1
+                await self.backend.send_cancel(raw)
         except Exception as exc:  # the supervisor is gone or slow: the cancel is lost, as on a dead link
             log_event(logging.WARNING, "cancel_failed", reason=str(exc) or type(exc).__name__)
         finally:

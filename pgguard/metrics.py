@@ -307,7 +307,7 @@ def _pool_metrics(control: Control) -> Iterator[Metric]:
             metric.add_metric([r, d], value)
         yield metric
     yield CounterMetricFamily(
-        "pgguard_pool_auth_failures", "Client logins pgguard refused (wrong password, unknown role).",
+        "pgguard_pool_auth_failures", "Client logins pgguard refused (a wrong password).",
         value=pool.auth_failures,
     )  # fmt: skip
     text = "Logins passed to the server (it checked the password) as the verifier lookup failed."

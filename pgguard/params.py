@@ -1,18 +1,24 @@
 """Sans-IO session parameters for reused server sessions: which startup parameters a client asks
-for, and the one statement that makes a warm server session match them.
+for, which of them its server session's own StartupMessage carries, and the one statement that
+sets the rest.
 
 Theory
 ------
-A reused server session is logged in with only ``user`` and ``database`` in its StartupMessage,
-so ``RESET ALL`` / ``DISCARD ALL`` (the reset between clients) take every setting back to the
-server's own defaults, not to some earlier client's startup values. A client's startup
-parameters (``application_name``, ``client_encoding``, ``DateStyle``, ``TimeZone``, ...,
-and the ``-c name=value`` / ``--name=value`` switches of ``options``) are then applied on the
-session with ``set_config(name, value, false)`` before it is handed over, skipping those the
-session already has (its ParameterStatus, or what pgguard applied for the previous client and
-applies again right after the reset, in the same round trip), and those the previous client
-had and this one has not are ``RESET``. What differs from a direct
-session: a client's ``RESET name`` returns to the server default rather than its startup value.
+A reused server session is logged in with the startup settings of the client it was made for
+(``startup_settings``: every parameter but ``user``, ``database`` and ``application_name``,
+``options`` as sent), and warm sessions are kept per set of such settings (``pool.pool_key``):
+a client only ever gets a session started with exactly its own. So ``RESET x``, ``RESET ALL``,
+``SET x TO DEFAULT`` and ``DISCARD ALL`` (also the reset between clients) return to the
+client's startup values, as on a session of its own: PostgreSQL takes them as the session's
+reset values.
+
+``application_name`` alone is not part of the session's StartupMessage (clients differ in it
+more than in anything else, and a key per name would split the pool): it is applied with
+``set_config(name, value, false)`` before the hand-over (``later`` / ``set_query``), skipping
+it when the session already has it (its ParameterStatus, or what pgguard applied for the
+previous client and applies again right after the reset, in the same round trip). What differs
+from a direct session: ``RESET application_name`` returns to the server's default (empty),
+not to the startup value.
 
 A client whose startup cannot be reproduced this way (replication, a protocol extension
 ``_pq_.*``, an ``options`` switch other than ``-c``/``--``) is not pooled: ``wanted`` says None.
@@ -23,10 +29,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["wanted", "parse_options", "set_query", "quote_literal", "quote_ident", "RESERVED"]
+__all__ = [
+    "wanted", "parse_options", "set_query", "quote_literal", "quote_ident", "RESERVED",
+    "startup_settings", "later", "LATER",
+]  # fmt: skip
 
 # Startup keys that are not settings: who and where, handled by the login itself.
 RESERVED: Final = frozenset({"user", "database", "options", "replication"})
+# The one startup setting applied with set_config rather than carried by the server session's
+# StartupMessage (see the module's theory).
+LATER: Final = "application_name"
 
 
 def parse_options(options: str) -> dict[str, str] | None:
@@ -98,6 +110,22 @@ def wanted(params: Mapping[str, str]) -> dict[str, str] | None:
         for key, value in parsed.items():
             out[key.lower()] = value
     return out
+
+
+def startup_settings(params: Mapping[str, str]) -> dict[str, str]:
+    """What the StartupMessage of a poolable client's server session carries besides ``user``
+    and ``database``: the client's parameters as sent (``options`` included), except
+    ``application_name`` (``later``)."""
+    return {k: v for k, v in params.items() if k not in ("user", "database") and k.lower() != LATER}
+
+
+def later(params: Mapping[str, str]) -> dict[str, str]:
+    """The settings applied with ``set_config`` after the login: the client's
+    ``application_name``, if it sent one as a parameter of its own."""
+    for key, value in params.items():
+        if key.lower() == LATER:
+            return {LATER: value}
+    return {}
 
 
 def quote_literal(value: str) -> str:

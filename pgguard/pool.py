@@ -3,14 +3,19 @@
 Theory
 ------
 For a (role, database) where ``Config.reuse`` is true, a client is authenticated by pgguard
-(``ClientLogin``: SCRAM-SHA-256 against the role's own verifier, read by ``auth.Verifiers``;
-the verified proof yields the role's ClientKey), then admitted as any client. Its server
-session is either a warm one of the same (role, database, protocol) taken from the pool, or
-a new one (``Pool.connect``) that pgguard logs in to with that ClientKey (``scram.ScramClient``:
-no password, no PBKDF2). The session's StartupMessage carries only ``user`` and ``database``;
-the client's startup parameters are applied with ``set_config`` (``params.set_query``), and
-the client gets the session's ParameterStatus values, a BackendKeyData of pgguard's own
-(mapped to the server's for cancels) and ReadyForQuery.
+(``ClientLogin``: SCRAM-SHA-256 against the role's own verifier, read by ``auth.Verifiers`` at
+each login; the verified proof yields the role's ClientKey), then admitted as any client.
+Where pgguard cannot check the client itself (no verifier for the role, no monitor_dsn, the
+lookup failing, a server that asks pgguard's logins of the pair for another method: ``direct``)
+the client logs in to the server as without reuse, before anything was asked of it: reuse
+never changes who may log in. Its server session is either a warm one with the same
+``pool_key`` (role, database, protocol and startup settings) taken from the pool, or a new one
+(``Pool.connect``) that pgguard logs in to with that ClientKey (``scram.ScramClient``: no
+password, no PBKDF2). The session's StartupMessage carries the client's own startup settings
+(``params.startup_settings``), so RESET returns to them; only ``application_name`` is applied
+with ``set_config`` (``params.set_query``). The client gets the session's ParameterStatus
+values, a BackendKeyData with the server process's real id and a secret of pgguard's own
+(``client_secret``, mapped to the server's for cancels) and ReadyForQuery.
 
 A ``ServerSession`` is the server socket's protocol whenever no client holds it::
 
@@ -20,9 +25,9 @@ A ``ServerSession`` is the server socket's protocol whenever no client holds it:
 
 Slots: a session holds exactly one ticket (``limits.Ticket``) from its client's admission
 until its server socket is gone: the client's while in use, its own while RESET or IDLE.
-A client of the same pair takes a warm session (and its ticket) without going through the
-gate; a released session is handed straight to the oldest waiter of its pair; a waiter of
-another pair blocked by a limit an idle session occupies makes the oldest such idle session
+A client of the same key takes a warm session (and its ticket) without going through the
+gate; a released session is handed straight to the oldest waiter of its key; a waiter of
+another key blocked by a limit an idle session occupies makes the oldest such idle session
 close (its ticket is released when the server has closed the socket). So ``pg_stat_activity``
 never shows more sessions than the limits allow, idle warm ones included.
 
@@ -32,7 +37,7 @@ back when the client leaves it idle) or the Python one (``pump.PooledPump``), un
 except that a lone Terminate sent while idle is kept from the server (the session outlives
 its client).
 
-Size: about 800 lines, one job: the life of a reused server session (login, setup, reset,
+Size: about 900 lines, one job: the life of a reused server session (login, setup, reset,
 idle, close) and the client login that makes it possible.
 """
 
@@ -41,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-import itertools
 import logging
 import os
 import random
@@ -53,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from . import params, scram, wire
+from . import auth, params, scram, wire
 from .auth import LookupUnavailable, Verifiers
 from .config import Config
 from .errors import AuthenticationFailed, PgGuardError, ProtocolViolation
@@ -64,9 +68,6 @@ __all__ = ["Pool", "ServerSession", "ClientLogin", "ServerRefused", "PoolStats"]
 
 # Longest message read from a client before its login (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH).
 AUTH_MESSAGE_MAX: Final = 65535
-# pgguard's own BackendKeyData process ids: above any real pid (Linux pid_max <= 2^22), so a
-# CancelRequest for a reused session never names a server process directly.
-FAKE_PID_BASE: Final = 0x40000000
 # server_lifetime is shortened by up to this fraction per session, so sessions made in one
 # storm are not all closed in the same sweep.
 LIFETIME_JITTER: Final = 0.1
@@ -85,7 +86,17 @@ NOTABLE_CLOSES: Final = frozenset({
 STATS_MAX: Final = 1000
 _INT32 = struct.Struct("!i")
 AUTH_MD5: Final = 5  # AuthenticationMD5Password
-_fake_pids = itertools.count(FAKE_PID_BASE)
+
+# A warm session's pool key: (role, database, protocol, the startup settings its own
+# StartupMessage carried, sorted). A client only ever gets a session logged in with exactly
+# its own startup settings, so RESET returns to them as on a session of its own.
+PoolKey = tuple[str, str, int, tuple[tuple[str, str], ...]]
+
+
+def pool_key(startup: wire.StartupMessage) -> PoolKey:
+    """The key of the warm sessions ``startup``'s client may be given."""
+    settings = tuple(sorted(params.startup_settings(startup.params).items()))
+    return (startup.user, startup.database, startup.protocol, settings)
 
 
 class ServerRefused(PgGuardError):
@@ -163,61 +174,75 @@ class ClientLogin:
         self._md5: str | None = None  # the stored md5 password, for an md5 role
         self._salt = b""
         self._step = 0
+        self._read_at = 0.0  # when the lookup of the verifier in use started
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self.role in self.pool.config.pool.trusted_roles:
             self.client.logged_in(None, None, b"")
             return
-        hit, text = self.pool.verifiers.cached(self.role)
+        startup = self.client.startup
+        if startup is not None and (self.role, startup.database) in self.pool.direct:
+            self._direct()  # the server asks pgguard for a method it does not speak
+            return
+        hit, lookup = self.pool.verifiers.cached(self.role)
         if hit:
-            self._begin(text)
+            self._begin(lookup)
         else:
             self._task = self.pool.loop.create_task(self._fetch())
 
+    def _direct(self, *, fallback: bool = False) -> None:
+        """Nothing was sent to the client yet: it logs in as without reuse, PostgreSQL checks
+        it (its password, NOLOGIN, VALID UNTIL, pg_hba.conf) and it gets a session of its own."""
+        if fallback:
+            self.pool.lookup_fallbacks += 1
+        else:
+            self.pool.direct_logins += 1
+        self.client.verifier_unavailable()
+
     async def _fetch(self) -> None:
         try:
-            text = await self.pool.verifiers.get(self.role)
+            lookup = await self.pool.verifiers.get(self.role)
         except LookupUnavailable:
-            # Nothing was sent to the client yet: it logs in as without reuse, and PostgreSQL
-            # checks its password (better than refusing everyone while the lookup is down).
+            # Better than refusing everyone while the lookup is down.
             self._task = None
             if not self.client.client_gone:
-                self.pool.lookup_fallbacks += 1
-                self.client.verifier_unavailable()
+                self._direct(fallback=True)
             return
         self._task = None
         if self.client.client_gone:
             return
         try:
-            self._begin(text)
-            self.feed(b"")
+            if self._begin(lookup):
+                self.feed(b"")
         except PgGuardError as exc:
             self.client.fail(exc)
         except Exception:  # the per-connection boundary (this task is the client's)
             log.exception("event=internal_error client=%s", self.client.peer)
             self.client.fail(PgGuardError("pgguard internal error"))
 
-    def _begin(self, text: str | None) -> None:
-        """Ask the client for what the role's verifier can check (unknown: a SCRAM exchange
-        against a mock verifier, which fails at the proof like a wrong password)."""
+    def _begin(self, lookup: tuple[str | None, float]) -> bool:
+        """Ask the client for what the role's verifier can check; False when pgguard cannot
+        check it (no verifier, one of a kind it does not know): the login goes to the server."""
+        text, self._read_at = lookup
         if text is not None and scram.is_md5_verifier(text):
             self._md5 = text
             self._salt = secrets.token_bytes(4)
             self.client.write(wire.build_message(b"R", _INT32.pack(AUTH_MD5) + self._salt))
-            return
+            return True
         verifier: scram.Verifier | None = None
         if text is not None and scram.is_verifier(text):
             try:
                 verifier = scram.parse_verifier(text)
             except ValueError:
                 verifier = None
-        self._server_key = None if verifier is None else verifier.server_key
-        self._exchange = scram.ScramServer(
-            self.role, verifier,
-            mock_iterations=verifier.iterations if verifier else scram.DEFAULT_ITERATIONS,
-        )  # fmt: skip
+        if verifier is None:
+            self._direct()
+            return False
+        self._server_key = verifier.server_key
+        self._exchange = scram.ScramServer(self.role, verifier, mock_iterations=verifier.iterations)
         self.client.write(wire.build_authentication_sasl([scram.MECHANISM]))
+        return True
 
     def rest(self) -> bytes:
         """What the client sent after its last authentication message."""
@@ -249,8 +274,8 @@ class ClientLogin:
                 self._answer(body)
 
     def _failed(self, exc: AuthenticationFailed, *, real: bool) -> None:
-        if real:  # a real verifier: perhaps a changed password
-            self.pool.verifiers.forget(self.role)
+        if real:  # bounds what a flood of wrong passwords costs in lookups
+            self.pool.verifiers.failed(self.role, self._read_at)
         self.pool.auth_failures += 1
         log_event(logging.INFO, "auth_failed", role=self.role, client=self.client.peer)
         self.client.fail(exc)
@@ -287,10 +312,11 @@ class ClientLogin:
 class ServerSession(asyncio.Protocol):
     """One server connection of a reused pair, and its protocol while no client relays through it."""
 
-    def __init__(self, pool: Pool, key: tuple[str, str, int]) -> None:
+    def __init__(self, pool: Pool, key: PoolKey) -> None:
         self.pool = pool
-        self.key = key
-        self.stats = pool.stats_for(key)
+        self.pool_key = key  # the idle list it waits in: its startup settings included
+        self.key = key[:3]  # (role, database, protocol): its counters (SHOW POOLS)
+        self.stats = pool.stats_for(self.key)
         self.transport: asyncio.Transport | None = None
         self.state = "login"
         self.pid = 0
@@ -387,7 +413,10 @@ class ServerSession(asyncio.Protocol):
     def _auth(self, body: bytes) -> None:
         (code,) = _INT32.unpack_from(body, 0)
         if code == 0:
-            return  # AuthenticationOk
+            # AuthenticationOk. Asked for no password (trust), as a server often trusts its
+            # own Unix socket, where pgguard runs: that says nothing of what it would ask a
+            # client over the network, so the role's stored password stays checked.
+            return
         if code == wire.AUTH_SASL:
             mechanisms = body[4:].split(b"\x00")
             if self._client_key is None or scram.MECHANISM.encode() not in mechanisms:
@@ -410,10 +439,16 @@ class ServerSession(asyncio.Protocol):
             self._refuse()
 
     def _refuse(self) -> None:
-        """The server asks for an authentication pgguard cannot give for this role."""
-        self._finish(
-            {"C": "28P01", "M": f'password authentication failed for user "{self.role}"'}
-        )
+        """The server asks for an authentication pgguard cannot give for this role (cleartext,
+        GSSAPI, another SASL mechanism, md5 for a SCRAM verifier): this client, already past
+        pgguard's check, gets an error (never 28P01: its password was right); the next ones
+        of the pair log in to the server as without reuse (``Pool.direct``)."""
+        self.pool.learn_direct(self.role, self.database)
+        self._finish({
+            "C": "28000",
+            "M": f'pgguard cannot log in to the server for role "{self.role}" with the '
+            "authentication method the server asks for; the next login goes to the server itself",
+        })  # fmt: skip
         self.close("server_auth_method")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -457,7 +492,9 @@ class ServerSession(asyncio.Protocol):
     ) -> None:
         """Log in as the session's role; raises ServerRefused with the server's (or our) error."""
         self._client_key, self._server_key, self._md5 = client_key, server_key, md5
-        body = {"user": startup.user, "database": startup.database}
+        # The client's own startup settings (options included), so that RESET, RESET ALL and
+        # DISCARD ALL return to them on this session as on one of the client's own.
+        body = {"user": startup.user, "database": startup.database, **params.startup_settings(startup.params)}
         waiting = self._wait()
         self._write(wire.build_startup_message(body, protocol=startup.protocol))
         await waiting
@@ -522,10 +559,16 @@ class Pool:
         self.host = host
         self.loop = host.loop
         self.verifiers = Verifiers(host.config)
-        self.idle: dict[tuple[str, str, int], collections.deque[ServerSession]] = {}
+        # Bounded by the warm sessions (each holds a slot); a key goes with its last session.
+        self.idle: dict[PoolKey, collections.deque[ServerSession]] = {}
         self.stats: dict[tuple[str, str, int], PoolStats] = {}
         self.auth_failures = 0
         self.lookup_fallbacks = 0  # logins passed to the server because the lookup failed
+        self.direct_logins = 0  # logins passed to the server because pgguard cannot check them
+        # (role, database) pairs whose server asks pgguard's logins for a method it does not
+        # speak: their clients log in as without reuse, until a reload.
+        # Client-supplied names: bounded (cleared when full).
+        self.direct: set[tuple[str, str]] = set()
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
         self._doomed: set[Ticket] = set()  # [cluster]: slots given away while their session was reset
@@ -537,13 +580,23 @@ class Pool:
 
     def reconfigure(self, config: Config) -> None:
         self.verifiers.config = config
+        self.direct.clear()  # the server's pg_hba.conf may have changed with it: learn again
+
+    def learn_direct(self, role: str, database: str) -> None:
+        """The server asks pgguard's logins of (role, database) for a method pgguard cannot
+        answer from a verifier: its next clients log in as without reuse."""
+        if len(self.direct) >= auth.CACHE_MAX:
+            self.direct.clear()
+        self.direct.add((role, database))
+        log_event(logging.INFO, "pool_direct", role=role, database=database)
 
     def stats_for(self, key: tuple[str, str, int]) -> PoolStats:
         stats = self.stats.get(key)
         if stats is None:
             if len(self.stats) >= STATS_MAX:
                 # Database names come from clients: forget pairs that hold nothing now.
-                for old in [k for k, st in self.stats.items() if not st.in_use and k not in self.idle]:
+                held = {k[:3] for k in self.idle}
+                for old in [k for k, st in self.stats.items() if not st.in_use and k not in held]:
                     del self.stats[old]
             stats = self.stats[key] = PoolStats()
         return stats
@@ -556,7 +609,7 @@ class Pool:
 
     def take(self, startup: wire.StartupMessage) -> ServerSession | None:
         """A warm session for this client's pair (newest first), with its ticket, or None."""
-        sessions = self.idle.get((startup.user, startup.database, startup.protocol))
+        sessions = self.idle.get(pool_key(startup))
         now = time.monotonic()
         while sessions:
             session = sessions.pop()
@@ -581,7 +634,7 @@ class Pool:
         When the login fails after the connection was made, ``on_fail(session)`` runs before
         it is closed (the client hands it its slot: released when the socket is gone).
         """
-        key = (startup.user, startup.database, startup.protocol)
+        key = pool_key(startup)
         proto: ServerSession | None = None
         try:
             async with asyncio.timeout(self.config.backend.connect_timeout):
@@ -599,8 +652,8 @@ class Pool:
         return proto
 
     async def prepare(self, session: ServerSession, startup: wire.StartupMessage) -> None:
-        """Apply the client's startup parameters; raises ServerRefused (the session is closed)."""
-        want = params.wanted(startup.params) or {}
+        """Apply the client's application_name; raises ServerRefused (the session is closed)."""
+        want = params.later(startup.params)
         if session.gone:  # closed by the server between its reset and now
             raise ServerRefused({"C": "08006", "M": "the server closed the connection"})
         sql = params.set_query(want, session.params, session.applied)
@@ -614,9 +667,10 @@ class Pool:
         session.stats.in_use += 1
 
     def ready(self, session: ServerSession, startup: wire.StartupMessage) -> bool:
-        """True (and ``session`` marked in use) when it already matches the client's startup
-        parameters: the hand-over needs no round trip (``prepare`` otherwise)."""
-        want = params.wanted(startup.params) or {}
+        """True (and ``session`` marked in use) when it already has the client's application_name
+        (its other startup settings it has by construction, ``pool_key``): the hand-over needs
+        no round trip (``prepare`` otherwise)."""
+        want = params.later(startup.params)
         if session.gone or params.set_query(want, session.params, session.applied) is not None:
             return False
         session.applied = want
@@ -698,12 +752,11 @@ class Pool:
         if self.host.others_waiting(role, database):
             session.close("slot_wanted")
             return
-        sessions = self.idle.setdefault(session.key, collections.deque())
-        if len(sessions) >= self.config.pool.max_idle:
+        if self.warm_of(session.key) >= self.config.pool.max_idle:
             session.close("max_idle")
             return
         session.idle_since = time.monotonic()
-        sessions.append(session)
+        self.idle.setdefault(session.pool_key, collections.deque()).append(session)
 
     def put_back(self, session: ServerSession, ticket: Ticket) -> None:
         """A warm session taken for a client that left before using it: clean still, park it."""
@@ -728,11 +781,11 @@ class Pool:
         session.stats.closed += 1
         if state == "client":
             session.stats.in_use -= 1
-        sessions = self.idle.get(session.key)
+        sessions = self.idle.get(session.pool_key)
         if sessions is not None and session in sessions:
             sessions.remove(session)
         if not sessions:
-            self.idle.pop(session.key, None)
+            self.idle.pop(session.pool_key, None)
         _log_close(session, reason)
 
     def free_slot_for(self, shares: Callable[[str, str], bool]) -> bool:
@@ -745,13 +798,17 @@ class Pool:
                     oldest = head
         if oldest is None:
             return False
-        self.idle[oldest.key].popleft()
+        self.idle[oldest.pool_key].popleft()
         oldest.state = "closing"
         oldest.close("slot_wanted")
         return True
 
     def warm(self) -> int:
         return sum(len(s) for s in self.idle.values())
+
+    def warm_of(self, key: tuple[str, str, int]) -> int:
+        """Warm sessions of (role, database, protocol), whatever their startup settings."""
+        return sum(len(s) for k, s in self.idle.items() if k[:3] == key)
 
     def close_holding(self, ticket: Ticket, reason: str) -> None:
         """Close the warm session holding ``ticket``; one being reset now is closed when it
@@ -776,7 +833,7 @@ class Pool:
         """Close warm sessions past server_idle_timeout or server_lifetime, or over a lowered limit."""
         now = time.monotonic()
         timeout = self.config.pool.server_idle_timeout
-        for (role, database, _), sessions in list(self.idle.items()):
+        for (role, database, _, _), sessions in list(self.idle.items()):
             for session in list(sessions):
                 if self.host.over_limit(role, database):
                     reason = "limit_lowered"
@@ -815,7 +872,7 @@ class Pool:
         """SHOW POOLS: role, database, protocol, warm, in_use, created, reused, reset_failures, closed."""
         out: list[tuple[str, ...]] = []
         for key, st in sorted(self.stats.items()):
-            warm = len(self.idle.get(key, ()))
+            warm = self.warm_of(key)
             role, database, protocol = key
             out.append((
                 role, database, f"3.{protocol & 0xFFFF}", str(warm), str(st.in_use),
@@ -832,11 +889,9 @@ def _log_close(session: ServerSession, reason: str) -> None:
     )  # fmt: skip
 
 
-def fake_key(protocol_32: bool) -> tuple[int, bytes]:
-    """pgguard's own BackendKeyData for a client of a reused session: (pid, secret)."""
-    global _fake_pids
-    pid = next(_fake_pids)
-    if pid > 0x7FFFFFFF:
-        _fake_pids = itertools.count(FAKE_PID_BASE)
-        pid = next(_fake_pids)
-    return pid, secrets.token_bytes(32 if protocol_32 else 4)
+def client_secret(protocol_32: bool) -> bytes:
+    """pgguard's own BackendKeyData secret for a client of a reused session (the process id is
+    the server session's real one): 32 bytes on protocol 3.2, 4 on 3.0. A client that left
+    cannot cancel the next client's queries on the same server process: its secret is not
+    the next one's."""
+    return secrets.token_bytes(32 if protocol_32 else 4)

@@ -168,7 +168,8 @@ class ClientConnection(asyncio.Protocol):
     # [pool] (class defaults: a session that is not reused never sets them): pooled says
     # pgguard authenticates the client and its server session is reused; warm is the warm
     # session admission gave it; session the server session it holds; server_cancel the
-    # CancelRequest that reaches that server process (the client knows pgguard's key only).
+    # CancelRequest that reaches that server process (the client knows the process id and a
+    # secret of pgguard's own).
     pooled = False
     warm: pool_mod.ServerSession | None = None
     session: pool_mod.ServerSession | None = None
@@ -455,9 +456,10 @@ class ClientConnection(asyncio.Protocol):
             login.feed(early)
 
     def verifier_unavailable(self) -> None:
-        """[pool] The role's verifier could not be read (auth.LookupUnavailable), before
-        anything was asked of the client: it logs in as without reuse (PostgreSQL checks its
-        password, the session is its own), admitted as any client."""
+        """[pool] pgguard cannot check this client itself (the lookup failed, no verifier for
+        the role, no monitor_dsn, a method the server asks for that pgguard does not speak),
+        before anything was asked of it: it logs in as without reuse (PostgreSQL checks it,
+        the session is its own), admitted as any client."""
         if self.state is not State.LOGIN:
             return
         _cancel(self._login_timer)
@@ -555,11 +557,12 @@ class ClientConnection(asyncio.Protocol):
         session.adopt(ticket)
 
     def _attach(self, session: pool_mod.ServerSession) -> None:
-        """Hand ``session`` to this client: its parameters, pgguard's key, ReadyForQuery; relay."""
+        """Hand ``session`` to this client: its parameters, its process id with a secret of
+        pgguard's own (``pool.client_secret``), ReadyForQuery; relay."""
         assert self.transport is not None and session.transport is not None
         self.session = session
         backend = self.backend = session.transport
-        pid, key = pool_mod.fake_key(len(session.secret) > 4)
+        pid, key = session.pid, pool_mod.client_secret(len(session.secret) > 4)
         self.backend_pid, self.backend_key = pid, key
         self.server_cancel = session.cancel_request
         self.server.session_key(self)

@@ -378,7 +378,7 @@ class _WorkerService:
             return {"sessions": counts.sessions_active, "waiting": counts.clients_waiting}
         if op == "snapshot":  # a restarted worker copies this one's run-time state
             return {"state": self.server.control.runtime_state()}
-        if op == "cancel":  # another worker received a CancelRequest with a key pgguard minted
+        if op == "cancel":  # another worker received a CancelRequest with a key it does not hold
             try:
                 packet = wire.parse_cancel_request(bytes.fromhex(str(message["packet"])))
             except (ValueError, ProtocolViolation):
@@ -400,8 +400,9 @@ async def _serve_worker(cfg: Config, spec: WorkerSpec) -> int:
     channel = Channel(reader, writer, handle=service.handle)
     server.console_runner = _WorkerConsole(channel)
 
-    async def cancel_elsewhere(packet: bytes) -> None:
-        await channel.request("cancel", packet=packet.hex())
+    async def cancel_elsewhere(packet: bytes) -> bool:
+        reply = await channel.request("cancel", packet=packet.hex())
+        return bool(reply.get("mine"))
 
     server.control.cancel_elsewhere = cancel_elsewhere
     reading = loop.create_task(channel.run())
@@ -862,11 +863,11 @@ class Supervisor:
 
     async def _handle(self, message: dict[str, Any]) -> dict[str, Any]:
         """A worker's request: ``console`` (run a statement on every worker) or ``cancel``
-        (a CancelRequest with a key pgguard minted for a reused session: every other worker is
-        asked, and the one holding the session forwards it)."""
+        (a CancelRequest whose key the asking worker does not hold: every worker is asked, the
+        one holding the session forwards it; ``mine`` says whether one did)."""
         if message.get("op") == "cancel":
-            await self.ask_all("cancel", packet=message.get("packet", ""))
-            return {}
+            replies = await self.ask_all("cancel", packet=message.get("packet", ""))
+            return {"mine": any(reply.get("mine") for _, reply in replies)}
         if message.get("op") == "state":  # a starting worker: a live one's run-time state, if any
             for w in self.workers:
                 if w.serving and w.channel is not None:

@@ -504,9 +504,9 @@ def test_merged_exposition_labels_every_sample_with_its_worker() -> None:
 POOL_ROLE = "wpool_user"
 POOL_PASSWORD = "wpool-pass"
 async def test_cancel_of_a_reused_session_reaches_it_through_either_worker(tmp_path, pg, redis_server) -> None:
-    """[pool] gives a reused session's client a key pgguard minted, which no server knows: a
-    CancelRequest that lands on the other worker goes through the supervisor to the worker
-    holding the session. Each cancel comes on a new connection, so the kernel spreads them
+    """[pool] gives a reused session's client the server's process id with a secret pgguard
+    minted, which no server knows: a CancelRequest that lands on the other worker goes through
+    the supervisor to the worker holding the session (routed by the whole key). Each cancel comes on a new connection, so the kernel spreads them
     over both workers (6 of 6 must work; without the routing about half fail)."""
     pg.create_role(POOL_ROLE, password=POOL_PASSWORD)
     pg.create_auth_lookup()

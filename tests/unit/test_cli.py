@@ -100,3 +100,17 @@ def test_cluster_without_redis_py_is_a_clear_config_error(tmp_path) -> None:  # 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "pip install 'pgguard[cluster]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_check_config_says_what_reuse_does_for_roles_it_cannot_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "reuse.toml"
+    path.write_text('[pool]\nreuse = true\ntrusted_roles = ["bench"]\n')
+    assert cli.main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "reuse: trusted roles (bench) are let in without a password and reused" in out
+    assert "no [backend] monitor_dsn" in out and "every other role logs in to the server as without reuse" in out
+    path.write_text('[backend]\nmonitor_dsn = "postgresql://m@127.0.0.1/postgres"\n[pool]\nreuse = true\n')
+    assert cli.main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a role without one (unknown, no password, NOLOGIN, expired)" in out
+    assert "logs in to the server as without reuse" in out

@@ -126,3 +126,21 @@ def test_gate_exceeded_only_after_a_limit_is_lowered_under_the_count() -> None:
     gate.set_role_limit("app", 1)
     assert gate.exceeded("app", "db")
     assert not gate.exceeded("other", "db")
+
+
+def test_a_server_session_starts_with_the_clients_settings_but_application_name() -> None:
+    startup = {"user": "u", "database": "d", "options": "-c TimeZone=UTC", "DateStyle": "SQL", "Application_Name": "a"}
+    assert params.startup_settings(startup) == {"options": "-c TimeZone=UTC", "DateStyle": "SQL"}
+    assert params.later(startup) == {"application_name": "a"}
+    assert params.later({"user": "u"}) == {}
+
+
+def test_clients_with_other_startup_settings_never_share_a_warm_session() -> None:
+    from pgguard import pool, wire
+
+    def key(**extra: str) -> pool.PoolKey:
+        return pool.pool_key(wire.StartupMessage(wire.PROTOCOL_3_0, {"user": "u", "database": "d", **extra}, b""))
+
+    assert key(application_name="a") == key(application_name="b") == key()
+    assert key(TimeZone="UTC") != key()
+    assert key(options="-c TimeZone=UTC") != key(TimeZone="UTC")
