@@ -145,8 +145,8 @@ class RoleRule:
     policy: Policy | None = None
     queue_timeout: float | None = None
     max_queue: int | None = None
-    weight: float | None = None  # share of a contended shared limit (default 1)
-    reserved: int | None = None  # slots of the total only this role may take
+    weight: float = 1.0  # share of a contended shared limit (see Sharing)
+    reserved: int = 0  # slots of the total only this role may take
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -514,7 +514,7 @@ class Gate:
             queue_timeout=r.queue_timeout if rule.queue_timeout is None else rule.queue_timeout,
             max_queue=r.max_queue if rule.max_queue is None else rule.max_queue,
             exempt=role in r.exempt_roles,
-            stride=1.0 / (rule.weight or 1.0),
+            stride=1.0 / rule.weight,
             reserved=self._reserved.get(role, 0),
         )
 
