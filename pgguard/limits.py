@@ -623,14 +623,15 @@ class Gate:
         queue = self._queues.get(key)
         if queue is None or self.paused or not accept(queue[0]):
             return None
-        if len(self._queues) > 1:
-            self._count(role, database, -1)
-            try:
-                fair = self._pick() is queue
-            finally:
-                self._count(role, database, 1)
-            if not fair:
-                return None
+        # With the slot free, would the drain serve this pair? (Also False when its head
+        # would not fit: a limit or a reservation lowered under the pair's count.)
+        self._count(role, database, -1)
+        try:
+            fair = self._pick() is queue
+        finally:
+            self._count(role, database, 1)
+        if not fair:
+            return None
         waiter = queue.popleft()
         self._served(queue, waiter)
         self._unqueue(waiter, Kind.ADMIT)

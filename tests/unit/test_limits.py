@@ -623,3 +623,243 @@ def test_max_queue_total_caps_waiters_across_roles() -> None:
     third = gate.arrive("r9", "db", now=0.0)
     assert third.rejection is not None and third.rejection.cause == "max_queue_total"
     assert third.rejection.error().message == 'too many connections for role "r9"'
+
+
+# ------------------------------------------------- sharing between pairs (issue 23.3)
+
+
+def _release_one(gate: Gate, tickets: list[Ticket]) -> list[Waiter]:
+    """Release the oldest held ticket; hold the tickets of whoever it admits."""
+    admitted = gate.release(tickets.pop(0))
+    tickets.extend(w.ticket for w in admitted if w.ticket is not None)
+    return admitted
+
+
+def test_a_freed_shared_slot_alternates_between_waiting_pairs() -> None:
+    """Total 2 held by noisy, 20 noisy queued, then 3 quiet: quiet is served every other
+    slot, not after the noisy backlog (the old order: all 20 noisy first)."""
+    gate = Gate(Rules(max_connections=2))
+    held = [_admit(gate, "noisy"), _admit(gate, "noisy")]
+    noisy = [_queue(gate, "noisy", now=1.0) for _ in range(20)]
+    quiet = [_queue(gate, "quiet", now=2.0) for _ in range(3)]
+    order = [w.role for _ in range(8) for w in _release_one(gate, held)]
+    assert order == ["noisy", "quiet", "noisy", "quiet", "noisy", "quiet", "noisy", "noisy"]
+    assert all(not w.waiting for w in quiet) and sum(w.waiting for w in noisy) == 15
+
+
+def test_one_pair_waiting_is_plain_fifo() -> None:
+    gate = Gate(Rules(max_connections=1, roles={"app": RoleRule(weight=4.0)}))
+    held = [_admit(gate)]
+    waiters = [_queue(gate, now=float(i)) for i in range(5)]
+    assert [w for _ in range(5) for w in _release_one(gate, held)] == waiters
+
+
+def test_weights_hold_over_a_long_run() -> None:
+    """While both pairs wait, admissions follow the weights (3:1) within one stride."""
+    gate = Gate(Rules(max_connections=4, roles={"big": RoleRule(weight=3.0)}))
+    held = [_admit(gate, "x") for _ in range(4)]
+    for _ in range(400):
+        _queue(gate, "big")
+        _queue(gate, "small")
+    served: Counter[str] = Counter()
+    for _ in range(400):
+        for w in _release_one(gate, held):
+            served[w.role] += 1
+        assert abs(served["big"] - 3 * served["small"]) <= 3 + 1
+    assert served["big"] == 300 and served["small"] == 100
+
+
+def test_a_pair_that_starts_waiting_brings_no_saved_credit() -> None:
+    """A pair that was idle while another was served does not get a burst on arrival."""
+    gate = Gate(Rules(max_connections=1))
+    held = [_admit(gate, "a")]
+    for _ in range(30):
+        _queue(gate, "a")
+    for _ in range(10):
+        _release_one(gate, held)  # only a waits: its virtual time runs ahead, alone
+    for _ in range(5):
+        _queue(gate, "late")
+    order = [w.role for _ in range(6) for w in _release_one(gate, held)]
+    assert order.count("late") == 3 and order.count("a") == 3  # alternate, no burst of late
+
+
+def test_database_limit_is_shared_round_robin_too() -> None:
+    gate = Gate(Rules(databases={"shared": 1}))
+    held = [_admit(gate, "a", "shared")]
+    for _ in range(3):
+        _queue(gate, "a", "shared")
+    _queue(gate, "b", "shared")
+    assert [w.role for _ in range(2) for w in _release_one(gate, held)] == ["a", "b"]
+
+
+def test_hand_over_follows_the_sharing_rule() -> None:
+    """A reused session's slot passes within its pair only when that pair is due; else the
+    hand-over declines (pool.py then closes the session and the slot goes by release)."""
+    gate = Gate(Rules(max_connections=1))
+    ticket = _admit(gate, "noisy")
+    n1, n2 = _queue(gate, "noisy"), _queue(gate, "noisy")
+    q1 = _queue(gate, "quiet")
+    assert gate.hand_over("noisy", "db", lambda w: True) is n1  # tie: the older head
+    assert gate.hand_over("noisy", "db", lambda w: True) is None  # quiet is due now
+    assert gate.release(ticket) == [q1]
+    assert n2.waiting
+
+
+def test_hand_over_declines_when_the_head_no_longer_fits() -> None:
+    gate = Gate(Rules(max_connections=2))
+    _admit(gate, "a")
+    _admit(gate, "a")
+    _queue(gate, "a")
+    gate.set_total_limit(1)  # lowered under the count: a slot may not pass on
+    assert gate.hand_over("a", "db", lambda w: True) is None
+
+
+# ------------------------------------------------------------- reserved slots
+
+
+def test_reserved_slots_are_kept_for_their_role() -> None:
+    gate = Gate(Rules(max_connections=3, policy=Policy.REJECT,
+                      roles={"ops": RoleRule(reserved=1)}))  # fmt: skip
+    _admit(gate, "app")
+    _admit(gate, "app")
+    rejection = gate.arrive("app", "db", 0.0).rejection
+    assert rejection is not None and rejection.limit is Limit.TOTAL
+    assert rejection.error().message == "sorry, too many clients already"
+    assert gate.total_active == 2  # one slot is free, but it is ops'
+    ops = _admit(gate, "ops")
+    assert gate.arrive("ops", "db", 0.0).kind is Kind.REJECT  # the total is full now
+    gate.release(ops)
+    assert gate.arrive("app", "db", 0.0).kind is Kind.REJECT  # free again, and ops' again
+
+
+def test_a_reserved_role_may_use_shared_slots_too() -> None:
+    gate = Gate(Rules(max_connections=3, roles={"ops": RoleRule(reserved=1)}))
+    tickets = [_admit(gate, "ops") for _ in range(3)]
+    assert gate.arrive("app", "db", 0.0).kind is Kind.QUEUE
+    gate.release(tickets[0])  # ops still holds 2 >= its reservation: the slot is anyone's
+    assert gate.role_active == {"ops": 2, "app": 1}
+
+
+def test_a_queued_other_role_waits_while_only_reserved_slots_are_free() -> None:
+    gate = Gate(Rules(max_connections=2, roles={"ops": RoleRule(reserved=1)}))
+    app = _admit(gate, "app")
+    waiter = _queue(gate, "app")
+    ops = _admit(gate, "ops")
+    assert gate.release(ops) == []  # ops' slot frees: still ops'
+    assert gate.release(app) == [waiter]
+
+
+def test_lowering_the_total_under_the_reservations_keeps_them() -> None:
+    """SET LIMIT total below the reservations: other roles get nothing, reservations stay."""
+    gate = Gate(Rules(max_connections=6, policy=Policy.REJECT,
+                      roles={"a": RoleRule(reserved=2), "b": RoleRule(reserved=2)}))  # fmt: skip
+    gate.set_total_limit(3)
+    assert gate.arrive("other", "db", 0.0).kind is Kind.REJECT
+    _admit(gate, "a")  # 0 + 4 - 2 < 3
+    assert gate.arrive("a", "db", 0.0).kind is Kind.REJECT  # 1 + 3 - 1 >= 3: b's 2 are b's
+    _admit(gate, "b")
+    assert gate.total_active == 2
+
+
+# ------------------------------------------------------- client addresses (issue 21.2)
+
+
+def _net(text: str, limit: int, policy: Policy | None = None) -> "NetworkRule":
+    from pgguard.config import network_of
+    from pgguard.limits import NetworkRule
+
+    return NetworkRule(network=network_of(text), max_connections=limit, policy=policy)
+
+
+def test_address_limit_queues_without_blocking_other_hosts() -> None:
+    gate = Gate(Rules(client_address_max_connections=1))
+    a1 = gate.arrive("app", "db", 0.0, address="10.0.0.1")
+    assert a1.kind is Kind.ADMIT and a1.hold is not None and a1.hold.held
+    a2 = gate.arrive("app", "db", 0.0, address="10.0.0.1")
+    assert a2.kind is Kind.QUEUE and a2.hold is not None and not a2.hold.held
+    b1 = gate.arrive("app", "db", 0.0, address="10.0.0.2")  # not behind a2
+    assert b1.kind is Kind.ADMIT
+    assert gate.address_count("10.0.0.1") == 1 and gate.total_waiting == 1
+    assert a1.ticket is not None
+    assert gate.release(a1.ticket) == []  # the client still holds its address
+    assert gate.leave(a1.hold) == [a2.waiter]  # its socket closed
+    assert gate.leave(a1.hold) == []  # again: no-op
+    assert a2.waiter is not None and a2.waiter.ticket is not None and a2.hold.held
+
+
+def test_a_host_at_its_limit_never_blocks_its_pairs_queue() -> None:
+    """Role limit 1 and address limit 1: host A's second client waits in A's own queue, so
+    host B's client (same role) is next for the role's slot."""
+    gate = Gate(Rules(client_address_max_connections=1, roles={"app": RoleRule(max_connections=1)}))
+    a1 = gate.arrive("app", "db", 0.0, address="10.0.0.1")
+    a2 = gate.arrive("app", "db", 1.0, address="10.0.0.1")
+    b1 = gate.arrive("app", "db", 2.0, address="10.0.0.2")
+    assert (a1.kind, a2.kind, b1.kind) == (Kind.ADMIT, Kind.QUEUE, Kind.QUEUE)
+    assert a1.ticket is not None
+    assert gate.release(a1.ticket) == [b1.waiter]
+    assert gate.leave(a1.hold) == []  # a2 moves on to the role's queue, behind nobody
+    assert b1.waiter is not None and b1.waiter.ticket is not None
+    assert gate.release(b1.waiter.ticket) == [a2.waiter]
+
+
+def test_address_rejection_is_postgres_total_text() -> None:
+    gate = Gate(Rules(networks=(_net("10.1.2.0/24", 1, Policy.REJECT),)))
+    assert gate.arrive("app", "db", 0.0, address="10.1.2.7").kind is Kind.ADMIT
+    decision = gate.arrive("app", "db", 0.0, address="10.1.2.7")
+    assert decision.kind is Kind.REJECT and decision.rejection is not None
+    assert decision.rejection.limit is Limit.ADDRESS
+    assert decision.rejection.error().message == "sorry, too many clients already"
+    assert decision.rejection.error().sqlstate == "53300"
+    assert gate.arrive("app", "db", 0.0, address="10.1.3.7").kind is Kind.ADMIT  # default: -1
+
+
+def test_longest_network_wins_and_mapped_addresses_read_as_ipv4() -> None:
+    rules = Rules(
+        client_address_max_connections=5,
+        networks=(_net("10.1.2.0/24", 1), _net("10.0.0.0/8", 2), _net("fd00::/8", 0)),
+    )
+    gate = Gate(Rules(**{**{f: getattr(rules, f) for f in rules.__slots__}, "policy": Policy.REJECT}))
+    kinds = [gate.arrive("a", "db", 0.0, address="::ffff:10.1.2.9").kind for _ in range(2)]
+    assert kinds == [Kind.ADMIT, Kind.REJECT]  # the /24, not the /8
+    kinds = [gate.arrive("a", "db", 0.0, address="10.9.9.9").kind for _ in range(3)]
+    assert kinds == [Kind.ADMIT, Kind.ADMIT, Kind.REJECT]
+    assert gate.arrive("a", "db", 0.0, address="fd12::1").kind is Kind.REJECT
+    assert gate.network_active == {"10.1.2.0/24": 1, "10.0.0.0/8": 2, "fd00::/8": 0}
+
+
+def test_address_state_is_dropped_with_the_last_client() -> None:
+    gate = Gate(Rules(client_address_max_connections=1, policy=Policy.QUEUE))
+    decisions = [gate.arrive("app", "db", 0.0, address=f"10.0.{i // 250}.{i % 250}") for i in range(500)]
+    waiting = gate.arrive("app", "db", 0.0, address="10.0.0.0")
+    assert gate.tracked_addresses() == 500
+    assert waiting.waiter is not None
+    gate.cancel(waiting.waiter)
+    for d in decisions:
+        assert d.ticket is not None
+        gate.release(d.ticket)
+        gate.leave(d.hold)
+    assert gate.tracked_addresses() == 0 and gate.total_waiting == 0
+
+
+def test_unix_socket_clients_are_not_limited_by_address() -> None:
+    gate = Gate(Rules(client_address_max_connections=0))
+    assert gate.arrive("app", "db", 0.0).kind is Kind.ADMIT
+    assert gate.arrive("app", "db", 0.0, address="127.0.0.1").kind is Kind.QUEUE
+
+
+def test_an_address_waiter_times_out_with_the_total_text() -> None:
+    gate = Gate(Rules(client_address_max_connections=1, queue_timeout=2.0))
+    gate.arrive("app", "db", 0.0, address="10.0.0.1")
+    waiter = gate.arrive("app", "db", 1.0, address="10.0.0.1").waiter
+    [(expired, rejection)] = gate.expire(3.0)
+    assert expired is waiter and rejection.limit is Limit.ADDRESS
+    assert rejection.cause == "queue_timeout" and rejection.message == "sorry, too many clients already"
+    assert gate.total_waiting == 0 and gate.address_count("10.0.0.1") == 1
+
+
+def test_warm_take_hold_respects_the_address_limit() -> None:
+    gate = Gate(Rules(client_address_max_connections=1))
+    first = gate.take_hold("10.0.0.1", "app")
+    assert first is not None and first.held
+    assert gate.take_hold("10.0.0.1", "app") is None
+    assert gate.leave(first) == [] and gate.tracked_addresses() == 0
