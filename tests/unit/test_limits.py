@@ -309,10 +309,14 @@ _opt = st.one_of(st.none(), _limits)
 
 
 class GateMachine(RuleBasedStateMachine):
-    """Random arrivals, releases, cancels, expiries and limit changes against a model.
+    """Random arrivals, releases, hand-overs, cancels, expiries and limit changes against a model.
 
     Counts are computed from the tickets this machine holds, never read back from the gate
-    alone; the effective limits are computed here from the rules and the overrides applied.
+    alone; the effective limits (reservations included) are computed here from the rules
+    and the overrides applied. Sharing: every admission of a queued client is checked
+    against the bound the sharing rule promises: while pair P's head fits at each
+    admission, another pair Q is served at most weight(Q) / weight(P) + 1 times before P
+    is (weights are powers of two, so the virtual times are exact).
     """
 
     def __init__(self) -> None:
@@ -328,6 +332,11 @@ class GateMachine(RuleBasedStateMachine):
         self.runtime_dbs: dict[str, int] = {}
         self.runtime_total: int | None = None
         self.runtime_policy: dict[str, Policy] = {}
+        # (P, Q) -> times Q was served while P's head fitted, since P was last served.
+        self.overtaken: Counter[tuple[tuple[str, str], tuple[str, str]]] = Counter()
+        # Pairs whose queue started after the last time they were served: they start at the
+        # gate's clock, so until served any other pair is served at most once before them.
+        self.fresh: set[tuple[str, str]] = set()
 
     # ---------------------------------------------------------------- model side
 
@@ -347,6 +356,8 @@ class GateMachine(RuleBasedStateMachine):
                         policy=st.one_of(st.none(), st.sampled_from(Policy)),
                         queue_timeout=st.one_of(st.none(), st.floats(0.5, 5.0)),
                         max_queue=st.one_of(st.none(), st.integers(0, 4)),
+                        weight=st.sampled_from((1.0, 2.0, 4.0)),
+                        reserved=st.integers(0, 2),
                     ),
                 )
                 for r in ROLES
@@ -410,12 +421,25 @@ class GateMachine(RuleBasedStateMachine):
             Counter(t.database for t in self.held),
         )
 
+    def weight(self, role: str) -> float:
+        rule = self.rules.roles.get(role)
+        return 1.0 if rule is None else rule.weight
+
+    def unused_reserved(self, but: str) -> int:
+        """Slots other roles than ``but`` have reserved and do not use."""
+        _, roles, _ = self.counts()
+        return sum(
+            max(0, rule.reserved - roles[name])
+            for name, rule in self.rules.roles.items()
+            if name != but and name not in self.rules.exempt_roles
+        )
+
     def fits(self, role: str, db: str) -> bool:
         total, roles, dbs = self.counts()
         return all(
             limit == UNLIMITED or used < limit
             for limit, used in (
-                (self.total_limit(), total),
+                (self.total_limit(), total + self.unused_reserved(role)),
                 (self.role_limit(role), roles[role]),
                 (self.db_limit(db), dbs[db]),
             )
@@ -425,16 +449,40 @@ class GateMachine(RuleBasedStateMachine):
         """The gate admitted ``admitted`` (in order): check FIFO and limits, then hold them."""
         assert not self.gate.paused or not admitted
         for waiter in admitted:
-            assert waiter in self.waiting, "admitted a client that was not waiting"
-            key = (waiter.role, waiter.database)
-            older = [w for w in self.waiting if (w.role, w.database) == key]
-            assert older[0] is waiter, f"FIFO broken: {waiter} admitted before {older[0]}"
-            assert waiter.state is Kind.ADMIT and not waiter.waiting
+            self.serve(waiter)
             assert waiter.ticket is not None and not waiter.ticket.released
-            assert (waiter.ticket.role, waiter.ticket.database) == key
-            self.waiting.remove(waiter)
+            assert (waiter.ticket.role, waiter.ticket.database) == (waiter.role, waiter.database)
             self.held.append(waiter.ticket)
         self.check_limits({(w.role, w.database) for w in admitted})
+
+    def serve(self, waiter: Waiter) -> None:
+        """One queued client is admitted now: FIFO in its pair, it fits (reserved slots
+        included), and no other pair is overtaken more than the sharing rule allows."""
+        assert waiter in self.waiting, "admitted a client that was not waiting"
+        key = (waiter.role, waiter.database)
+        heads: dict[tuple[str, str], Waiter] = {}
+        for w in self.waiting:
+            heads.setdefault((w.role, w.database), w)
+        assert heads[key] is waiter, f"FIFO broken: {waiter} admitted before {heads[key]}"
+        assert waiter.state is Kind.ADMIT and not waiter.waiting
+        assert self.fits(*key), f"{waiter} admitted over a limit or another role's reservation"
+        for pair in list(self.overtaken):
+            if pair[0] not in heads or pair[0] == key:
+                del self.overtaken[pair]
+        for other in heads:
+            if other == key:
+                continue
+            if not self.fits(*other):
+                for pair in [p for p in self.overtaken if p[0] == other]:
+                    del self.overtaken[pair]
+                continue
+            self.overtaken[(other, key)] += 1
+            bound = 1 if other in self.fresh else self.weight(key[0]) / self.weight(other[0]) + 1
+            assert self.overtaken[(other, key)] <= bound, (
+                f"{other} starved: {key} served {self.overtaken[(other, key)]} times (bound {bound})"
+            )
+        self.waiting.remove(waiter)
+        self.fresh.discard(key)
 
     def check_limits(self, keys: set[tuple[str, str]]) -> None:
         """After non-exempt admissions for ``keys``, every limit they touch is within bounds."""
@@ -474,6 +522,8 @@ class GateMachine(RuleBasedStateMachine):
                 self.check_limits({(role, db)})
         elif decision.kind is Kind.QUEUE:
             assert decision.waiter is not None and decision.waiter.waiting
+            if not any((w.role, w.database) == (role, db) for w in self.waiting):
+                self.fresh.add((role, db))
             self.waiting.append(decision.waiter)
         else:
             rejection = decision.rejection
@@ -488,6 +538,29 @@ class GateMachine(RuleBasedStateMachine):
         self.released.append(ticket)
         self.took(self.gate.release(ticket))
         assert ticket.released
+
+    @precondition(lambda self: self.held and self.waiting)
+    @rule(i=st.integers(0, 99))
+    def hand_over(self, i: int) -> None:
+        """pool.py: a session's slot passes to the next waiter of its pair (control checks
+        ``exceeded`` first), or the hand-over declines."""
+        ticket = self.held[i % len(self.held)]
+        key = (ticket.role, ticket.database)
+        if ticket.exempt or not any((w.role, w.database) == key for w in self.waiting):
+            return
+        if self.gate.exceeded(*key):
+            return
+        waiter = self.gate.hand_over(ticket.role, ticket.database, lambda w: True)
+        self.held.remove(ticket)
+        if waiter is None:
+            pairs = {(w.role, w.database) for w in self.waiting}
+            assert self.gate.paused or len(pairs) > 1 or not self.fits(*key), "declined for nothing"
+            self.held.append(ticket)
+            return
+        self.serve(waiter)  # as if the slot were released and this waiter admitted
+        waiter.ticket = ticket
+        self.held.append(ticket)
+        self.check_limits({key})
 
     @precondition(lambda self: self.released)
     @rule(i=st.integers(0, 99))
@@ -863,3 +936,17 @@ def test_warm_take_hold_respects_the_address_limit() -> None:
     assert first is not None and first.held
     assert gate.take_hold("10.0.0.1", "app") is None
     assert gate.leave(first) == [] and gate.tracked_addresses() == 0
+
+
+def test_the_model_sees_a_pair_served_twice_before_a_new_one() -> None:
+    """The machine's sharing check on a fixed run (random runs rarely build this one): with
+    a total of 1, r0 queues three, then r1 one; two releases must not both go to r0."""
+    machine = GateMachine()
+    machine.setup(total=1, role_default=-1, db_default=-1, policy=Policy.QUEUE, max_queue=4,
+                  roles=dict.fromkeys(ROLES), dbs=dict.fromkeys(DATABASES), exempt=set())  # fmt: skip
+    for role in ("r0", "r0", "r0", "r1"):
+        machine.arrive(role, "d0")
+    machine.release(0)
+    machine.release(0)
+    assert Counter(t.role for t in machine.held) == {"r1": 1}
+    machine.teardown()
