@@ -5,7 +5,7 @@ the dotted key and the bad value. A reload builds a new ``Config``; nothing is c
 place. Defaults live in the dataclasses below and are repeated, with comments, in
 ``config.example.toml``.
 
-Size: about 580 lines, one job: the schema of one file (every section's dataclass beside its
+Size: about 670 lines, one job: the schema of one file (every section's dataclass beside its
 checks), read and validated in one place.
 """
 

@@ -54,7 +54,7 @@ Exempt roles are counted (so they show up) but never limited, like PostgreSQL su
 are not bound by ``rolconnlimit``. Time is always passed in; this module keeps no clock.
 The shell owns the futures and timers that act on the decisions.
 
-Size: about 900 lines, one job: the admission decision (limits, sharing, reservations and
+Size: about 1,080 lines, one job: the admission decision (limits, sharing, reservations and
 address holds), its override layers and its reports; splitting them would put the
 invariants above in two places.
 """
