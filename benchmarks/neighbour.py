@@ -48,7 +48,9 @@ def _percentile(values: list[float], pct: float) -> float:
 async def _sampler(stack: Stack, stop: asyncio.Event) -> tuple[int, int]:
     import asyncpg
 
-    conn = await asyncpg.connect(host=stack.pg.host, port=stack.pg.port, user="postgres", database="postgres")
+    conn = await asyncpg.connect(
+        host=stack.pg.host, port=stack.pg.port, user="postgres", database="postgres"
+    )
     peak = samples = 0
     try:
         stmt = await conn.prepare(
@@ -113,8 +115,11 @@ async def neighbour(stack: Stack, s: Settings) -> list[Row]:
     n = [w for w in noisy_waits if w is not None]
     served = len(q) + len(n)
     quiet_p99 = _percentile(q, 99) if q else float("inf")
-    print(f"  neighbour: quiet p99 {quiet_p99:.3f} s, noisy p99 {_percentile(n, 99) if n else 0:.3f} s, "
-          f"{served}/{NOISY_CLIENTS + QUIET_CLIENTS} served in {makespan:.1f} s, peak {peak}", flush=True)
+    print(
+        f"  neighbour: quiet p99 {quiet_p99:.3f} s, noisy p99 {_percentile(n, 99) if n else 0:.3f} s, "
+        f"{served}/{NOISY_CLIENTS + QUIET_CLIENTS} served in {makespan:.1f} s, peak {peak}",
+        flush=True,
+    )
     row = Row(
         f"noisy neighbour: total {TOTAL}, {NOISY_CLIENTS} noisy x {HOLD_S} s, "
         f"{QUIET_CLIENTS} quiet {QUIET_AFTER_S} s later",
@@ -122,11 +127,15 @@ async def neighbour(stack: Stack, s: Settings) -> list[Row]:
         target=f"quiet p99 <= {QUIET_P99_GOAL_S:.1f} s, all served, peak <= {TOTAL}",
     )  # fmt: skip
     row.set_values({"pgguard": [quiet_p99]})
-    row.passed = quiet_p99 <= QUIET_P99_GOAL_S and served == NOISY_CLIENTS + QUIET_CLIENTS and peak <= TOTAL
+    row.passed = (
+        quiet_p99 <= QUIET_P99_GOAL_S and served == NOISY_CLIENTS + QUIET_CLIENTS and peak <= TOTAL
+    )
     row.score, row.goal = (QUIET_P99_GOAL_S / quiet_p99 if quiet_p99 else None), 1.0
     row.details = {
         "quiet_waits_s": q,
-        "noisy_wait_s": {"p50": _percentile(n, 50), "p99": _percentile(n, 99), "max": max(n)} if n else {},
+        "noisy_wait_s": {"p50": _percentile(n, 50), "p99": _percentile(n, 99), "max": max(n)}
+        if n
+        else {},
         "served": served,
         "quiet_served_by_s": quiet_done,
         "makespan_s": makespan,

@@ -48,7 +48,9 @@ class RawSession:
             elif tag == b"Z":
                 return error
 
-    async def login(self, user: str, database: str = "postgres", timeout: float = 30.0) -> dict[str, str] | None:
+    async def login(
+        self, user: str, database: str = "postgres", timeout: float = 30.0
+    ) -> dict[str, str] | None:
         """Send the StartupMessage; wait for ReadyForQuery (None) or a FATAL (its fields)."""
         self.writer.write(wire.build_startup_message({"user": user, "database": database}))
         return await self._until_ready(timeout)
@@ -68,6 +70,8 @@ class RawSession:
             pass
 
 
-async def raw_login(port: int, source: str, user: str = "app", database: str = "postgres") -> tuple[RawSession, dict[str, str] | None]:
+async def raw_login(
+    port: int, source: str, user: str = "app", database: str = "postgres"
+) -> tuple[RawSession, dict[str, str] | None]:
     session = await RawSession.open(port, source)
     return session, await session.login(user, database)

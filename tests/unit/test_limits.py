@@ -9,12 +9,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from pgguard.config import network_of
 from pgguard.errors import TooManyConnections
 from pgguard.limits import (
     UNLIMITED,
     Gate,
     Kind,
     Limit,
+    NetworkRule,
     Policy,
     RoleRule,
     Rules,
@@ -837,10 +839,7 @@ def test_lowering_the_total_under_the_reservations_keeps_them() -> None:
 # ------------------------------------------------------- client addresses (issue 21.2)
 
 
-def _net(text: str, limit: int, policy: Policy | None = None) -> "NetworkRule":
-    from pgguard.config import network_of
-    from pgguard.limits import NetworkRule
-
+def _net(text: str, limit: int, policy: Policy | None = None) -> NetworkRule:
     return NetworkRule(network=network_of(text), max_connections=limit, policy=policy)
 
 
