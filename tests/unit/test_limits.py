@@ -949,3 +949,160 @@ def test_the_model_sees_a_pair_served_twice_before_a_new_one() -> None:
     machine.release(0)
     assert Counter(t.role for t in machine.held) == {"r1": 1}
     machine.teardown()
+
+
+# ------------------------------------------------------- client addresses, stateful
+
+ADDRESSES = ("10.0.0.0", "10.0.0.1", "::ffff:10.0.0.1", "10.0.1.1", None)
+
+
+class _Client:
+    """The model's view of one client connection (the shell's ClientConnection)."""
+
+    def __init__(self, address: str | None, decision_kind: Kind) -> None:
+        self.address = address
+        self.kind = decision_kind
+        self.hold = None  # type: ignore[var-annotated]
+        self.waiter: Waiter | None = None
+        self.ticket: Ticket | None = None
+
+
+class AddressMachine(RuleBasedStateMachine):
+    """Clients from a few addresses (one network rule, a default, the Unix socket) arrive,
+    end their sessions, close and time out; after every step: no address over its limit, no
+    waiter held back by its address while the address has room, no pair head that fits left
+    waiting (so a host at its limit never blocks the others), FIFO per address, and per-address
+    state only while the address has a client."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+        self.rules = Rules()
+        self.now = 0.0
+        self.clients: list[_Client] = []
+
+    @initialize(
+        default=st.integers(-1, 2),
+        net_limit=st.integers(-1, 2),
+        net_policy=st.sampled_from((None, Policy.QUEUE, Policy.REJECT)),
+        role_limit=st.sampled_from((-1, 1, 2)),
+        total=st.sampled_from((-1, 2, 3)),
+        policy=st.sampled_from(Policy),
+    )
+    def setup(self, default: int, net_limit: int, net_policy: Policy | None, role_limit: int,
+              total: int, policy: Policy) -> None:  # fmt: skip
+        self.rules = Rules(
+            max_connections=total,
+            policy=policy,
+            queue_timeout=3.0,
+            max_queue=6,
+            roles={"app": RoleRule(max_connections=role_limit)},
+            client_address_max_connections=default,
+            networks=(_net("10.0.0.0/31", net_limit, net_policy),),
+        )
+        self.gate = Gate(self.rules)
+
+    def limit(self, address: str) -> int:
+        ip = address.removeprefix("::ffff:")
+        net = self.rules.networks[0]
+        return net.max_connections if ip.startswith("10.0.0.") else self.rules.client_address_max_connections
+
+    @staticmethod
+    def key(address: str) -> str:
+        return address  # the gate counts the address as the client gave it
+
+    def took(self, admitted: list[Waiter]) -> None:
+        for waiter in admitted:
+            client = next(c for c in self.clients if c.waiter is waiter)
+            assert waiter.ticket is not None and waiter.state is Kind.ADMIT
+            client.ticket, client.waiter = waiter.ticket, None
+
+    @rule(role=st.sampled_from(("app", "other")), address=st.sampled_from(ADDRESSES))
+    def arrive(self, role: str, address: str | None) -> None:
+        decision = self.gate.arrive(role, "db", self.now, address=address)
+        client = _Client(address, decision.kind)
+        if decision.kind is Kind.REJECT:
+            assert decision.rejection is not None and decision.rejection.error().sqlstate == "53300"
+            if decision.rejection.limit is Limit.ADDRESS:
+                assert decision.rejection.message == "sorry, too many clients already"
+            return
+        assert (decision.hold is None) == (address is None)
+        client.hold, client.ticket, client.waiter = decision.hold, decision.ticket, decision.waiter
+        self.clients.append(client)
+
+    @precondition(lambda self: any(c.ticket and not c.ticket.released for c in self.clients))
+    @rule(i=st.integers(0, 99))
+    def end_session(self, i: int) -> None:
+        """The server session ends (its ticket is released); the client socket stays open."""
+        live = [c for c in self.clients if c.ticket and not c.ticket.released]
+        client = live[i % len(live)]
+        assert client.ticket is not None
+        self.took(self.gate.release(client.ticket))
+
+    @precondition(lambda self: self.clients)
+    @rule(i=st.integers(0, 99))
+    def close(self, i: int) -> None:
+        """The client socket closes: leave the queue, give back the address, then the slot."""
+        client = self.clients.pop(i % len(self.clients))
+        if client.waiter is not None:
+            self.gate.cancel(client.waiter)
+        self.took(self.gate.leave(client.hold))
+        self.took(self.gate.leave(client.hold))  # again: a no-op
+        if client.ticket is not None:
+            self.took(self.gate.release(client.ticket))
+
+    @rule(dt=st.floats(0.0, 4.0))
+    def expire(self, dt: float) -> None:
+        self.now += dt
+        for waiter, rejection in self.gate.expire(self.now):
+            client = next(c for c in self.clients if c.waiter is waiter)
+            assert rejection.cause == "queue_timeout"
+            client.waiter = None  # rejected; its socket closes in a later step
+
+    @invariant()
+    def addresses_within_limits_and_no_one_held_back(self) -> None:
+        held: Counter[str] = Counter()
+        for c in self.clients:
+            if c.hold is not None and c.hold.held:
+                held[c.hold.key] += 1
+        for address in {c.address for c in self.clients if c.address is not None}:
+            count, limit = self.gate.address_count(address), self.limit(address)
+            assert count == held[address]
+            assert limit == UNLIMITED or count <= limit, f"{address}: {count} > {limit}"
+            staged = [c for c in self.clients if c.address == address and c.waiter is not None
+                      and c.waiter.in_address_stage]  # fmt: skip
+            if staged:
+                assert limit != UNLIMITED and count >= limit, f"{address} has room, {staged[0].waiter} waits"
+        # FIFO per address: a client past its address stage arrived before every one still in it.
+        for address in {c.address for c in self.clients}:
+            order = [c for c in self.clients if c.address == address and c.hold is not None]
+            seen_staged = False
+            for c in order:
+                staged = c.waiter is not None and c.waiter.in_address_stage
+                assert not (seen_staged and c.hold.held and c.waiter is not None), "address FIFO broken"
+                seen_staged = seen_staged or staged
+
+    @invariant()
+    def no_pair_head_that_fits_waits(self) -> None:
+        if self.gate.paused:
+            return
+        for head in self.gate.queue_heads():
+            assert self.gate.blocking(head.role, head.database) is not None, f"{head} fits but waits"
+
+    @invariant()
+    def state_only_for_live_addresses(self) -> None:
+        live = {c.address for c in self.clients if c.address is not None}
+        assert self.gate.tracked_addresses() <= len(live)
+
+    def teardown(self) -> None:
+        while self.clients:
+            self.close(0)
+        gate = self.gate
+        assert gate.tracked_addresses() == 0 and gate.total_waiting == 0 and gate.total_active == 0
+        assert set(gate.network_active.values()) <= {0}
+
+
+AddressMachine.TestCase.settings = settings(
+    max_examples=200, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestAddressInvariants = AddressMachine.TestCase
