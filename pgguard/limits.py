@@ -957,6 +957,9 @@ class Gate:
 
         One pass over the waiting pairs; a head's limits are looked at only when its tag
         could win."""
+        total, _ = self.total_limit()
+        if total != UNLIMITED and self.total_active >= total:
+            return None  # the total is full for everyone (a reservation only ever narrows it)
         clock = self._vtime
         best: _Queue | None = None
         best_tag = 0.0
