@@ -1106,3 +1106,13 @@ AddressMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestAddressInvariants = AddressMachine.TestCase
+
+
+def test_a_reload_that_raises_an_address_limit_admits_its_waiters() -> None:
+    gate = Gate(Rules(client_address_max_connections=1))
+    gate.arrive("app", "db", 0.0, address="10.0.0.1")
+    waiter = gate.arrive("app", "db", 0.0, address="10.0.0.1").waiter
+    assert gate.reconfigure(Rules(networks=(_net("10.0.0.0/24", 3),))) == [waiter]
+    assert gate.address_count("10.0.0.1") == 2 and gate.network_active == {"10.0.0.0/24": 0}
+    # Holds made under the old rules count on their old network (none) until they leave, so
+    # the per-network gauge never goes negative; new ones count on the new network.
