@@ -882,17 +882,17 @@ class Gate:
 
     def _drop(self, waiter: Waiter) -> None:
         """Take a waiting client out of whichever queue it is in (it was cancelled or expired)."""
-        address_stage = waiter.in_address_stage
         self._unqueue(waiter, Kind.REJECT)
-        # Removal from the deque is lazy: heads that are no longer waiting are skipped.
+        # Removal from the deques is lazy: heads that are no longer waiting are skipped.
         # A cancel frees no slot, and the next waiter of the same queue shares its limits,
         # so nobody becomes admissible here. (A waiter past its address stage keeps its
-        # hold until its client closes: ``leave``.)
-        if address_stage:
-            assert waiter.hold is not None
-            self._forget_address(waiter.hold.key, self._addresses[waiter.hold.key])
-        else:
-            self._trim((waiter.role, waiter.database))
+        # hold until its client closes: ``leave``.) Both queues it may be in are trimmed.
+        self._trim((waiter.role, waiter.database))
+        hold = waiter.hold
+        if hold is not None:
+            entry = self._addresses.get(hold.key)
+            if entry is not None:
+                self._forget_address(hold.key, entry)
 
     def _trim(self, key: tuple[str, str]) -> _Queue | None:
         queue = self._queues.get(key)
@@ -922,9 +922,8 @@ class Gate:
             _, waiter = heapq.heappop(heap)
             if not waiter.waiting:
                 continue
-            if waiter.in_address_stage:
-                assert waiter.hold is not None
-                entry = self._addresses[waiter.hold.key]
+            entry = None if waiter.hold is None else self._addresses.get(waiter.hold.key)
+            if entry is not None and waiter.in_address_stage:
                 blocking = Rejection(Limit.ADDRESS, entry.network, entry.limit, RejectReason.LIMIT)
             else:
                 blocking = self._blocking(waiter.role, waiter.database) or Rejection(

@@ -1116,3 +1116,13 @@ def test_a_reload_that_raises_an_address_limit_admits_its_waiters() -> None:
     assert gate.address_count("10.0.0.1") == 2 and gate.network_active == {"10.0.0.0/24": 0}
     # Holds made under the old rules count on their old network (none) until they leave, so
     # the per-network gauge never goes negative; new ones count on the new network.
+
+
+def test_a_hold_given_back_before_its_waiter_leaves_the_queue_is_harmless() -> None:
+    """The shell's order is cancel, then leave; the other order must not break the gate."""
+    gate = Gate(Rules(client_address_max_connections=5, roles={"app": RoleRule(max_connections=0)}))
+    decision = gate.arrive("app", "db", 0.0, address="10.0.0.1")
+    assert decision.waiter is not None
+    assert gate.leave(decision.hold) == []
+    gate.cancel(decision.waiter)
+    assert gate.total_waiting == 0 and gate.tracked_addresses() == 0 and gate.queue_heads() == []
