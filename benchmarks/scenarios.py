@@ -650,6 +650,13 @@ async def reuse_rows(stack: Stack, s: Settings) -> list[Row]:
     return await reuse(stack, s)
 
 
+async def neighbour_rows(stack: Stack, s: Settings) -> list[Row]:
+    """Issue 23's "noisy neighbour": a shared total between two tenants (benchmarks/neighbour.py)."""
+    from .neighbour import neighbour
+
+    return await neighbour(stack, s)
+
+
 async def cluster_rows(stack: Stack, s: Settings) -> list[Row]:
     """Three pgguards sharing limits through Redis vs the single one (benchmarks/cluster.py)."""
     from .cluster import cluster
@@ -678,6 +685,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "cluster": cluster_rows,
     "reuse": reuse_rows,
     "stormconnect": storm_connect_rows,
+    "neighbour": neighbour_rows,
 }
 
 

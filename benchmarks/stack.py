@@ -295,7 +295,13 @@ class Stack:
     # --------------------------------------------------------------------- pgguard
 
     def pgguard_config(
-        self, *, tls: bool = False, tree: Path | None = None, extra: str = "", backend_extra: str = ""
+        self,
+        *,
+        tls: bool = False,
+        tree: Path | None = None,
+        extra: str = "",
+        backend_extra: str = "",
+        limits_extra: str = "",
     ) -> str:
         # Only the TLS instance names the TLS keys, so --pgguard-tree still runs older trees.
         tls_conf = ""
@@ -332,6 +338,7 @@ connect_timeout = 30.0
 policy = "queue"
 queue_timeout = 300.0
 max_queue = 100000
+{limits_extra}
 
 [roles.{STORM_ROLE}]
 max_connections = {STORM_LIMIT}
@@ -346,17 +353,26 @@ queue_timeout = 600.0
 {tls_conf}{extra}"""
 
     def start_pgguard(
-        self, name: str, *, tls: bool = False, extra: str = "", backend_extra: str = ""
+        self,
+        name: str,
+        *,
+        tls: bool = False,
+        extra: str = "",
+        backend_extra: str = "",
+        limits_extra: str = "",
     ) -> _Process:
         """A pgguard in its own process (``python -m pgguard run``), as deployed.
 
         ``tls``: clients must use TLS (``[tls] client_mode = "require"``), the server is
         reached in clear (``[backend] sslmode = "disable"``). ``extra``: TOML appended to
         the configuration (the cluster scenario's ``[cluster]``, the reuse scenario's
-        ``[pool]``); ``backend_extra``: keys added to ``[backend]`` (``monitor_dsn``).
+        ``[pool]``); ``backend_extra``: keys added to ``[backend]`` (``monitor_dsn``);
+        ``limits_extra``: keys added to ``[limits]`` (the noisy-neighbour total).
         """
         conf = self.workdir / f"{name}.toml"
-        conf.write_text(self.pgguard_config(tls=tls, extra=extra, backend_extra=backend_extra))
+        conf.write_text(
+            self.pgguard_config(tls=tls, extra=extra, backend_extra=backend_extra, limits_extra=limits_extra)
+        )
         env = clean_env()
         if self.pgguard_tree is not None:
             env["PYTHONPATH"] = str(self.pgguard_tree)

@@ -5,13 +5,14 @@ the dotted key and the bad value. A reload builds a new ``Config``; nothing is c
 place. Defaults live in the dataclasses below and are repeated, with comments, in
 ``config.example.toml``.
 
-Size: about 600 lines, one job: the schema of one file (every section's dataclass beside its
+Size: about 700 lines, one job: the schema of one file (every section's dataclass beside its
 checks), read and validated in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, get_args, get_origin
 
 from .errors import ConfigError
-from .limits import Policy, RoleRule, Rules
+from .limits import NetworkRule, Policy, RoleRule, Rules
 from .rules import FaultSpecError, parse_rule
 from .scram import is_verifier, parse_verifier
 
@@ -32,6 +33,7 @@ __all__ = [
     "LimitsConfig",
     "RoleConfig",
     "DatabaseConfig",
+    "AddressConfig",
     "AdminConfig",
     "MetricsConfig",
     "ErrorsConfig",
@@ -164,6 +166,9 @@ class LimitsConfig:
     # names come from clients): past it, 53300 at once.
     max_queue_total: int = field(default=10000, metadata=_check(_non_negative))
     exempt_roles: tuple[str, ...] = ()
+    # Sessions per client address (TCP; Unix-socket clients are not limited), -1: unlimited;
+    # [addresses."net"] overrides it for the addresses of a network.
+    client_address_max_connections: int = field(default=-1, metadata=_check(_limit))
     idle_timeout: float = field(default=0.0, metadata=_check(_non_negative))  # 0: off
     mirror_catalog: bool = False
     mirror_interval: float = field(default=10.0, metadata=_check(_positive))
@@ -178,12 +183,24 @@ class RoleConfig:
     idle_timeout: float | None = field(default=None, metadata=_check(_non_negative))
     # Warm server-session reuse for this role ([pool] reuse); None: the default.
     reuse: bool | None = None
+    # Share of a contended shared limit (the total, a database's) against other roles.
+    weight: float = field(default=1.0, metadata=_check(_positive))
+    # Slots of [limits] max_connections that only this role may take.
+    reserved: int = field(default=0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DatabaseConfig:
     max_connections: int = field(default=-1, metadata=_check(_limit))
     reuse: bool | None = None  # [pool] reuse for this database; None: the default
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddressConfig:
+    """``[addresses."10.1.2.0/24"]``: sessions per client address for addresses in a network."""
+
+    max_connections: int = field(default=-1, metadata=_check(_limit))
+    policy: PolicyName | None = None  # None: the client's role's policy
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -331,6 +348,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     roles: Mapping[str, RoleConfig] = field(default_factory=dict)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
+    # Keyed by the network as written; parsed (and checked) at load into ``networks``.
+    addresses: Mapping[str, AddressConfig] = field(default_factory=dict)
     admin: AdminConfig = field(default_factory=AdminConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     errors: ErrorsConfig = field(default_factory=ErrorsConfig)
@@ -377,10 +396,26 @@ class Config:
                     policy=None if r.policy is None else Policy(r.policy),
                     queue_timeout=r.queue_timeout,
                     max_queue=r.max_queue,
+                    weight=r.weight,
+                    reserved=r.reserved,
                 )
                 for name, r in self.roles.items()
             },
             databases={name: d.max_connections for name, d in self.databases.items()},
+            client_address_max_connections=lim.client_address_max_connections,
+            networks=tuple(
+                sorted(
+                    (
+                        NetworkRule(
+                            network=network_of(text),
+                            max_connections=a.max_connections,
+                            policy=None if a.policy is None else Policy(a.policy),
+                        )
+                        for text, a in self.addresses.items()
+                    ),
+                    key=lambda n: -n.network.prefixlen,
+                )
+            ),
         )
 
     def idle_timeout(self, role: str) -> float:
@@ -405,7 +440,22 @@ _SECTIONS: Final[dict[str, type]] = {
     "pool": PoolConfig,
     "log": LogConfig,
 }
-_NAMED: Final[dict[str, type]] = {"roles": RoleConfig, "databases": DatabaseConfig}
+_NAMED: Final[dict[str, type]] = {
+    "roles": RoleConfig,
+    "databases": DatabaseConfig,
+    "addresses": AddressConfig,
+}
+
+
+def network_of(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An ``[addresses]`` key -> its network (``::ffff:`` mapped IPv4 networks read as IPv4,
+    as client addresses are); raises ValueError with the reason."""
+    network = ipaddress.ip_network(text, strict=True)
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -504,11 +554,42 @@ def _build(data: dict[str, Any], path: str) -> Config:
         else:
             raise ConfigError(path, section, "unknown section")
     config = Config(**kwargs)
+    _check_addresses(config)
+    _check_reserved(config)
     _check_control(config)
     _check_tls(config)
     _check_cluster(config)
     _check_pool(config)
     return config
+
+
+def _check_addresses(config: Config) -> None:
+    """Every [addresses] key is a network (CIDR), each network named once."""
+    seen: dict[object, str] = {}
+    for text in config.addresses:
+        key = f'addresses."{text}"'
+        try:
+            network = network_of(text)
+        except ValueError as exc:
+            raise ConfigError(config.path, key, f"is not a network in CIDR form ({exc})") from None
+        if network in seen:
+            raise ConfigError(config.path, key, f'names the same network as addresses."{seen[network]}"')
+        seen[network] = text
+
+
+def _check_reserved(config: Config) -> None:
+    """Reservations are slots of the total: together they must fit in it when it is set."""
+    total = config.limits.max_connections
+    reserved = {name: r.reserved for name, r in config.roles.items() if r.reserved}
+    if total == -1 or not reserved:
+        return
+    if sum(reserved.values()) > total:
+        name = max(reserved, key=lambda n: reserved[n])
+        raise ConfigError(
+            config.path,
+            f"roles.{name}.reserved",
+            f"the roles' reserved slots ({sum(reserved.values())}) exceed limits.max_connections ({total})",
+        )
 
 
 def _check_pool(config: Config) -> None:

@@ -199,10 +199,11 @@ def _show_limits(session: Session, m: re.Match[str]) -> Result:
     syntax="SHOW CLIENTS",
     columns=(
         "id", "address", "role", "database", "application_name", "state", "activity",
-        "connected_for", "idle_for", "bytes_in", "bytes_out",
+        "connected_for", "idle_for", "bytes_in", "bytes_out", "address_sessions",
     ),  # fmt: skip
     help="every client connection, longest idle first; activity as pg_stat_activity.state "
-    "(idle, idle in transaction, active); seconds; bytes from/to the client",
+    "(idle, idle in transaction, active); seconds; bytes from/to the client; sessions the "
+    "client's address holds now (client_address_max_connections; empty on the Unix socket)",
 )
 def _show_clients(session: Session, m: re.Match[str]) -> Result:
     return Result("SHOW", session.host.control.client_rows())

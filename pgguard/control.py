@@ -31,7 +31,7 @@ at the admission (``_take_warm``, behind one test of ``client.pooled``), when a 
 (``_free_warm_slot``), and gets ``hand_to_waiter`` / ``others_waiting`` / ``over_limit`` when a
 released session is parked; ``forward_cancel`` maps pgguard's key of a reused session.
 
-Size: about 920 lines, kept as one job on purpose: every change to what is admitted goes
+Size: about 960 lines, kept as one job on purpose: every change to what is admitted goes
 through this one class (that is the point of the layer); the rows SHOW prints are in
 ``stats.py``.
 """
@@ -246,6 +246,9 @@ class Control:
         self.stats.bytes_in += client.bytes_in
         self.stats.bytes_out += client.bytes_out
         self.clients.pop(client.id, None)
+        hold, client.hold = client.hold, None
+        if hold is not None:
+            self._admit_waiters(self._gate.leave(hold))  # its address slot: exactly once
         self._check_idle()
 
     def console_opened(self, client: ClientConnection, session: Console) -> None:
@@ -294,8 +297,11 @@ class Control:
             return
         replication = client.startup is not None and client.startup.is_replication
         decision = self._gate.arrive(
-            client.role, client.database, self.loop.time(), client, replication=replication
-        )
+            client.role, client.database, self.loop.time(), client,
+            replication=replication, address=client.address,
+        )  # fmt: skip
+        if decision.hold is not None:
+            client.hold = decision.hold
         if decision.kind is Kind.ADMIT:
             assert decision.ticket is not None
             if self.cluster is not None:
@@ -322,8 +328,15 @@ class Control:
         assert self.pool is not None and client.startup is not None
         if self._gate.paused or self._gate.exceeded(client.role, client.database):
             return False
+        if client.address is not None and client.hold is None:
+            # A warm session skips the gate, not the client's address limit.
+            client.hold = self._gate.take_hold(client.address, client.role)
+            if client.hold is None:
+                return False
         session = self.pool.take(client.startup)
         if session is None:
+            hold, client.hold = client.hold, None
+            self._admit_waiters(self._gate.leave(hold))  # arrive() takes it again
             return False
         ticket = self.pool.claim(session)
         client.warm = session
@@ -926,7 +939,15 @@ class Control:
 
     def client_rows(self) -> list[tuple[str, ...]]:
         """SHOW CLIENTS: every client socket and console session, longest idle first."""
-        return stats.client_rows(self.clients.values(), self.consoles.values())
+        return stats.client_rows(self.clients.values(), self.consoles.values(), self._gate.address_count)
+
+    def network_limits(self) -> dict[str, int]:
+        """Each configured ``[addresses]`` network's per-address limit, longest prefix first."""
+        return {str(n.network): n.max_connections for n in self._gate.rules.networks}
+
+    def network_counts(self) -> dict[str, int]:
+        """Client-address holds per configured ``[addresses]`` network (for /metrics)."""
+        return dict(self._gate.network_active)
 
     def queue_rows(self) -> list[tuple[str, ...]]:
         """SHOW QUEUES: per (role, database): waiters, oldest wait, time to the next timeout, policy."""

@@ -12,6 +12,9 @@ it); ``GET /healthz`` (200 while the process serves: a liveness probe); ``GET /r
 else 503 with the reason: a readiness probe for load balancers and Kubernetes); anything
 else is 404. One request per connection. ``ProbeServer`` is that HTTP part alone; with
 ``[server] workers`` the supervisor serves it with every worker's metrics (workers.py).
+
+Size: about 540 lines, one job: the exposition of one process's state (the collector and
+the small HTTP server that serves it are one interface).
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ from .log import display, log
 if TYPE_CHECKING:
     from .control import Control
 
-__all__ = ["ServerCollector", "MetricsServer", "ProbeServer", "METRIC_NAMES", "CLUSTER_METRIC_NAMES", "POOL_METRIC_NAMES"]
+__all__ = [
+    "ServerCollector", "MetricsServer", "ProbeServer", "METRIC_NAMES", "CLUSTER_METRIC_NAMES",
+    "POOL_METRIC_NAMES", "ADDRESS_METRIC_NAMES",
+]  # fmt: skip
 
 
 # A scrape request is a few hundred bytes; anything larger or slower is not Prometheus.
@@ -91,6 +97,9 @@ POOL_METRIC_NAMES: Final = (
     "pgguard_pool_auth_failures_total",
     "pgguard_pool_auth_lookup_fallbacks_total",
 )
+# Only with [addresses."net"] rules: client-address sessions per configured network (never
+# per address: addresses are client data, an unbounded label set).
+ADDRESS_METRIC_NAMES: Final = ("pgguard_address_sessions",)
 # Only with [cluster] (cluster.py): the shared lease store's state.
 CLUSTER_METRIC_NAMES: Final = (
     "pgguard_cluster_up",
@@ -160,7 +169,8 @@ class ServerCollector(Collector):
 
         limits = GaugeMetricFamily(
             "pgguard_limit_connections",
-            "Each limit's value in force (-1: unlimited), by kind (total, role, database).",
+            "Each limit's value in force (-1: unlimited), by kind (total, role, database; "
+            "address: a configured network's limit per client address).",
             labels=["kind", "name"],
         )
         labelled: dict[tuple[str, str], int] = {}
@@ -173,9 +183,24 @@ class ServerCollector(Collector):
                 name = row.name
             if name != OTHER:  # "other" stands for several names, with several limits
                 labelled[(row.kind, name)] = row.limit
+        networks = control.network_limits()
+        for network, value in networks.items():
+            labelled[("address", network)] = value
         for (kind, name), value in labelled.items():
             limits.add_metric([kind, name], value)
         yield limits
+
+        if networks:
+            by_network = GaugeMetricFamily(
+                "pgguard_address_sessions",
+                "Sessions (admitted or queued past the address limit) of client addresses in "
+                "each configured [addresses] network.",
+                labels=["network"],
+            )
+            held = control.network_counts()
+            for network in networks:
+                by_network.add_metric([network], held.get(network, 0))
+            yield by_network
 
         yield GaugeMetricFamily("pgguard_paused", "1 while PAUSE is in force.", value=int(counts.paused))
         yield GaugeMetricFamily(

@@ -63,7 +63,7 @@ from .errors import (
     PgGuardError,
     ProtocolViolation,
 )
-from .limits import Ticket, Waiter
+from .limits import AddressHold, Ticket, Waiter
 from .log import display, log, log_event
 from .pump import BackendAuth, PooledPump, Pump, YoungPump
 
@@ -188,6 +188,11 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.backend: asyncio.Transport | None = None
         self.peer = ""
+        # The client's IP address (TCP) for [limits] client_address_max_connections; None on
+        # the Unix socket. ``hold`` is its count on that address (limits.AddressHold), given
+        # back when the socket closes (Host.client_closed).
+        self.address: str | None = None
+        self.hold: AddressHold | None = None
         self.startup: wire.StartupMessage | None = None
         self.ticket: Ticket | None = None
         self.waiter: Waiter | None = None
@@ -252,6 +257,7 @@ class ClientConnection(asyncio.Protocol):
         addr = transport.get_extra_info("peername")
         if isinstance(addr, tuple):
             self.peer = f"{addr[0]}:{addr[1]}"
+            self.address = str(addr[0])
         elif addr:
             self.peer = str(addr)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)

@@ -142,9 +142,12 @@ def stats_rows(
 
 
 def client_rows(
-    clients: Iterable[ClientConnection], consoles: Iterable[Console]
+    clients: Iterable[ClientConnection],
+    consoles: Iterable[Console],
+    address_count: Callable[[str], int] = lambda address: 0,
 ) -> list[tuple[str, ...]]:
-    """SHOW CLIENTS: every client socket and console session, longest idle first."""
+    """SHOW CLIENTS: every client socket and console session, longest idle first;
+    ``address_count`` gives the sessions the gate counts for a client's address."""
     now, mono = time.time(), time.monotonic()
     entries: list[tuple[float, tuple[str, ...]]] = []
     for client in clients:
@@ -165,6 +168,7 @@ def client_rows(
                     _seconds(idle),
                     str(client.bytes_in),
                     str(client.bytes_out),
+                    "" if client.address is None else str(address_count(client.address)),
                 ),
             )
         )
@@ -185,6 +189,7 @@ def client_rows(
                     _seconds(idle),
                     str(console.bytes_in),
                     str(console.bytes_out),
+                    "",
                 ),
             )
         )

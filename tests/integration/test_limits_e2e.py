@@ -241,3 +241,122 @@ async def test_wrong_password_gives_28p01_and_frees_the_slot(guard) -> None:  # 
     assert await conn.fetchval("select 1") == 1
     await conn.close()
     await g.wait_idle()
+
+
+# ------------------------------------------------- sharing a limit between tenants (23.3)
+
+
+async def test_quiet_tenant_is_served_before_the_noisy_backlog_drains(pg, guard) -> None:  # type: ignore[no-untyped-def]
+    """Total 10, 40 clients of role app (noisy) each holding a session, then 3 of role other
+    (quiet): each quiet client gets one of the next freed slots (round-robin between the
+    waiting pairs), not one after the 30 queued noisy ones (arrival order did that)."""
+    g = await guard("[limits]\nmax_connections = 10\n")
+    admitted: list[str] = []  # roles, in the order their sessions started
+    release = asyncio.Event()
+
+    async def session(role: str, hold: float) -> None:
+        conn = await connect(g, role, timeout=60)
+        admitted.append(role)
+        try:
+            if role == "app" and not release.is_set():
+                await release.wait()  # the first ten hold until every client is queued
+            await conn.execute(f"select pg_sleep({hold})")
+        finally:
+            await conn.close()
+
+    noisy = [asyncio.create_task(session("app", 0.05)) for _ in range(40)]
+    await await_until(lambda: g.server.control.counts().clients_waiting == 30, timeout=60, what="30 noisy clients queued")
+    quiet = [asyncio.create_task(session("other", 0.05)) for _ in range(3)]
+    await await_until(lambda: g.server.control.counts().clients_waiting == 33, timeout=60, what="3 quiet clients queued")
+    assert admitted == ["app"] * 10
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*noisy, *quiet), 120)
+    last_quiet = max(i for i, role in enumerate(admitted) if role == "other")
+    noisy_after = admitted[last_quiet:].count("app")
+    # Round-robin: the 3 quiet take 3 of the first 6 freed slots; 27 noisy remain behind them.
+    assert noisy_after >= 20, admitted
+    assert len(admitted) == 43 and await _count(pg, "app") == 0
+    await g.wait_idle()
+
+
+async def test_reserved_slots_keep_room_for_their_role(pg, guard) -> None:  # type: ignore[no-untyped-def]
+    g = await guard('[limits]\nmax_connections = 3\npolicy = "reject"\n[roles.other]\nreserved = 1\n')
+    held = [await connect(g, "app"), await connect(g, "app")]
+    with pytest.raises(asyncpg.TooManyConnectionsError, match="sorry, too many clients already"):
+        await connect(g, "app")
+    assert await _count(pg, "app") == 2
+    quiet = await connect(g, "other")  # its reserved slot was kept
+    assert await quiet.fetchval("select current_user") == "other"
+    for conn in (*held, quiet):
+        await conn.close()
+    await g.wait_idle()
+
+
+# ------------------------------------------------------ per client address limits (21.2)
+
+TOO_MANY = "sorry, too many clients already"
+
+
+async def test_client_address_limit_counts_each_source_address(pg, guard) -> None:  # type: ignore[no-untyped-def]
+    """Clients from 127.0.0.2 and 127.0.0.3 (raw sockets bound to those sources): two each;
+    a third from 127.0.0.2 gets PostgreSQL's FATAL 53300 total text; SHOW CLIENTS counts
+    per address; a freed address slot is usable again."""
+    from console_client import ADMIN_TOML, admin_connect, fetch
+    from raw_client import raw_login
+
+    g = await guard('[limits]\nclient_address_max_connections = 2\npolicy = "reject"\n' + ADMIN_TOML)
+    held = []
+    for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"):
+        session, error = await raw_login(g.port, source)
+        assert error is None, error
+        held.append(session)
+    extra, error = await raw_login(g.port, "127.0.0.2")
+    assert error is not None and (error["S"], error["C"], error["M"]) == ("FATAL", "53300", TOO_MANY)
+    await extra.close()
+    assert await _count(pg, "app") == 4
+    plain = await connect(g)  # 127.0.0.1: its own count
+    console = await admin_connect(g.port)
+
+    async def per_address() -> dict[str, str]:
+        rows = [r for r in await fetch(console, "SHOW CLIENTS") if r["role"] == "app"]
+        return {r["address"].rpartition(":")[0]: r["address_sessions"] for r in rows}
+
+    assert await per_address() == {"127.0.0.2": "2", "127.0.0.3": "2", "127.0.0.1": "1"}
+    await held[0].close()
+
+    async def freed() -> bool:
+        return (await per_address()).get("127.0.0.2") == "1"
+
+    await await_until(freed, timeout=20, what="127.0.0.2 down to one session")
+    again, error = await raw_login(g.port, "127.0.0.2")
+    assert error is None, error
+    for session in (*held[1:], again):
+        await session.close()
+    await plain.close()
+    await console.close()
+    await g.wait_idle()
+    assert g.server.stats.rejections["limit"] == 1
+
+
+async def test_address_network_queues_its_hosts_without_blocking_others(pg, guard) -> None:  # type: ignore[no-untyped-def]
+    """[addresses."127.0.0.2/32"] max_connections = 1, policy queue: a second client from
+    127.0.0.2 waits (its network's own queue) while a client from 127.0.0.3 of the same
+    role is admitted at once, and gets its session when the first one leaves."""
+    from raw_client import RawSession, raw_login
+
+    g = await guard('[addresses."127.0.0.2/32"]\nmax_connections = 1\npolicy = "queue"\n')
+    first, error = await raw_login(g.port, "127.0.0.2")
+    assert error is None, error
+    second = await RawSession.open(g.port, "127.0.0.2")
+    login = asyncio.create_task(second.login("app"))
+    await await_until(lambda: g.server.control.counts().clients_waiting == 1, timeout=20, what="the second client queued")
+    other, error = await raw_login(g.port, "127.0.0.3")
+    assert error is None, error
+    assert await _count(pg, "app") == 2 and not login.done()
+    await first.close()
+    assert await asyncio.wait_for(login, 30) is None
+    await second.query("select 1")
+    assert await _count(pg, "app") == 2
+    for session in (second, other):
+        await session.close()
+    await g.wait_idle()

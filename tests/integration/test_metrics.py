@@ -84,3 +84,28 @@ async def test_every_documented_metric_is_exported_and_other_paths_are_404(guard
     assert openmetrics.rstrip().endswith("# EOF")
     with pytest.raises(urllib.error.HTTPError, match="404"):
         await http_get(address, "/")
+
+
+async def test_address_sessions_are_labelled_per_configured_network_only(guard) -> None:  # type: ignore[no-untyped-def]
+    """Clients from 127.0.0.2 and 127.0.0.3 (raw sockets): /metrics counts them under the
+    configured network, never under their own addresses, and the count drops as they leave."""
+    from raw_client import raw_login
+
+    g = await guard(METRICS + '[addresses."127.0.0.0/29"]\nmax_connections = 5\n')
+    sessions = []
+    for source in ("127.0.0.2", "127.0.0.3", "127.0.0.3"):
+        session, error = await raw_login(g.port, source)
+        assert error is None, error
+        sessions.append(session)
+    plain = await asyncpg.connect(g.dsn("app"))  # 127.0.0.1 is in the /29 too
+    s = await scrape(g.server.metrics.address)
+    assert sample(s, "pgguard_address_sessions", network="127.0.0.0/29") == 4
+    assert sample(s, "pgguard_limit_connections", kind="address", name="127.0.0.0/29") == 5
+    text = await http_get(g.server.metrics.address, "/metrics")
+    assert "127.0.0.2" not in text and "127.0.0.3" not in text
+    for session in sessions:
+        await session.close()
+    await plain.close()
+    await g.wait_idle()
+    s = await scrape(g.server.metrics.address)
+    assert sample(s, "pgguard_address_sessions", network="127.0.0.0/29") == 0

@@ -171,10 +171,15 @@ def test_example_file_loads_cleanly() -> None:
 def test_example_file_documents_every_key() -> None:
     """Every field of every section appears as ``key =`` (commented or not) in its section."""
     text = EXAMPLE.read_text()
-    sections = {**config._SECTIONS, "roles": config.RoleConfig, "databases": config.DatabaseConfig}
+    sections = {
+        **config._SECTIONS,
+        "roles": config.RoleConfig,
+        "databases": config.DatabaseConfig,
+        "addresses": config.AddressConfig,
+    }
     missing = []
     for name, cls in sections.items():
-        header = re.search(rf"^#? ?\[{name}(\.\w+)?\]", text, re.M)
+        header = re.search(rf"^#? ?\[{name}(\.[^\]]+)?\]", text, re.M)
         if header is None:
             missing.append(f"[{name}]")
             continue
@@ -184,3 +189,62 @@ def test_example_file_documents_every_key() -> None:
             if not re.search(rf"^#? ?{f.name} =", body, re.M):
                 missing.append(f"{name}.{f.name}")
     assert missing == []
+
+
+
+# ------------------------------------------- sharing, reservations, client addresses
+
+
+def test_weight_reserved_and_address_keys_build_rules() -> None:
+    cfg = config.loads(
+        """
+[limits]
+max_connections = 10
+client_address_max_connections = 4
+[roles.quiet]
+weight = 3
+reserved = 2
+[addresses."10.0.0.0/8"]
+max_connections = 20
+[addresses."::ffff:10.1.2.0/120"]
+max_connections = 1
+policy = "reject"
+[addresses."fd00::/8"]
+max_connections = 2
+""",
+        env={},
+    )
+    rules = cfg.rules()
+    assert rules.roles["quiet"] == RoleRule(weight=3.0, reserved=2)
+    assert rules.client_address_max_connections == 4
+    # Longest prefix first (ties in file order); the mapped IPv6 network reads as IPv4.
+    assert [(str(n.network), n.max_connections, n.policy) for n in rules.networks] == [
+        ("10.1.2.0/24", 1, Policy.REJECT),
+        ("10.0.0.0/8", 20, None),
+        ("fd00::/8", 2, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('[addresses."10.1.2.3/24"]\nmax_connections = 1', 'addresses."10.1.2.3/24"', "host bits set"),
+        ('[addresses."nowhere"]\n', 'addresses."nowhere"', "not a network in CIDR form"),
+        ('[addresses."10.0.0.0/8"]\n[addresses."::ffff:10.0.0.0/104"]\n',
+         'addresses."::ffff:10.0.0.0/104"', 'names the same network as addresses."10.0.0.0/8"'),
+        ("[roles.a]\nweight = 0", "roles.a.weight", "greater than 0"),
+        ("[roles.a]\nreserved = -1", "roles.a.reserved", "0 or greater"),
+        ("[limits]\nmax_connections = 3\n[roles.a]\nreserved = 2\n[roles.b]\nreserved = 2",
+         "roles.", "reserved slots (4) exceed limits.max_connections (3)"),
+        ("[limits]\nclient_address_max_connections = -2", "limits.client_address_max_connections", "-1"),
+    ],
+)  # fmt: skip
+def test_sharing_and_address_keys_are_validated_naming_the_key(text: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.loads(text, env={})
+    assert info.value.key.startswith(key) and problem in str(info.value)
+
+
+def test_reservations_need_no_total() -> None:
+    """Without a total nothing is reserved from, so any sum loads (and has no effect)."""
+    assert config.loads("[roles.a]\nreserved = 50", env={}).rules().roles["a"].reserved == 50
