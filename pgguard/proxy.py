@@ -137,6 +137,8 @@ class Host(Protocol):
 
     def open_admin(self, client: ClientConnection, early: bytes) -> None: ...
 
+    def refuse_past_cap(self, client: ClientConnection) -> None: ...
+
     def admit(self, client: ClientConnection) -> None: ...
 
     def leave_queue(self, waiter: Waiter) -> None: ...
@@ -179,6 +181,9 @@ class ClientConnection(asyncio.Protocol):
     _greeting = b""
     _md5: str | None = None
     _released_fd: int | None = None
+    # Taken past [server] max_client_connections into [admin] reserved_connections: only a
+    # console login may follow (set by the host's client_opened).
+    past_cap = False
 
     def __init__(self, server: Host) -> None:
         self.server = server
@@ -430,6 +435,9 @@ class ClientConnection(asyncio.Protocol):
             self._move(State.CLOSED)
             early, self._early = bytes(self._early), bytearray()
             self.server.open_admin(self, early)
+            return
+        if self.past_cap:
+            self.server.refuse_past_cap(self)  # 53300, as if refused at accept
             return
         pool = self.server.pool
         if pool is not None and pool.wants(packet):
