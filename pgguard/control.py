@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hmac
 import logging
 import resource
@@ -540,8 +541,16 @@ class Control:
         if client.backend_pid is not None:
             self._backend_keys[client.backend_pid] = client
 
-    def dial_failed(self, client: ClientConnection, reason: str) -> None:
+    def dial_failed(
+        self, client: ClientConnection, reason: str, exc: BaseException | None = None
+    ) -> None:
+        """A server connection could not be made; one for want of descriptors is also
+        ``fd_exhausted``, and logged only through its rate-limited line (a flood of them
+        would otherwise write a line per client)."""
         self.stats.dial_failures += 1
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.fd_exhausted("dial", exc)
+            return
         log_event(
             logging.WARNING,
             "dial_failure",

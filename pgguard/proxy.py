@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import itertools
 import logging
 import ssl
@@ -149,7 +148,9 @@ class Host(Protocol):
         self, factory: Callable[[], asyncio.Protocol]
     ) -> tuple[asyncio.Transport, asyncio.Protocol]: ...
 
-    def dial_failed(self, client: ClientConnection, reason: str) -> None: ...
+    def dial_failed(
+        self, client: ClientConnection, reason: str, exc: BaseException | None = None
+    ) -> None: ...
 
     def fd_exhausted(self, where: str, exc: OSError) -> None: ...
 
@@ -537,7 +538,7 @@ class ClientConnection(asyncio.Protocol):
             return
         except (OSError, TimeoutError) as exc:
             reason = "timeout expired" if isinstance(exc, TimeoutError) else _reason(exc)
-            self.server.dial_failed(self, reason)
+            self.server.dial_failed(self, reason, exc)
             self._release()
             self.fail(BackendUnreachable(reason))
             return
@@ -677,9 +678,7 @@ class ClientConnection(asyncio.Protocol):
             raise
         except (OSError, TimeoutError, PgGuardError) as exc:
             reason = "timeout expired" if isinstance(exc, TimeoutError) else _reason(exc)
-            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-                self.server.fd_exhausted("dial", exc)
-            self.server.dial_failed(self, reason)
+            self.server.dial_failed(self, reason, exc)
             self._release()
             # Not reached (refused, timeout): 57P03, so pg_isready says "rejecting". A TLS
             # failure means a server that answered: 08006, as libpq reports it.

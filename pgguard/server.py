@@ -1,6 +1,8 @@
 """The process: listeners, configuration reloads, drain and stop, signals, and the control plane's servers.
 
-A ``Server`` binds ``[server] listen`` and hands every accepted socket to a
+A ``Server`` binds ``[server] listen``, accepts on those sockets itself (``Acceptor``: the
+event loop's own accept drops connections without a word when descriptors run out) and
+hands every accepted socket to a
 ``proxy.ClientConnection`` whose host is the ``control.Control`` (the one owner of the gate).
 It loads the configuration and the TLS files (again on SIGHUP or RELOAD: a bad file keeps the
 old ones), starts the console hand-off, ``/metrics`` and the catalog mirror, and on
@@ -11,12 +13,12 @@ finish, then 57P01 (a second signal stops at once).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import signal
+import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from . import config as config_mod
 from . import tls
@@ -28,7 +30,18 @@ from .errors import ConfigError
 from .log import log_event
 from .proxy import ClientConnection
 
-__all__ = ["Server", "Stats", "StopRequest", "run", "run_loop", "serve", "new_event_loop"]
+__all__ = ["Acceptor", "Server", "Stats", "StopRequest", "run", "run_loop", "serve", "new_event_loop"]
+
+# Connections waiting in the kernel for pgguard to accept them, per listening socket.
+LISTEN_BACKLOG: Final = 4096
+# Accepts per readiness event before the loop serves others (asyncio's own accept batches too).
+ACCEPT_BATCH: Final = 128
+# After an accept failed for want of descriptors or memory, wait this long before the next
+# try, the connections staying in the backlog meanwhile: PostgreSQL's postmaster sleeps
+# 100 ms there too (pqcomm.c, StreamConnection: "delay a bit before trying again").
+ACCEPT_RETRY_DELAY: Final = 0.1
+# accept(2) errors that mean "no room now" (descriptors, kernel memory), not a bad peer.
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -56,7 +69,7 @@ class Server:
         self.reload_error: str | None = None
         self.metrics: Any = None  # metrics.MetricsServer, imported only when configured
         self.mirror: Any = None  # mirror.CatalogMirror, likewise
-        self._listeners: list[asyncio.base_events.Server] = []
+        self._listeners: list[Acceptor] = []
         self._stopped = asyncio.Event()
         # Set before start by a worker of ``[server] workers`` (workers.py): listen with
         # SO_REUSEPORT beside its siblings, leave [metrics] listen to the supervisor, adjust
@@ -95,20 +108,17 @@ class Server:
         """Bind every ``[server] listen`` address; port 0 picks a free one (see ``addresses``)."""
         self.loop.set_exception_handler(self._loop_exception)
         control = self.control
-        for item in self.config.server.listen:
-            host, port = config_mod.parse_address(item)
-            listener = await self.loop.create_server(
-                lambda: ClientConnection(control),
-                host,
-                port,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-                backlog=4096,
-            )
-            self._listeners.append(listener)
-            for sock in listener.sockets:
-                addr = sock.getsockname()
-                self.addresses.append((addr[0], addr[1]))
+        try:
+            for item in self.config.server.listen:
+                host, port = config_mod.parse_address(item)
+                for sock in _bind(host, port, reuse_port=self.reuse_port):
+                    self._listeners.append(Acceptor(self.loop, sock, control))
+                    addr = sock.getsockname()
+                    self.addresses.append((addr[0], addr[1]))
+        except BaseException:
+            for listener in self._listeners:
+                listener.close()
+            raise
         log_event(
             logging.INFO,
             "start",
@@ -204,16 +214,14 @@ class Server:
         self.metrics = self.mirror = None
         if self.loop.get_exception_handler() == self._loop_exception:
             self.loop.set_exception_handler(None)
-        for listener in self._listeners:
-            with contextlib.suppress(Exception):
-                await listener.wait_closed()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """Loop-level errors: fd exhaustion on accept is counted and logged without a traceback."""
+        """Loop-level errors: fd exhaustion (an accept of /metrics' server) is counted and
+        logged without a traceback."""
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
             self.control.fd_exhausted("accept", exc)
@@ -258,6 +266,108 @@ class Server:
         if not self.config.limits.mirror_catalog:
             self.control.apply_catalog({}, {})
         await self._start_mirror()
+
+
+class Acceptor:
+    """Accepts connections on one listening socket and hands each to a ``ClientConnection``.
+
+    pgguard accepts itself rather than through ``loop.create_server`` because of what uvloop
+    (libuv) does when accept fails: for want of descriptors it frees a spare one, accepts
+    every pending connection and closes it at once, without a word to anyone (the "EMFILE
+    trick"), and for other errors it closes the listening socket, again silently. Here an
+    accept that fails for want of descriptors or memory is counted as ``fd_exhausted``,
+    logged (rate-limited), and retried after ``ACCEPT_RETRY_DELAY``, the connections waiting
+    in the kernel's backlog meanwhile, as PostgreSQL's postmaster leaves them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, control: Control) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.control = control
+        self._retry: asyncio.TimerHandle | None = None
+        self._closed = False
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        control = self.control
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the peer gave up while in the backlog
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    control.fd_exhausted("accept", exc)
+                else:  # not expected on a listening socket; pgguard keeps it and tries again
+                    log_event(logging.WARNING, "accept_failed", error=exc.strerror or str(exc))
+                self._pause()
+                return
+            control.spawn(self._serve(conn))
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: ClientConnection(self.control), conn)
+        except OSError as exc:  # the socket failed between accept and here (a reset, EMFILE)
+            if exc.errno in _OUT_OF_RESOURCES:
+                self.control.fd_exhausted("accept", exc)
+            conn.close()
+
+    def _pause(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def _bind(host: str | None, port: int, *, reuse_port: bool) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` names (all interfaces when empty), as
+    ``loop.create_server`` binds them: SO_REUSEADDR, IPv6 sockets IPv6-only."""
+    infos = socket.getaddrinfo(
+        host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(exc.errno, f"error while attempting to bind on address {address!r}: "
+                              f"{(exc.strerror or str(exc)).lower()}") from None
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def _mirror_keys(c: Config) -> tuple[object, ...]:

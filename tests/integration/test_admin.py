@@ -457,23 +457,23 @@ async def test_console_gets_in_when_max_client_connections_is_full(guard) -> Non
     await await_until(lambda: not g.api.clients(), what="every socket to close")
 
 
-async def test_reserve_is_for_the_console_only(guard) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("console", ["", ADMIN_TOML + "reserved_connections = 0\n"], ids=["no_console", "no_reserve"])
+async def test_reserve_is_for_the_console_only(guard, console: str) -> None:  # type: ignore[no-untyped-def]
     """Without [admin] users there is no reserve: past the cap every socket gets 53300 at
     accept, as before; with reserved_connections = 0 too."""
     from test_bad_input import Raw
 
     from pgguard import wire
 
-    for toml in ("", ADMIN_TOML + "reserved_connections = 0\n"):
-        g = await guard(toml + "[server]\nmax_client_connections = 1\n")
-        held = await Raw.open(g)
-        await await_until(lambda: len(g.api.clients()) == 1, what="the cap to fill")
-        over = await Raw.open(g)  # sends nothing: the answer comes at accept
-        tag, body = await over.read_message()
-        assert (tag, wire.parse_error_fields(body)["M"]) == (b"E", TOO_MANY)
-        if toml:
-            with pytest.raises(asyncpg.TooManyConnectionsError, match=f"^{TOO_MANY}$"):
-                await admin_connect(g.port)
-        for raw in (held, over):
-            await raw.close()
-        await await_until(lambda: not g.api.clients(), what="the sockets to close")
+    g = await guard(console + "[server]\nmax_client_connections = 1\n")
+    held = await Raw.open(g)
+    await await_until(lambda: len(g.api.clients()) == 1, what="the cap to fill")
+    over = await Raw.open(g)  # sends nothing: the answer comes at accept
+    tag, body = await over.read_message()
+    assert (tag, wire.parse_error_fields(body)["M"]) == (b"E", TOO_MANY)
+    if console:
+        with pytest.raises(asyncpg.TooManyConnectionsError, match=f"^{TOO_MANY}$"):
+            await admin_connect(g.port)
+    for raw in (held, over):
+        await raw.close()
+    await await_until(lambda: not g.api.clients(), what="the sockets to close")
