@@ -96,6 +96,36 @@ async def test_distinct_refused_names_leave_no_state(guard) -> None:  # type: ig
     assert g.server.stats.rejections["limit"] == n
 
 
+async def test_over_long_refused_names_hold_no_more_than_63_bytes_each(guard) -> None:  # type: ignore[no-untyped-def]
+    """2,000 refused, distinct 4,000-byte role names: pgguard cuts each to the 63 bytes the
+    server would log in as before anything keeps it (the role memo kept the whole name: 8 MB
+    here, until it reached ROLE_CACHE_MAX)."""
+    import gc
+    import tracemalloc
+
+    g = await guard("[limits]\nrole_max_connections = 0\npolicy = \"reject\"\n")
+    n = 2000
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            raw = await Raw.open(g)
+            name = b"r%05d" % i + b"x" * 4000
+            raw.send(_raw_startup(name))
+            tag, body = await raw.read_message()
+            assert (tag, wire.parse_error_fields(body)["M"]) == (
+                b"E", f'too many connections for role "{name[:63].decode()}"'
+            )
+            await raw.close()
+        await g.wait_idle()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < n * 1000, f"{grown} bytes kept after {n} refused names"
+
+
 async def test_waiters_across_roles_are_capped_by_max_queue_total(guard) -> None:  # type: ignore[no-untyped-def]
     g = await guard("[limits]\nrole_max_connections = 0\nmax_queue_total = 3\nqueue_timeout = 60\n")
     raws = []
