@@ -313,6 +313,16 @@ class Control:
         self.stats.fd_exhausted += 1
         self._log_limited(self._refuse_log, (where,), reason=where, error=exc.strerror or str(exc))
 
+    def accept_failed(self, exc: OSError) -> None:
+        """A listener's accept failed (the Acceptor retries shortly): out of descriptors is
+        ``fd_exhausted``; anything else (ENOBUFS, ENOMEM) is logged the same limited way."""
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.fd_exhausted("accept", exc)
+        else:
+            self._log_limited(
+                self._refuse_log, ("accept_error",), reason="accept_error", error=exc.strerror or str(exc)
+            )
+
     def wants_admin(self, packet: wire.StartupMessage) -> bool:
         """True when this StartupMessage is for the admin console, not the server."""
         return packet.database == ADMIN_DATABASE and bool(self.config.admin.users)

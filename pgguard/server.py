@@ -40,8 +40,6 @@ ACCEPT_BATCH: Final = 128
 # try, the connections staying in the backlog meanwhile: PostgreSQL's postmaster sleeps
 # 100 ms there too (pqcomm.c, StreamConnection: "delay a bit before trying again").
 ACCEPT_RETRY_DELAY: Final = 0.1
-# accept(2) errors that mean "no room now" (descriptors, kernel memory), not a bad peer.
-_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -275,9 +273,9 @@ class Acceptor:
     (libuv) does when accept fails: for want of descriptors it frees a spare one, accepts
     every pending connection and closes it at once, without a word to anyone (the "EMFILE
     trick"), and for other errors it closes the listening socket, again silently. Here an
-    accept that fails for want of descriptors or memory is counted as ``fd_exhausted``,
-    logged (rate-limited), and retried after ``ACCEPT_RETRY_DELAY``, the connections waiting
-    in the kernel's backlog meanwhile, as PostgreSQL's postmaster leaves them.
+    accept that fails for want of descriptors is counted as ``fd_exhausted``, any failed
+    accept is logged (rate-limited) and retried after ``ACCEPT_RETRY_DELAY``, the connections
+    waiting in the kernel's backlog meanwhile, as PostgreSQL's postmaster leaves them.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, control: Control) -> None:
@@ -298,10 +296,9 @@ class Acceptor:
             except ConnectionAbortedError:
                 continue  # the peer gave up while in the backlog
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    control.fd_exhausted("accept", exc)
-                else:  # not expected on a listening socket; pgguard keeps it and tries again
-                    log_event(logging.WARNING, "accept_failed", error=exc.strerror or str(exc))
+                # Out of descriptors (fd_exhausted), or of kernel memory, or anything else a
+                # listening socket should not say: counted, logged once a second, retried.
+                control.accept_failed(exc)
                 self._pause()
                 return
             control.spawn(self._serve(conn))
@@ -309,9 +306,7 @@ class Acceptor:
     async def _serve(self, conn: socket.socket) -> None:
         try:
             await self.loop.connect_accepted_socket(lambda: ClientConnection(self.control), conn)
-        except OSError as exc:  # the socket failed between accept and here (a reset, EMFILE)
-            if exc.errno in _OUT_OF_RESOURCES:
-                self.control.fd_exhausted("accept", exc)
+        except OSError:  # the peer reset between accept and here: nothing to serve
             conn.close()
 
     def _pause(self) -> None:
