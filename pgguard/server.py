@@ -1,7 +1,7 @@
 """The process: listeners, configuration reloads, drain and stop, signals, and the control plane's servers.
 
-A ``Server`` binds ``[server] listen``, accepts on those sockets itself (``Acceptor``: the
-event loop's own accept drops connections without a word when descriptors run out) and
+A ``Server`` binds ``[server] listen``, accepts on those sockets itself (``listen.Acceptor``:
+the event loop's own accept drops connections without a word when descriptors run out) and
 hands every accepted socket to a
 ``proxy.ClientConnection`` whose host is the ``control.Control`` (the one owner of the gate).
 It loads the configuration and the TLS files (again on SIGHUP or RELOAD: a bad file keeps the
@@ -16,9 +16,8 @@ import asyncio
 import errno
 import logging
 import signal
-import socket
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
 
 from . import config as config_mod
 from . import tls
@@ -27,20 +26,11 @@ from .backend import Backend
 from .config import Config
 from .control import Control, Stats, raise_fd_limit
 from .errors import ConfigError
+from .listen import Acceptor, bind
 from .log import log_event
 from .proxy import ClientConnection
 
-__all__ = ["Acceptor", "Server", "Stats", "StopRequest", "run", "run_loop", "serve", "new_event_loop"]
-
-# Connections waiting in the kernel for pgguard to accept them, per listening socket.
-LISTEN_BACKLOG: Final = 4096
-# Accepts per readiness event before the loop serves others (asyncio's own accept batches too).
-ACCEPT_BATCH: Final = 128
-# After an accept failed for want of descriptors or memory, wait this long before the next
-# try, the connections staying in the backlog meanwhile: PostgreSQL's postmaster sleeps
-# 100 ms there too (pqcomm.c, StreamConnection: "delay a bit before trying again").
-ACCEPT_RETRY_DELAY: Final = 0.1
-
+__all__ = ["Server", "Stats", "StopRequest", "run", "run_loop", "serve", "new_event_loop"]
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's loop when it is importable, asyncio's otherwise."""
@@ -109,8 +99,12 @@ class Server:
         try:
             for item in self.config.server.listen:
                 host, port = config_mod.parse_address(item)
-                for sock in _bind(host, port, reuse_port=self.reuse_port):
-                    self._listeners.append(Acceptor(self.loop, sock, control))
+                for sock in bind(host, port, reuse_port=self.reuse_port):
+                    self._listeners.append(
+                        Acceptor(
+                            self.loop, sock, lambda: ClientConnection(control), control.accept_failed
+                        )
+                    )
                     addr = sock.getsockname()
                     self.addresses.append((addr[0], addr[1]))
         except BaseException:
@@ -264,105 +258,6 @@ class Server:
         if not self.config.limits.mirror_catalog:
             self.control.apply_catalog({}, {})
         await self._start_mirror()
-
-
-class Acceptor:
-    """Accepts connections on one listening socket and hands each to a ``ClientConnection``.
-
-    pgguard accepts itself rather than through ``loop.create_server`` because of what uvloop
-    (libuv) does when accept fails: for want of descriptors it frees a spare one, accepts
-    every pending connection and closes it at once, without a word to anyone (the "EMFILE
-    trick"), and for other errors it closes the listening socket, again silently. Here an
-    accept that fails for want of descriptors is counted as ``fd_exhausted``, any failed
-    accept is logged (rate-limited) and retried after ``ACCEPT_RETRY_DELAY``, the connections
-    waiting in the kernel's backlog meanwhile, as PostgreSQL's postmaster leaves them.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, control: Control) -> None:
-        self.loop = loop
-        self.sock = sock
-        self.control = control
-        self._retry: asyncio.TimerHandle | None = None
-        self._closed = False
-        loop.add_reader(sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        control = self.control
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue  # the peer gave up while in the backlog
-            except OSError as exc:
-                # Out of descriptors (fd_exhausted), or of kernel memory, or anything else a
-                # listening socket should not say: counted, logged once a second, retried.
-                control.accept_failed(exc)
-                self._pause()
-                return
-            control.spawn(self._serve(conn))
-
-    async def _serve(self, conn: socket.socket) -> None:
-        try:
-            await self.loop.connect_accepted_socket(lambda: ClientConnection(self.control), conn)
-        except OSError:  # the peer reset between accept and here: nothing to serve
-            conn.close()
-
-    def _pause(self) -> None:
-        self.loop.remove_reader(self.sock.fileno())
-        self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-
-    def _resume(self) -> None:
-        self._retry = None
-        if not self._closed:
-            self.loop.add_reader(self.sock.fileno(), self._accept)
-
-    def close(self) -> None:
-        """Stop accepting and close the listening socket (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        else:
-            self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-
-
-def _bind(host: str | None, port: int, *, reuse_port: bool) -> list[socket.socket]:
-    """Listening sockets for every address ``host`` names (all interfaces when empty), as
-    ``loop.create_server`` binds them: SO_REUSEADDR, IPv6 sockets IPv6-only."""
-    infos = socket.getaddrinfo(
-        host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    socks: list[socket.socket] = []
-    seen: set[tuple[int, object]] = set()
-    try:
-        for family, kind, proto, _, address in infos:
-            if (family, address) in seen:
-                continue
-            seen.add((family, address))
-            sock = socket.socket(family, kind, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                raise OSError(exc.errno, f"error while attempting to bind on address {address!r}: "
-                              f"{(exc.strerror or str(exc)).lower()}") from None
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
 
 
 def _mirror_keys(c: Config) -> tuple[object, ...]:
