@@ -32,6 +32,7 @@ from .proxy import ClientConnection
 
 __all__ = ["Server", "Stats", "StopRequest", "run", "run_loop", "serve", "new_event_loop"]
 
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's loop when it is importable, asyncio's otherwise."""
     try:
@@ -212,8 +213,8 @@ class Server:
         await self._stopped.wait()
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """Loop-level errors: fd exhaustion (an accept of /metrics' server) is counted and
-        logged without a traceback."""
+        """Loop-level errors: fd exhaustion the loop reports (an accept pgguard does not make
+        itself, e.g. a library's server) is counted and logged without a traceback."""
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
             self.control.fd_exhausted("accept", exc)
