@@ -91,6 +91,9 @@ def _port(value: int) -> str | None:
 
 
 MAX_WORKERS: Final = 64  # more is a typo, not a deployment (each worker is a Redis client)
+# [admin] reserved_connections: each reserved socket is a descriptor past the derived client
+# cap, so they must fit in the 64 that control.FD_RESERVE keeps for such needs.
+MAX_RESERVED_CONNECTIONS: Final = 32
 
 
 def _admin_password(value: str) -> str | None:
@@ -209,6 +212,11 @@ class AdminConfig:
     # A SCRAM-SHA-256 verifier (pgguard hash-password), or plain text (warned about at start).
     password: str | None = field(default=None, metadata=_check(_admin_password))
     auth: Literal["scram-sha-256", "trust"] = "scram-sha-256"
+    # Sockets past [server] max_client_connections whose StartupMessage pgguard still reads,
+    # for console logins only (an application client among them gets 53300 at once); like
+    # PostgreSQL's superuser_reserved_connections. 0: none. Only with `users` set.
+    reserved_connections: int = field(default=3, metadata=_check(
+        lambda n: None if 0 <= n <= MAX_RESERVED_CONNECTIONS else f"must be 0 to {MAX_RESERVED_CONNECTIONS}"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

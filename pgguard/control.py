@@ -9,7 +9,9 @@ setter or has to remember a follow-up call.
 
 - Sockets: ``client_opened`` / ``client_closed`` keep the registry of client sockets and
   enforce ``[server] max_client_connections``; ``console_opened`` / ``console_closed`` the
-  console sessions, which count toward the same cap.
+  console sessions, which count toward the same cap. Past the cap, ``[admin]
+  reserved_connections`` sockets are still read, for console logins only (``_reserve``,
+  ``refuse_past_cap``).
 - Admission: ``admit`` (fault rules first, then the gate), ``leave_queue``, ``release``.
 - Intents: ``set_limit``, ``set_policy``, ``pause``, ``resume``, ``apply_config`` (reload),
   ``apply_catalog`` (mirror mode), ``kill``, ``inject`` / ``remove_fault`` / ``clear_faults``,
@@ -41,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hmac
 import logging
 import resource
@@ -102,6 +105,11 @@ FD_RESERVE: Final = 64
 MAX_UNMATCHED_CANCELS: Final = 16
 # PostgreSQL's words when it has no room for another connection at all (proc.c, InitProcess).
 TOO_MANY_CLIENTS: Final = "sorry, too many clients already"
+# [admin] reserved_connections: a socket past the cap that has sent no StartupMessage for this
+# many seconds may be dropped (53300) to make room for a newer one, so sockets that never
+# speak cannot hold the reserve; a younger one is never dropped, so a burst of arrivals
+# accepted in one batch cannot push out an operator's login before its packet is read.
+RESERVE_GRACE: Final = 1.0
 # The database name that reaches the admin console instead of the server.
 ADMIN_DATABASE: Final = "pgguard"
 _LIMITS: Final = {"role": Limit.ROLE, "database": Limit.DATABASE, "total": Limit.TOTAL}
@@ -141,6 +149,11 @@ class Control:
         self.stats = Stats()
         self.clients: dict[int, ClientConnection] = {}
         self.consoles: dict[int, Console] = {}
+        # [admin] reserved_connections: sockets taken past max_client_connections that are
+        # still in startup (oldest first, with when they came), and the console sessions
+        # that logged in through them; both are also in ``clients`` / ``consoles``.
+        self._past_cap: dict[int, tuple[ClientConnection, float]] = {}
+        self._reserved_consoles: set[int] = set()
         self.max_clients = client_cap(config.server.max_client_connections)
         self.draining = False
         self.started_at = time.time()
@@ -223,23 +236,59 @@ class Control:
     # ----------------------------------------------------------------- sockets
 
     def client_opened(self, client: ClientConnection) -> bool:
-        """Count a new client socket; False (and 53300 sent) past ``max_client_connections``."""
-        if len(self.clients) + len(self.consoles) >= self.max_clients:
-            self._count_rejection(RejectReason.MAX_CLIENT_CONNECTIONS)
-            self._log_limited(
-                self._refuse_log,
-                (RejectReason.MAX_CLIENT_CONNECTIONS.value,),
-                reason=RejectReason.MAX_CLIENT_CONNECTIONS.value,
-                client=client.peer,
-                limit=self.max_clients,
-            )
-            client.refuse(TooManyConnections(TOO_MANY_CLIENTS))
-            return False
+        """Count a new client socket; False (and 53300 sent) past ``max_client_connections``.
+
+        Past the cap a socket may still be taken into the console's reserve (``_reserve``):
+        then its StartupMessage is read, and anything but a console login is refused.
+        """
+        past_cap = len(self._past_cap) + len(self._reserved_consoles)
+        if len(self.clients) + len(self.consoles) - past_cap >= self.max_clients:
+            if not self._reserve(client):
+                self._refuse_over_cap(client)
+                return False
         self.clients[client.id] = client
         self._idle.clear()
         return True
 
+    def _reserve(self, client: ClientConnection) -> bool:
+        """Take ``client`` past the cap into ``[admin] reserved_connections``, if there is room.
+
+        With the reserve full, the oldest reserved socket still without a StartupMessage
+        after ``RESERVE_GRACE`` is refused to make room; a console session never is.
+        """
+        admin = self.config.admin
+        consoles = len(self._reserved_consoles)
+        if not admin.users or self.draining or consoles >= admin.reserved_connections:
+            return False  # no console, or the reserve is all console sessions
+        now = self.loop.time()
+        if len(self._past_cap) + consoles >= admin.reserved_connections:
+            oldest, since = next(iter(self._past_cap.values()))
+            if now - since < RESERVE_GRACE:
+                return False
+            del self._past_cap[oldest.id]
+            self._refuse_over_cap(oldest)
+        self._past_cap[client.id] = (client, now)
+        client.past_cap = True
+        return True
+
+    def refuse_past_cap(self, client: ClientConnection) -> None:
+        """A reserved socket's StartupMessage is not a console login: PostgreSQL's 53300."""
+        self._past_cap.pop(client.id, None)
+        self._refuse_over_cap(client)
+
+    def _refuse_over_cap(self, client: ClientConnection) -> None:
+        self._count_rejection(RejectReason.MAX_CLIENT_CONNECTIONS)
+        self._log_limited(
+            self._refuse_log,
+            (RejectReason.MAX_CLIENT_CONNECTIONS.value,),
+            reason=RejectReason.MAX_CLIENT_CONNECTIONS.value,
+            client=client.peer,
+            limit=self.max_clients,
+        )
+        client.refuse(TooManyConnections(TOO_MANY_CLIENTS))
+
     def client_closed(self, client: ClientConnection) -> None:
+        self._past_cap.pop(client.id, None)
         pid = client.backend_pid
         if pid is not None and self._backend_keys.get(pid) is client:
             del self._backend_keys[pid]
@@ -254,16 +303,29 @@ class Control:
     def console_opened(self, client: ClientConnection, session: Console) -> None:
         """``client``'s socket now belongs to a console session (never counted on a limit)."""
         self.clients.pop(client.id, None)
+        if self._past_cap.pop(client.id, None) is not None:
+            self._reserved_consoles.add(session.id)  # holds its reserved place until it closes
         self._check_idle()
         self.consoles[session.id] = session
 
     def console_closed(self, session: Console) -> None:
         self.consoles.pop(session.id, None)
+        self._reserved_consoles.discard(session.id)
 
     def fd_exhausted(self, where: str, exc: OSError) -> None:
         """The process ran out of file descriptors (EMFILE/ENFILE): count it, log it (limited)."""
         self.stats.fd_exhausted += 1
         self._log_limited(self._refuse_log, (where,), reason=where, error=exc.strerror or str(exc))
+
+    def accept_failed(self, exc: OSError) -> None:
+        """A listener's accept failed (the Acceptor retries shortly): out of descriptors is
+        ``fd_exhausted``; anything else (ENOBUFS, ENOMEM) is logged the same limited way."""
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.fd_exhausted("accept", exc)
+        else:
+            self._log_limited(
+                self._refuse_log, ("accept_error",), reason="accept_error", error=exc.strerror or str(exc)
+            )
 
     def wants_admin(self, packet: wire.StartupMessage) -> bool:
         """True when this StartupMessage is for the admin console, not the server."""
@@ -502,8 +564,16 @@ class Control:
         if client.backend_pid is not None:
             self._backend_keys[client.backend_pid] = client
 
-    def dial_failed(self, client: ClientConnection, reason: str) -> None:
+    def dial_failed(
+        self, client: ClientConnection, reason: str, exc: BaseException | None = None
+    ) -> None:
+        """A server connection could not be made; one for want of descriptors is also
+        ``fd_exhausted``, and logged only through its rate-limited line (a flood of them
+        would otherwise write a line per client)."""
         self.stats.dial_failures += 1
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.fd_exhausted("dial", exc)
+            return
         log_event(
             logging.WARNING,
             "dial_failure",

@@ -12,16 +12,17 @@ it); ``GET /healthz`` (200 while the process serves: a liveness probe); ``GET /r
 else 503 with the reason: a readiness probe for load balancers and Kubernetes); anything
 else is 404. One request per connection. ``ProbeServer`` is that HTTP part alone; with
 ``[server] workers`` the supervisor serves it with every worker's metrics (workers.py).
+It accepts through ``listen.Acceptor``, so the endpoint survives running out of descriptors.
 
-Size: about 540 lines, one job: the exposition of one process's state (the collector and
-the small HTTP server that serves it are one interface).
+Size: about 540 lines, one job: what a scraper or a probe reads (the collector, its metric
+names and the few lines of HTTP that serve them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .log import display, log
+from .listen import Acceptor, bind
+from .log import display, log, log_event
 
 if TYPE_CHECKING:
     from .control import Control
@@ -50,6 +52,10 @@ __all__ = [
 # A scrape request is a few hundred bytes; anything larger or slower is not Prometheus.
 MAX_REQUEST: Final = 16 * 1024
 REQUEST_TIMEOUT: Final = 10.0
+# Scrapes waiting to be accepted (asyncio.start_server's default backlog, which this had).
+PROBE_BACKLOG: Final = 100
+# A failed accept on this endpoint is logged at most this often (seconds).
+ACCEPT_LOG_INTERVAL: Final = 1.0
 
 # /readyz dials the server: under Kubernetes' default probe timeout (1 s), so a slow server
 # reads as not ready rather than as a probe that timed out.
@@ -414,25 +420,35 @@ class ProbeServer:
         self.host = host
         self.port = port
         self.address: tuple[str, int] | None = None
-        self._listener: asyncio.base_events.Server | None = None
+        self._listeners: list[Acceptor] = []
         self._handlers: set[asyncio.Task[None]] = set()
+        self._accept_logged = -ACCEPT_LOG_INTERVAL
 
     async def start(self) -> None:
         """Bind; raises OSError when the address is taken."""
-        self._listener = await asyncio.start_server(
-            self._handle, self.host, self.port, reuse_address=True, limit=MAX_REQUEST
-        )
-        sock = self._listener.sockets[0].getsockname()
+        loop = asyncio.get_running_loop()
+        socks = bind(self.host, self.port, backlog=PROBE_BACKLOG)
+        self._listeners = [Acceptor(loop, sock, self._protocol, self.accept_failed) for sock in socks]
+        sock = socks[0].getsockname()
         self.address = (sock[0], sock[1])
 
+    def _protocol(self) -> asyncio.BaseProtocol:
+        # What asyncio.start_server gives each connection: a reader and our handler.
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=MAX_REQUEST), self._handle)
+
+    def accept_failed(self, exc: OSError) -> None:
+        """An accept failed (out of descriptors, say; retried shortly): logged once a second."""
+        now = time.monotonic()
+        if now - self._accept_logged >= ACCEPT_LOG_INTERVAL:
+            self._accept_logged = now
+            log_event(logging.WARNING, "accept_failed", listener="metrics", error=exc.strerror or str(exc))
+
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            for task in list(self._handlers):
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await self._listener.wait_closed()
-            self._listener = None
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+        for task in list(self._handlers):
+            task.cancel()
 
     async def exposition(self, accept: str) -> tuple[bytes, str]:
         """The ``/metrics`` body for a scraper sending ``Accept: accept``, and its content type."""
@@ -506,6 +522,9 @@ class MetricsServer(ProbeServer):
 
     async def exposition(self, accept: str) -> tuple[bytes, str]:
         return self.render(accept)
+
+    def accept_failed(self, exc: OSError) -> None:
+        self._control.accept_failed(exc)  # fd_exhausted, like the client listener's
 
     async def not_ready(self) -> str | None:
         """Why pgguard is not ready (draining, or the server cannot be dialled), or None.

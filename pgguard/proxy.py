@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import itertools
 import logging
 import ssl
@@ -137,6 +136,8 @@ class Host(Protocol):
 
     def open_admin(self, client: ClientConnection, early: bytes) -> None: ...
 
+    def refuse_past_cap(self, client: ClientConnection) -> None: ...
+
     def admit(self, client: ClientConnection) -> None: ...
 
     def leave_queue(self, waiter: Waiter) -> None: ...
@@ -147,7 +148,9 @@ class Host(Protocol):
         self, factory: Callable[[], asyncio.Protocol]
     ) -> tuple[asyncio.Transport, asyncio.Protocol]: ...
 
-    def dial_failed(self, client: ClientConnection, reason: str) -> None: ...
+    def dial_failed(
+        self, client: ClientConnection, reason: str, exc: BaseException | None = None
+    ) -> None: ...
 
     def fd_exhausted(self, where: str, exc: OSError) -> None: ...
 
@@ -180,6 +183,9 @@ class ClientConnection(asyncio.Protocol):
     _greeting = b""
     _md5: str | None = None
     _released_fd: int | None = None
+    # Taken past [server] max_client_connections into [admin] reserved_connections: only a
+    # console login may follow (set by the host's client_opened).
+    past_cap = False
 
     def __init__(self, server: Host) -> None:
         self.server = server
@@ -438,6 +444,9 @@ class ClientConnection(asyncio.Protocol):
             early, self._early = bytes(self._early), bytearray()
             self.server.open_admin(self, early)
             return
+        if self.past_cap:
+            self.server.refuse_past_cap(self)  # 53300, as if refused at accept
+            return
         pool = self.server.pool
         if pool is not None and pool.wants(packet):
             self._pooled_login(pool)
@@ -537,7 +546,7 @@ class ClientConnection(asyncio.Protocol):
             return
         except (OSError, TimeoutError) as exc:
             reason = "timeout expired" if isinstance(exc, TimeoutError) else _reason(exc)
-            self.server.dial_failed(self, reason)
+            self.server.dial_failed(self, reason, exc)
             self._release()
             self.fail(BackendUnreachable(reason))
             return
@@ -675,9 +684,7 @@ class ClientConnection(asyncio.Protocol):
             raise
         except (OSError, TimeoutError, PgGuardError) as exc:
             reason = "timeout expired" if isinstance(exc, TimeoutError) else _reason(exc)
-            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-                self.server.fd_exhausted("dial", exc)
-            self.server.dial_failed(self, reason)
+            self.server.dial_failed(self, reason, exc)
             self._release()
             # Not reached (refused, timeout): 57P03, so pg_isready says "rejecting". A TLS
             # failure means a server that answered: 08006, as libpq reports it.

@@ -1,6 +1,8 @@
 """The process: listeners, configuration reloads, drain and stop, signals, and the control plane's servers.
 
-A ``Server`` binds ``[server] listen`` and hands every accepted socket to a
+A ``Server`` binds ``[server] listen``, accepts on those sockets itself (``listen.Acceptor``:
+the event loop's own accept drops connections without a word when descriptors run out) and
+hands every accepted socket to a
 ``proxy.ClientConnection`` whose host is the ``control.Control`` (the one owner of the gate).
 It loads the configuration and the TLS files (again on SIGHUP or RELOAD: a bad file keeps the
 old ones), starts the console hand-off, ``/metrics`` and the catalog mirror, and on
@@ -11,7 +13,6 @@ finish, then 57P01 (a second signal stops at once).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import signal
@@ -25,6 +26,7 @@ from .backend import Backend
 from .config import Config
 from .control import Control, Stats, raise_fd_limit
 from .errors import ConfigError
+from .listen import Acceptor, bind
 from .log import log_event
 from .notify import Notifier, from_env
 from .proxy import ClientConnection
@@ -57,7 +59,7 @@ class Server:
         self.reload_error: str | None = None
         self.metrics: Any = None  # metrics.MetricsServer, imported only when configured
         self.mirror: Any = None  # mirror.CatalogMirror, likewise
-        self._listeners: list[asyncio.base_events.Server] = []
+        self._listeners: list[Acceptor] = []
         self._stopped = asyncio.Event()
         # Set before start by a worker of ``[server] workers`` (workers.py): listen with
         # SO_REUSEPORT beside its siblings, leave [metrics] listen to the supervisor, adjust
@@ -101,20 +103,21 @@ class Server:
         self.loop.set_exception_handler(self._loop_exception)
         relay.start(self.config.server.relay, self.loop)
         control = self.control
-        for item in self.config.server.listen:
-            host, port = config_mod.parse_address(item)
-            listener = await self.loop.create_server(
-                lambda: ClientConnection(control),
-                host,
-                port,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-                backlog=4096,
-            )
-            self._listeners.append(listener)
-            for sock in listener.sockets:
-                addr = sock.getsockname()
-                self.addresses.append((addr[0], addr[1]))
+        try:
+            for item in self.config.server.listen:
+                host, port = config_mod.parse_address(item)
+                for sock in bind(host, port, reuse_port=self.reuse_port):
+                    self._listeners.append(
+                        Acceptor(
+                            self.loop, sock, lambda: ClientConnection(control), control.accept_failed
+                        )
+                    )
+                    addr = sock.getsockname()
+                    self.addresses.append((addr[0], addr[1]))
+        except BaseException:
+            for listener in self._listeners:
+                listener.close()
+            raise
         log_event(
             logging.INFO,
             "start",
@@ -224,16 +227,14 @@ class Server:
         self.metrics = self.mirror = None
         if self.loop.get_exception_handler() == self._loop_exception:
             self.loop.set_exception_handler(None)
-        for listener in self._listeners:
-            with contextlib.suppress(Exception):
-                await listener.wait_closed()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """Loop-level errors: fd exhaustion on accept is counted and logged without a traceback."""
+        """Loop-level errors: fd exhaustion the loop reports (an accept pgguard does not make
+        itself, e.g. a library's server) is counted and logged without a traceback."""
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
             self.control.fd_exhausted("accept", exc)

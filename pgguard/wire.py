@@ -30,6 +30,7 @@ __all__ = [
     "SSL_REQUEST_CODE",
     "GSSENC_REQUEST_CODE",
     "CANCEL_REQUEST_CODE",
+    "MAX_NAME_BYTES",
     "MAX_STARTUP_PACKET_LENGTH",
     "SSL_NOT_SUPPORTED",
     "TERMINATE",
@@ -74,6 +75,12 @@ GSSENC_REQUEST_CODE: Final = 80877104  # 1234 << 16 | 5680
 CANCEL_REQUEST_CODE: Final = 80877102  # 1234 << 16 | 5678
 MAX_STARTUP_PACKET_LENGTH: Final = 10000  # pqcomm.h MAX_STARTUP_PACKET_LENGTH
 MAX_CANCEL_KEY_LENGTH: Final = 256  # protocol 3.2 allows keys up to 256 bytes
+# Longest user or database name, in bytes: NAMEDATALEN - 1 (pg_config_manual.h). The
+# postmaster cuts longer names from the StartupMessage to this many bytes before it looks
+# them up (postmaster.c: "Truncate given database and user names"), so pgguard does too.
+MAX_NAME_BYTES: Final = 63
+# The startup parameters the postmaster truncates (it stores them in Port, as names).
+_NAME_PARAMS: Final = frozenset({b"user", b"database"})
 # Backend messages can be large (a DataRow of a 1 GB bytea); this bound only catches garbage.
 MAX_MESSAGE_LENGTH: Final = 0x40000000 + 1024
 
@@ -240,7 +247,12 @@ def _parse_startup_packet(packet: bytes) -> Packet:
 
 
 def _parse_startup_params(packet: bytes) -> dict[str, str]:
-    """Parse NUL-terminated name/value pairs ending with one extra NUL (postmaster.c layout rule)."""
+    """Parse NUL-terminated name/value pairs ending with one extra NUL (postmaster.c layout rule).
+
+    ``user`` and ``database`` come out cut to ``MAX_NAME_BYTES`` as PostgreSQL cuts them, so
+    every use of the name (limits, logs, metrics, SHOW, pool keys) sees the name the server
+    logs in as; ``StartupMessage.raw``, which is what the server gets, keeps the client's bytes.
+    """
     params: dict[str, str] = {}
     end = len(packet)
     offset = 8
@@ -254,7 +266,14 @@ def _parse_startup_params(packet: bytes) -> dict[str, str]:
         if value_end < 0:
             offset = end
             break
-        params[_decode(packet[offset:name_end])] = _decode(packet[name_end + 1 : value_end])
+        name = packet[offset:name_end]
+        if value_end - name_end - 1 > MAX_NAME_BYTES and name in _NAME_PARAMS:
+            # The name the server logs in as: its first 63 bytes, cut as bytes even inside a
+            # multibyte character, as the postmaster cuts it (it knows no encoding yet).
+            value = packet[name_end + 1 : name_end + 1 + MAX_NAME_BYTES]
+        else:
+            value = packet[name_end + 1 : value_end]
+        params[_decode(name)] = _decode(value)
         offset = value_end + 1
     if offset != end - 1:
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")

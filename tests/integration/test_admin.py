@@ -396,3 +396,84 @@ async def test_hash_password_cli_prints_a_verifier_that_logs_in(guard) -> None:
     conn = await admin_connect(g.port, user="ops", password="from the cli")
     assert (await conn.execute("SHOW STATS")).startswith("SHOW ")
     await conn.close()
+
+
+# ---------------------------------------- [admin] reserved_connections (issue 23)
+
+TOO_MANY = "sorry, too many clients already"
+
+
+async def test_console_gets_in_when_max_client_connections_is_full(guard) -> None:  # type: ignore[no-untyped-def]
+    """The cap full of live sessions and sockets that never speak, three more silent sockets
+    in the reserve: the console still logs in (a reserved socket silent for a second makes
+    room) and runs SHOW, while application clients keep getting 53300 at once and /metrics,
+    /healthz and /readyz keep answering."""
+    from console_client import http_get, sample, scrape
+    from test_bad_input import Raw
+
+    from pgguard import wire
+
+    g = await guard(ADMIN_TOML + '[metrics]\nlisten = "127.0.0.1:0"\n[server]\nmax_client_connections = 4\n')
+    apps = [await asyncpg.connect(g.dsn("app"), timeout=30) for _ in range(2)]
+    silent = [await Raw.open(g) for _ in range(2)]
+    await await_until(lambda: len(g.api.clients()) == 4, what="the cap to fill")
+    reserved = [await Raw.open(g) for _ in range(3)]  # past the cap: the whole reserve
+    await await_until(lambda: len(g.api.clients()) == 7, what="three sockets in the reserve")
+
+    async def console_logs_in() -> bool:
+        try:
+            conn = await admin_connect(g.port)
+        except asyncpg.TooManyConnectionsError as exc:
+            assert str(exc) == TOO_MANY  # the reserve is full of sockets younger than a second
+            return False
+        consoles.append(conn)
+        return True
+
+    consoles: list[asyncpg.Connection] = []
+    await await_until(console_logs_in, timeout=20, interval=0.1, what="a console login")
+    # The oldest silent socket of the reserve made room, answered as PostgreSQL would.
+    tag, body = await reserved[0].read_message()
+    fields = wire.parse_error_fields(body)
+    assert (tag, fields["S"], fields["C"], fields["M"]) == (b"E", "FATAL", "53300", TOO_MANY)
+    rows = await fetch(consoles[0], "SHOW CLIENTS")
+    assert len(rows) == 7  # 2 sessions, 4 silent sockets, this console
+    # Application clients past the cap: 53300 at once, before any authentication.
+    for _ in range(3):
+        with pytest.raises(asyncpg.TooManyConnectionsError, match=f"^{TOO_MANY}$"):
+            await asyncpg.connect(g.dsn("app"), timeout=30)
+    # A second console (psql) takes the place of another silent socket (older than a second).
+    code, out, err = await psql(g.port, "SHOW STATS")
+    assert code == 0 and "rejections" in out, err
+    address = g.server.metrics.address
+    samples = await scrape(address)
+    assert sample(samples, "pgguard_rejections_total", reason="max_client_connections") >= 4
+    assert await http_get(address, "/healthz") == "ok\n"
+    assert await http_get(address, "/readyz") == "ready\n"
+    for conn in [*consoles, *apps]:
+        await conn.close()
+    for raw in [*silent, *reserved]:
+        await raw.close()
+    await g.wait_idle()
+    await await_until(lambda: not g.api.clients(), what="every socket to close")
+
+
+@pytest.mark.parametrize("console", ["", ADMIN_TOML + "reserved_connections = 0\n"], ids=["no_console", "no_reserve"])
+async def test_reserve_is_for_the_console_only(guard, console: str) -> None:  # type: ignore[no-untyped-def]
+    """Without [admin] users there is no reserve: past the cap every socket gets 53300 at
+    accept, as before; with reserved_connections = 0 too."""
+    from test_bad_input import Raw
+
+    from pgguard import wire
+
+    g = await guard(console + "[server]\nmax_client_connections = 1\n")
+    held = await Raw.open(g)
+    await await_until(lambda: len(g.api.clients()) == 1, what="the cap to fill")
+    over = await Raw.open(g)  # sends nothing: the answer comes at accept
+    tag, body = await over.read_message()
+    assert (tag, wire.parse_error_fields(body)["M"]) == (b"E", TOO_MANY)
+    if console:
+        with pytest.raises(asyncpg.TooManyConnectionsError, match=f"^{TOO_MANY}$"):
+            await admin_connect(g.port)
+    for raw in (held, over):
+        await raw.close()
+    await await_until(lambda: not g.api.clients(), what="the sockets to close")

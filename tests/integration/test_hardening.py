@@ -96,6 +96,36 @@ async def test_distinct_refused_names_leave_no_state(guard) -> None:  # type: ig
     assert g.server.stats.rejections["limit"] == n
 
 
+async def test_over_long_refused_names_hold_no_more_than_63_bytes_each(guard) -> None:  # type: ignore[no-untyped-def]
+    """2,000 refused, distinct 4,000-byte role names: pgguard cuts each to the 63 bytes the
+    server would log in as before anything keeps it (the role memo kept the whole name: 8 MB
+    here, until it reached ROLE_CACHE_MAX)."""
+    import gc
+    import tracemalloc
+
+    g = await guard("[limits]\nrole_max_connections = 0\npolicy = \"reject\"\n")
+    n = 2000
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            raw = await Raw.open(g)
+            name = b"r%05d" % i + b"x" * 4000
+            raw.send(_raw_startup(name))
+            tag, body = await raw.read_message()
+            assert (tag, wire.parse_error_fields(body)["M"]) == (
+                b"E", f'too many connections for role "{name[:63].decode()}"'
+            )
+            await raw.close()
+        await g.wait_idle()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < n * 1000, f"{grown} bytes kept after {n} refused names"
+
+
 async def test_waiters_across_roles_are_capped_by_max_queue_total(guard) -> None:  # type: ignore[no-untyped-def]
     g = await guard("[limits]\nrole_max_connections = 0\nmax_queue_total = 3\nqueue_timeout = 60\n")
     raws = []
@@ -186,6 +216,85 @@ async def test_fd_limit_derives_the_cap_and_refusals_are_logged(pg, tmp_path: Pa
         )
         assert proc.poll() is None
     finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "Traceback" not in log_path.read_text()
+
+
+async def test_fd_limit_lowered_at_run_time_is_counted_and_pgguard_keeps_serving(pg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`prlimit` lowers a running pgguard's open-file limit, then a flood: accept fails with
+    EMFILE. Nothing is closed without a word (uvloop's own accept closed most of the flood
+    and told nobody), the failures are counted in fd_exhausted and logged once per second
+    with a count, and once descriptors are back a normal client is served."""
+    import os
+    import resource
+    import subprocess
+
+    config = write_config(
+        tmp_path / "pgguard.toml", pg, METRICS_TOML,
+        server="max_client_connections = 1000",
+    )  # fmt: skip
+    log_path = tmp_path / "pgguard.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pgguard", "run", "-c", str(config), "--log-level", "info"],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    flood: list[socket.socket] = []
+    try:
+        await await_until(
+            lambda: "event=metrics" in log_path.read_text(), timeout=30, what="pgguard to start"
+        )
+        text = log_path.read_text()
+        port = int(text.split("listen=127.0.0.1:")[1].split()[0])
+        metrics_port = int(text.split("event=metrics listen=127.0.0.1:")[1].split()[0])
+        soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (in_use + 8, hard))
+        for _ in range(300):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            flood.append(s)
+        for s in flood:  # on loopback the kernel completes the handshake: the bytes wait there
+            s.send(_raw_startup(b"app"))
+        await await_until(
+            lambda: "event=refuse reason=accept" in log_path.read_text(),
+            timeout=30, what="the fd exhaustion to be logged",
+        )  # fmt: skip
+        await await_until(
+            lambda: "event=refuse_summary reason=accept" in log_path.read_text(),
+            timeout=30, what="the rate-limited summary of the retries",
+        )  # fmt: skip
+
+        def closed_by_pgguard(s: socket.socket) -> bool:
+            """Closed without a word (an ErrorResponse before the close is a word)."""
+            try:
+                return s.recv(1) == b""
+            except BlockingIOError:
+                return False  # still open: waiting in the backlog or accepted
+            except ConnectionResetError:
+                return True
+
+        assert sum(map(closed_by_pgguard, flood)) == 0
+        assert proc.poll() is None
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        for s in flood:
+            s.close()
+        flood.clear()
+        conn = await asyncpg.connect(f"postgresql://app@127.0.0.1:{port}/postgres", timeout=30)
+        assert await conn.fetchval("select 1") == 1
+        await conn.close()
+        samples = await scrape(("127.0.0.1", metrics_port))
+        assert sample(samples, "pgguard_fd_exhausted_total") >= 2
+        lines = [line for line in log_path.read_text().splitlines() if "reason=accept" in line]
+        assert len(lines) < sample(samples, "pgguard_fd_exhausted_total")  # rate-limited
+    finally:
+        for s in flood:
+            s.close()
         proc.terminate()
         proc.wait(30)
     assert "Traceback" not in log_path.read_text()
@@ -371,6 +480,9 @@ async def test_stats_count_refusals_in_console_and_metrics(guard) -> None:  # ty
     held = await Raw.open(g)
     await await_until(lambda: len(g.server.clients) == 1, what="the held socket")
     over = await Raw.open(g)
+    # Past the cap with the console on, the socket's StartupMessage is read ([admin]
+    # reserved_connections): not a console login, so 53300.
+    over.send(_raw_startup(b"app"))
     tag, _ = await over.read_message()
     assert tag == b"E"
     stats = {r["stat"]: r["value"] for r in await fetch(admin, "SHOW STATS")}

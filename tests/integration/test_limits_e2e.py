@@ -359,4 +359,63 @@ async def test_address_network_queues_its_hosts_without_blocking_others(pg, guar
     assert await _count(pg, "app") == 2
     for session in (second, other):
         await session.close()
+
+# ------------------------------------------------------- over-long names (issue 23)
+
+LONG_ROLE = "long_role_" + "r" * 53  # 63 bytes: NAMEDATALEN - 1
+LONG_DB = "long_db_" + "d" * 55
+
+
+async def _refusal(dsn: str) -> str:
+    with pytest.raises(asyncpg.TooManyConnectionsError) as info:
+        await asyncpg.connect(dsn, timeout=30)
+    assert info.value.sqlstate == "53300"
+    return str(info.value)
+
+
+async def test_over_long_role_is_counted_as_its_first_63_bytes_like_postgresql(pg, guard) -> None:  # type: ignore[no-untyped-def]
+    """A client naming the 63-byte role plus 20 bytes logs in as that role (the postmaster
+    cuts the name), so pgguard refuses it with PostgreSQL's own text for that role."""
+    assert len(LONG_ROLE.encode()) == 63
+    sent = LONG_ROLE + "x" * 20
+    # PostgreSQL itself, with CONNECTION LIMIT 1 and one session held.
+    await asyncio.to_thread(pg.create_role, LONG_ROLE, connection_limit=1)
+    held = await asyncpg.connect(pg.dsn(LONG_ROLE), timeout=30)
+    try:
+        expected = await _refusal(pg.dsn(sent))
+    finally:
+        await held.close()
+    assert expected == f'too many connections for role "{LONG_ROLE}"'
+    # pgguard with the same limit (the server's own limit off, so only pgguard can refuse).
+    await asyncio.to_thread(pg.create_role, LONG_ROLE, connection_limit=-1)
+    g = await guard(f'[roles.{LONG_ROLE}]\nmax_connections = 1\npolicy = "reject"')
+    held = await connect(g, LONG_ROLE)
+    assert await _refusal(g.dsn(sent, "postgres")) == expected
+    assert await _count(pg, LONG_ROLE) == 1
+    # SHOW CLIENTS / the testing API name the role the server logged in as.
+    assert {c.role for c in g.api.clients()} == {LONG_ROLE}
+    await held.close()
+    # Once the slot is free the long name logs in, as the 63-byte role.
+    conn = await connect(g, sent)
+    assert await conn.fetchval("select current_user") == LONG_ROLE
+    await conn.close()
+    await g.wait_idle()
+
+
+async def test_over_long_database_is_counted_as_its_first_63_bytes_like_postgresql(pg, guard) -> None:  # type: ignore[no-untyped-def]
+    assert len(LONG_DB.encode()) == 63
+    sent = LONG_DB + "y" * 20
+    await asyncio.to_thread(pg.create_database, LONG_DB, connection_limit=1)
+    held = await asyncpg.connect(pg.dsn("app", LONG_DB), timeout=30)
+    try:
+        expected = await _refusal(pg.dsn("app2", sent))
+    finally:
+        await held.close()
+    assert expected == f'too many connections for database "{LONG_DB}"'
+    await asyncio.to_thread(pg.create_database, LONG_DB, connection_limit=-1)
+    g = await guard(f'[limits]\npolicy = "reject"\n[databases.{LONG_DB}]\nmax_connections = 1')
+    held = await connect(g, "app", LONG_DB)
+    assert await _refusal(g.dsn("app2", sent)) == expected
+    assert await asyncio.to_thread(pg.connection_count, databases=[LONG_DB]) == 1
+    await held.close()
     await g.wait_idle()

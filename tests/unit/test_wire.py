@@ -217,6 +217,38 @@ def test_empty_database_defaults_to_user() -> None:
     assert isinstance(packet, StartupMessage) and packet.database == "app"
 
 
+def _parse(raw: bytes) -> StartupMessage:
+    reader = StartupReader()
+    reader.feed(raw)
+    packet = reader.next_packet()
+    assert isinstance(packet, StartupMessage)
+    return packet
+
+
+def test_user_and_database_are_cut_to_63_bytes_as_the_postmaster_cuts_them() -> None:
+    long_role, long_db = "r" * 63, "d" * 63
+    raw = _startup({"user": long_role + "x" * 20, "database": long_db + "y" * 4000,
+                    "application_name": "a" * 100})  # fmt: skip
+    packet = _parse(raw)
+    assert (packet.user, packet.database) == (long_role, long_db)
+    assert packet.application_name == "a" * 100  # only the two names are cut
+    assert packet.raw == raw  # what the server gets is the client's packet (it cuts itself)
+    # The database defaults to the user, then both are cut (postmaster.c's order).
+    assert _parse(_startup({"user": long_role + "zz"})).database == long_role
+    # 63 bytes exactly: unchanged.
+    assert _parse(_startup({"user": long_role})).user == long_role
+
+
+def test_name_cut_inside_a_multibyte_character_keeps_the_63_bytes() -> None:
+    """The postmaster knows no encoding yet: it cuts bytes, leaving half a character, and
+    looks that up (no role matches: CREATE ROLE clips names to whole characters). pgguard
+    keeps the same 63 bytes, so it counts exactly the name the server logs in as."""
+    name = ("a" * 62 + "\u00e9" + "b").encode()  # the two bytes of e-acute straddle byte 63
+    user = _parse(_startup({"user": name.decode()})).user
+    assert user.encode("utf-8", "surrogateescape") == name[:63]
+    assert user.startswith("a" * 62) and len(user) == 63  # 62 letters and one escaped byte
+
+
 def test_cancel_request_3_0_and_3_2_keys() -> None:
     reader = StartupReader()
     reader.feed(_cancel(4242, b"\x01\x02\x03\x04") + _cancel(7, bytes(range(32))))
@@ -255,13 +287,13 @@ def test_bad_startup_length_is_silent(length: int) -> None:
 
 def test_length_limits_are_inclusive() -> None:
     """8 and 10000 bytes are accepted (pqcomm.h bounds); only outside them is an error."""
-    name = "u" * (10000 - 8 - len(b"user\0") - 2)
-    raw = _startup({"user": name})
+    name = "u" * (10000 - 8 - len(b"application_name\0") - len(b"user\0u\0") - 2)
+    raw = _startup({"user": "u", "application_name": name})
     assert len(raw) == 10000
     reader = StartupReader()
     reader.feed(raw)
     packet = reader.next_packet()
-    assert isinstance(packet, StartupMessage) and packet.user == name
+    assert isinstance(packet, StartupMessage) and packet.application_name == name
     reader.feed(_packet(SSL_REQUEST_CODE))
     assert reader.next_packet() == SSLRequest()
 
