@@ -60,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -124,10 +124,13 @@ REUSE_DIFFERENCES: Final[Mapping[str, str]] = {
     "timestamptz": "issue 22 point 2: RESET DateStyle / TimeZone give the server's defaults",
 }
 
+# pg_regress's report, up to PostgreSQL 15: "test name ... ok 12 ms" (or "     name" in a
+# parallel group, "... FAILED", "... failed (ignored)"); from 16 on, TAP: "ok 1 - name 12 ms",
+# "not ok 2 + name 30 ms".
 _RESULT_LINE: Final = re.compile(
-    r"^(?:test |ok \d+\s+[-+]? ?|not ok \d+\s+[-+]? ?)?\s*(?P<name>[A-Za-z0-9_.-]+)\s+\.\.\.\s+"
-    r"(?P<status>ok|FAILED|failed \(ignored\))"
+    r"^(?:test\s+|\s+)(?P<name>[A-Za-z0-9_.-]+)\s+\.\.\.\s+(?P<status>ok|FAILED|failed \(ignored\))"
 )
+_TAP_LINE: Final = re.compile(r"^(?P<not>not )?ok \d+\s+[-+]\s+(?P<name>[A-Za-z0-9_.-]+)\s")
 
 
 class SetupError(RuntimeError):
@@ -166,9 +169,10 @@ def parse_results(text: str) -> dict[str, bool]:
     """pg_regress's report -> {test: passed}. "failed (ignored)" counts as failed."""
     out: dict[str, bool] = {}
     for line in text.splitlines():
-        match = _RESULT_LINE.match(line)
-        if match:
+        if match := _RESULT_LINE.match(line):
             out[match["name"]] = match["status"] == "ok"
+        elif match := _TAP_LINE.match(line):
+            out[match["name"]] = match["not"] is None
     return out
 
 
@@ -243,7 +247,10 @@ def default_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pgguard-regress")
 
 
-def _run(argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
+def _run(argv: Sequence[str], what: str, cwd: Path | None = None, *, step: bool = False) -> str:
+    """Run a setup command; ``step``: one that changes the machine or the cache, printed."""
+    if step:
+        print(f"regress: {' '.join(argv)}", flush=True)
     try:
         proc = subprocess.run(
             list(argv), cwd=cwd, capture_output=True, text=True, timeout=900,
@@ -277,44 +284,74 @@ def _package_version(package: str) -> str:
     return out.stdout.strip()
 
 
-def deb_src_entries(text: str) -> str:
+def deb_src_entries(text: str, uris: Collection[str] | None = None) -> str:
     """A deb822 ``.sources`` text -> the same stanzas with ``Types: deb-src`` (those that had
-    ``deb``), for `ensure_deb_src`. One-line ``sources.list`` lines: ``deb `` -> ``deb-src ``."""
+    ``deb``), for `ensure_deb_src`. One-line ``sources.list`` lines: ``deb `` -> ``deb-src ``.
+    With ``uris``, only the entries of those archives (the ones serving the package: a
+    third-party repository without sources would fail apt-get update)."""
+
+    def wanted(entry_uris: Sequence[str]) -> bool:
+        return uris is None or any(u.rstrip("/") in uris for u in entry_uris)
+
     out: list[str] = []
     for stanza in re.split(r"\n\s*\n", text.strip()):
         fields = [ln for ln in stanza.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         types = next((ln for ln in fields if ln.lower().startswith("types:")), None)
         if types is not None:
-            if "deb" not in types.split(":", 1)[1].split():
-                continue
-            out.append("\n".join("Types: deb-src" if ln is types else ln for ln in fields))
-        else:
-            out.extend("deb-src " + ln.split(None, 1)[1] for ln in fields if ln.startswith("deb "))
+            listed = next((ln.split(":", 1)[1].split() for ln in fields if ln.lower().startswith("uris:")), [])
+            if "deb" in types.split(":", 1)[1].split() and wanted(listed):
+                out.append("\n".join("Types: deb-src" if ln is types else ln for ln in fields))
+            continue
+        for ln in fields:
+            if ln.startswith("deb "):
+                rest = ln.split(None, 1)[1]
+                uri = re.sub(r"^\[[^]]*\]\s*", "", rest).split()[0]
+                if wanted([uri]):
+                    out.append("deb-src " + rest)
     return "\n\n".join(out) + "\n" if out else ""
+
+
+def package_uris(policy: str) -> set[str]:
+    """The archive URIs in ``apt-cache policy`` output (lines "500 http://... suite/comp ...")."""
+    return {m[1].rstrip("/") for m in re.finditer(r"^\s+\d+\s+(\w+://\S+)\s", policy, re.M)}
 
 
 def ensure_deb_src(package: str) -> None:
     """Make ``apt-get source package`` possible: add deb-src entries and update, if needed."""
-    if _run(["apt-cache", "showsrc", package], "apt-cache showsrc").strip():
+    if _has_source(package):
         return
     _need_root("adding deb-src entries", f"add a deb-src line for your deb lines, apt-get update")
+    uris = package_uris(_run(["apt-cache", "policy", package], "apt-cache policy"))
     stanzas: list[str] = []
     for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
         if path != SOURCES_FILE:
-            stanzas.append(deb_src_entries(path.read_text(encoding="utf-8")))
-    one_line = Path("/etc/apt/sources.list")
-    if one_line.exists():
-        stanzas.append(deb_src_entries(one_line.read_text(encoding="utf-8")))
+            stanzas.append(deb_src_entries(path.read_text(encoding="utf-8"), uris))
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]:
+        if path.exists() and path != SOURCES_FILE.with_suffix(".list"):
+            stanzas.append(deb_src_entries(path.read_text(encoding="utf-8"), uris))
     deb822 = [s for s in stanzas if s.startswith("Types:")]
     lines = [s for s in stanzas if s.startswith("deb-src ")]
     if not deb822 and not lines:
-        raise SetupError("no deb entries found in /etc/apt to derive deb-src entries from")
-    SOURCES_FILE.write_text("".join(deb822) if deb822 else "", encoding="utf-8")
+        raise SetupError(f"no deb entries of the archives serving {package} ({', '.join(sorted(uris))}) "
+                         "found in /etc/apt to derive deb-src entries from")
+    print(f"regress: adding deb-src entries: {SOURCES_FILE}", flush=True)
+    if deb822:
+        SOURCES_FILE.write_text("\n".join(deb822), encoding="utf-8")
     if lines:
         SOURCES_FILE.with_suffix(".list").write_text("".join(lines), encoding="utf-8")
-    _run(["apt-get", "update", "-qq"], "apt-get update")
-    if not _run(["apt-cache", "showsrc", package], "apt-cache showsrc").strip():
+    _run(["apt-get", "update", "-qq"], "apt-get update", step=True)
+    if not _has_source(package):
         raise SetupError(f"no source package {package} even after adding {SOURCES_FILE}")
+
+
+def _has_source(package: str) -> bool:
+    """True when apt knows a source package ``package`` (without deb-src entries apt-cache
+    showsrc exits 100: "You must put some 'deb-src' URIs in your sources.list")."""
+    try:
+        done = subprocess.run(["apt-cache", "showsrc", package], capture_output=True, text=True, timeout=120)
+    except OSError as exc:
+        raise SetupError(f"cannot run apt-cache ({exc}): the harness needs Debian's apt") from None
+    return done.returncode == 0 and bool(done.stdout.strip())
 
 
 def prepare_suite(bindir: Path, cache: Path | None = None, *, fetch: bool = True) -> Suite:
@@ -342,22 +379,25 @@ def prepare_suite(bindir: Path, cache: Path | None = None, *, fetch: bool = True
                          "(python -m benchmarks regress --prepare-only, as root)")
     if not (tree / "src" / "test" / "regress" / SCHEDULE).exists():
         ensure_deb_src(package)
-        fetch = Path(tempfile.mkdtemp(prefix="fetch-", dir=_mkdir(root)))
-        _run(["apt-get", "source", "-qq", f"{package}={version}"], f"apt-get source {package}={version}", cwd=fetch)
-        unpacked = [p for p in fetch.iterdir() if p.is_dir()]
-        if len(unpacked) != 1:
-            raise SetupError(f"apt-get source left {len(unpacked)} directories in {fetch}")
-        shutil.rmtree(tree, ignore_errors=True)
-        _mkdir(tree.parent)
-        unpacked[0].rename(tree)
-        shutil.rmtree(fetch, ignore_errors=True)
+        download = Path(tempfile.mkdtemp(prefix="fetch-", dir=_mkdir(root)))
+        try:
+            _run(["apt-get", "source", "-qq", f"{package}={version}"],
+                 f"apt-get source {package}={version}", cwd=download, step=True)  # fmt: skip
+            unpacked = [p for p in download.iterdir() if p.is_dir()]
+            if len(unpacked) != 1:
+                raise SetupError(f"apt-get source left {len(unpacked)} directories in {download}")
+            shutil.rmtree(tree, ignore_errors=True)
+            _mkdir(tree.parent)
+            unpacked[0].rename(tree)
+        finally:
+            shutil.rmtree(download, ignore_errors=True)
     if not built:
         includedir = Path(_run([str(pg_config), "--includedir-server"], "pg_config").strip())
         dev = f"postgresql-server-dev-{major}"
         if not (includedir / "postgres.h").exists():
             _need_root(f"installing {dev}={version}", f"apt-get install {dev}={version}")
             _run(["apt-get", "install", "-y", "-qq", "--no-upgrade", f"{dev}={version}"],
-                 f"apt-get install {dev}={version}")  # fmt: skip
+                 f"apt-get install {dev}={version}", step=True)  # fmt: skip
         elif (have := _package_version(dev)) != version:
             print(f"regress: note: building against {dev} {have}, the server is {version}",
                   file=sys.stderr)  # fmt: skip
@@ -372,7 +412,7 @@ def _build_modules(tree: Path, includedir: Path, libdir: Path) -> None:
         partial = target.with_suffix(".so.tmp")
         _run([cc, "-O2", "-fPIC", "-shared", "-fwrapv", "-fno-strict-aliasing", *extra,
               "-I", str(includedir), "-o", str(partial), str(tree / source)],
-             f"building {name}.so")  # fmt: skip
+             f"building {name}.so", step=True)  # fmt: skip
         partial.rename(target)
 
 
