@@ -29,10 +29,15 @@ StartupMessage. The modes:
 - ``plain``: pgguard with no limit.
 - ``queue``: ``[limits] max_connections = 8`` (below the suite's 20 concurrent tests),
   policy queue, queue timeout 600 s. The superuser is limited like anyone (``exempt_roles`` is
-  empty by default); the run checks that clients really queued.
+  empty by default); the run checks that clients really queued (``pgguard_queued_total``).
 - ``reuse``: ``[pool] reuse = true``, ``trusted_roles = ["postgres"]`` (the suite connects as
   the superuser only: every ``\\c`` in it is ``\\c -``), ``[backend] monitor_dsn`` the
-  superuser's; the run checks that sessions were reused.
+  superuser's; the run checks that sessions were reused
+  (``pgguard_pool_sessions_reused_total``).
+
+pgguard runs as its own process (``python -m pgguard run``, as deployed, log level info), its
+configuration, log and /metrics read after the run kept with the diffs; pgguard dying during
+a run, or a traceback in its log, fails the verdict.
 
 Verdict: each mode's set of passing tests is compared with direct's. Exit 1 when plain or
 queue lose a test that passes direct, or reuse loses one beyond `REUSE_DIFFERENCES`; a listed
@@ -56,6 +61,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,6 +93,9 @@ QUEUE_LIMIT: Final = 8
 QUEUE_TIMEOUT_S: Final = 600.0
 # Bound on one pg_regress run (about 30-90 s on 2 busy cores).
 RUN_TIMEOUT_S: Final = 1500.0
+# Bound on pgguard's start (it logs event=start within a second).
+START_TIMEOUT_S: Final = 60.0
+REPO: Final = Path(__file__).resolve().parents[1]
 # The settings pg_regress gives its own --temp-instance that change results.
 CLUSTER_SETTINGS: Final[Mapping[str, int]] = {"max_prepared_transactions": 2}
 SUPERUSER: Final = "postgres"
@@ -156,6 +165,7 @@ class Outcome:
     results: Mapping[str, bool]
     seconds: float
     note: str = ""
+    problems: tuple[str, ...] = ()  # each fails the verdict
 
     @property
     def passed(self) -> int:
@@ -193,6 +203,9 @@ def verdict(
     lines = [f"direct {direct.passed}/{total} ({direct.seconds:.0f} s)"]
     ok = True
     for out in outcomes[1:]:
+        if out.problems:
+            ok = False
+            lines.extend(f"{out.mode}: PROBLEM: {p}" for p in out.problems)
         lost, gained = compare(direct.results, out.results)
         head = f"{out.mode} {out.passed}/{len(out.results) or total} ({out.seconds:.0f} s)"
         if out.note:
@@ -320,7 +333,7 @@ def ensure_deb_src(package: str) -> None:
     """Make ``apt-get source package`` possible: add deb-src entries and update, if needed."""
     if _has_source(package):
         return
-    _need_root("adding deb-src entries", f"add a deb-src line for your deb lines, apt-get update")
+    _need_root("adding deb-src entries", "add a deb-src line for your deb lines, apt-get update")
     uris = package_uris(_run(["apt-cache", "policy", package], "apt-cache policy"))
     stanzas: list[str] = []
     for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
@@ -443,11 +456,6 @@ def run_pg_regress(
 ) -> str:
     """One run of the schedule (or of ``tests``, one after another) against 127.0.0.1:port;
     returns its report (stdout)."""
-    if outdir.exists():
-        shutil.rmtree(outdir)
-    # The server writes results/ (COPY TO, lo_export) as its own OS user.
-    _mkdir(outdir / "results").chmod(0o777)
-    outdir.chmod(0o777)
     argv = [
         str(suite.pg_regress), f"--bindir={suite.bindir}", f"--inputdir={inputs}",
         f"--outputdir={outdir}", f"--dlpath={inputs / 'lib'}", "--host=127.0.0.1", f"--port={port}", f"--user={SUPERUSER}",
@@ -469,57 +477,167 @@ def run_pg_regress(
     return proc.stdout
 
 
-@contextlib.contextmanager
-def _target(mode: str) -> Iterator[tuple[int, list[str]]]:
-    """A fresh cluster and, except for direct, a pgguard in front of it: (port, notes), where
-    the notes are filled in at exit with what the mode observed."""
-    from pgguard.testing.cluster import PostgresCluster
-    from pgguard.testing.guard import guard
+def pgguard_config(mode: str, port: int, monitor_dsn: str) -> str:
+    """The TOML of the pgguard in front of the cluster at 127.0.0.1:port for ``mode``."""
+    text = f"""\
+[server]
+listen = "127.0.0.1:0"
+shutdown_timeout = 2.0
 
-    notes: list[str] = []
+[backend]
+host = "127.0.0.1"
+port = {port}
+connect_timeout = 30.0
+{f'monitor_dsn = "{monitor_dsn}"' if mode == "reuse" else ""}
+
+[metrics]
+listen = "127.0.0.1:0"
+"""
+    if mode == "queue":
+        text += f"""
+[limits]
+max_connections = {QUEUE_LIMIT}
+policy = "queue"
+queue_timeout = {QUEUE_TIMEOUT_S}
+"""
+    elif mode == "reuse":
+        text += f"""
+[pool]
+reuse = true
+trusted_roles = ["{SUPERUSER}"]
+"""
+    return text
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of every sample of ``name`` in a Prometheus text exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(None, 1)[1])
+    return total
+
+
+@dataclasses.dataclass(slots=True)
+class _Observed:
+    """What a mode saw besides pg_regress's report: notes for the counts line, and problems
+    that fail the verdict (pgguard died, tracebacks in its log, the mode not exercised)."""
+
+    notes: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _target(mode: str, logdir: Path, serial: bool) -> Iterator[tuple[int, _Observed]]:
+    """A fresh cluster and, except for direct, a pgguard process in front of it (``python -m
+    pgguard run``, as deployed, its log in ``logdir``): (port, what it observed, filled in at
+    exit)."""
+    from pgguard.testing.cluster import PostgresCluster
+
+    seen = _Observed()
     with PostgresCluster(settings=CLUSTER_SETTINGS) as cluster:
         if mode == "direct":
-            yield cluster.port, notes
+            yield cluster.port, seen
             return
-        config: dict[str, object] = {}
-        if mode == "queue":
-            config["limits"] = {"max_connections": QUEUE_LIMIT, "policy": "queue",
-                                "queue_timeout": QUEUE_TIMEOUT_S}  # fmt: skip
-        elif mode == "reuse":
+        if mode == "reuse":
             cluster.create_auth_lookup()
-            config["backend"] = {"monitor_dsn": cluster.dsn()}
-            config["pool"] = {"reuse": True, "trusted_roles": [SUPERUSER]}
-        with guard(cluster=cluster, config=config) as g:
-            yield g.port, notes
-            s = g.stats()
-            if mode == "queue":
-                notes.append(f"total limit {QUEUE_LIMIT}, {s['queued']} clients queued, "
-                             f"longest wait {s['wait_max'] or 0:.1f} s")  # fmt: skip
-            if mode == "reuse":
-                pool = g.server.control.pool
-                rows = pool.rows() if pool is not None else []
-                notes.append(f"{sum(int(r[5]) for r in rows)} server sessions created, "
-                             f"{sum(int(r[6]) for r in rows)} reused")  # fmt: skip
-                if pool is not None:
-                    pool.close()
-            if s["rejections"]:
-                notes.append(f"rejections {s['rejections']}")
+        conf = logdir / "pgguard.toml"
+        conf.write_text(pgguard_config(mode, cluster.port, cluster.dsn()), encoding="utf-8")
+        log = logdir / "pgguard.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k.startswith("PGGUARD_")}
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pgguard", "run", "-c", str(conf), "--log-level", "info"],
+                stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+            )  # fmt: skip
+        try:
+            port = int(_wait_for_log(proc, log, r"event=start listen=127\.0\.0\.1:(\d+)"))
+            metrics_port = int(_wait_for_log(proc, log, r"event=metrics listen=127\.0\.0\.1:(\d+)"))
+            yield port, seen
+            if proc.poll() is not None:
+                seen.problems.append(f"pgguard exited during the run ({_exit_text(proc.returncode)})")
+            else:
+                _observe(mode, _scrape(metrics_port), seen, serial)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=30)
+                    seen.problems.append("pgguard did not stop within 30 s of SIGTERM")
+            tracebacks = _read(log).count("Traceback (most recent call last)")
+            if tracebacks:
+                seen.problems.append(f"{tracebacks} traceback(s) in pgguard's log")
+
+
+def _observe(mode: str, metrics: str, seen: _Observed, serial: bool) -> None:
+    if mode == "queue":
+        queued = metric_sum(metrics, "pgguard_queued_total")
+        seen.notes.append(f"total limit {QUEUE_LIMIT}, {queued:.0f} clients queued")
+        if queued == 0 and not serial:
+            seen.problems.append("no client queued: the total limit was never reached")
+    if mode == "reuse":
+        created = metric_sum(metrics, "pgguard_pool_sessions_created_total")
+        reused = metric_sum(metrics, "pgguard_pool_sessions_reused_total")
+        seen.notes.append(f"{created:.0f} server sessions created, {reused:.0f} reused")
+        if reused == 0:
+            seen.problems.append("no server session was reused")
+    rejected = metric_sum(metrics, "pgguard_rejections_total")
+    if rejected:
+        seen.notes.append(f"{rejected:.0f} rejections")
+
+
+def _wait_for_log(proc: subprocess.Popen[bytes], log: Path, pattern: str) -> str:
+    """The first group of ``pattern`` once pgguard's log has it; bounded, fails if it exits."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if match := regex.search(_read(log)):
+            return match[1]
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)  # polling a log file another process writes; bounded by the deadline
+    raise SetupError(f"pgguard did not log {pattern!r} within {START_TIMEOUT_S:.0f} s "
+                     f"(exit {proc.poll()}); log tail:\n{_read(log)[-2000:]}")  # fmt: skip
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            return str(resp.read().decode())
+    except OSError as exc:
+        raise SetupError(f"cannot read pgguard's /metrics: {exc}") from None
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def run_mode(
     mode: str, suite: Suite, inputs: Path, out: Path, max_connections: int,
     tests: Sequence[str] = (),
 ) -> Outcome:
-    """One mode on a fresh cluster; raises `SetupError` if it did not exercise what it names."""
+    """One mode on a fresh cluster, its files in ``out/mode``."""
     started = time.perf_counter()
-    with _target(mode) as (port, notes):
-        report = run_pg_regress(suite, inputs, out / mode, port, max_connections, tests)
-    outcome = Outcome(mode, parse_results(report), time.perf_counter() - started, "; ".join(notes))
-    if mode == "queue" and not tests and " 0 clients queued" in outcome.note:
-        raise SetupError("queue mode: no client ever queued, so the total limit was not reached")
-    if mode == "reuse" and outcome.note.endswith(" 0 reused"):
-        raise SetupError("reuse mode: no server session was reused")
-    return outcome
+    outdir = out / mode
+    if outdir.exists():
+        shutil.rmtree(outdir)
+    # The server writes results/ (COPY TO, lo_export) as its own OS user.
+    _mkdir(outdir / "results").chmod(0o777)
+    outdir.chmod(0o777)
+    with _target(mode, outdir, bool(tests)) as (port, seen):
+        report = run_pg_regress(suite, inputs, outdir, port, max_connections, tests)
+    return Outcome(mode, parse_results(report), time.perf_counter() - started,
+                   "; ".join(seen.notes), tuple(seen.problems))  # fmt: skip
 
 
 def main_regress(args: argparse.Namespace) -> int:
@@ -579,7 +697,7 @@ def main_regress(args: argparse.Namespace) -> int:
 def _keep(source: Path, target: Path) -> None:
     """Copy a run's reports to ``target``, replacing (or removing) an earlier run's."""
     _mkdir(target)
-    for name in ("regression.diffs", "regression.out", "pg_regress.out"):
+    for name in ("regression.diffs", "regression.out", "pg_regress.out", "pgguard.toml", "pgguard.log"):
         if (source / name).exists():
             shutil.copy2(source / name, target / name)
         else:
