@@ -545,6 +545,7 @@ def _target(mode: str, logdir: Path, serial: bool) -> Iterator[tuple[int, _Obser
         conf.write_text(pgguard_config(mode, cluster.port, cluster.dsn()), encoding="utf-8")
         log = logdir / "pgguard.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k.startswith("PGGUARD_")}
+        env["PYTHONFAULTHANDLER"] = "1"  # a crash leaves the Python stacks in the log
         with log.open("wb") as sink:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pgguard", "run", "-c", str(conf), "--log-level", "info"],
@@ -562,7 +563,8 @@ def _target(mode: str, logdir: Path, serial: bool) -> Iterator[tuple[int, _Obser
             if proc.poll() is None:
                 proc.terminate()
                 try:
-                    proc.wait(timeout=30)
+                    if (code := proc.wait(timeout=30)) != 0:
+                        seen.problems.append(f"pgguard's shutdown on SIGTERM ended in {_exit_text(code)}")
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=30)
@@ -570,6 +572,8 @@ def _target(mode: str, logdir: Path, serial: bool) -> Iterator[tuple[int, _Obser
             tracebacks = _read(log).count("Traceback (most recent call last)")
             if tracebacks:
                 seen.problems.append(f"{tracebacks} traceback(s) in pgguard's log")
+            if seen.problems:
+                seen.problems.append("pgguard's log ends: " + " | ".join(_read(log).splitlines()[-6:]))
 
 
 def _observe(mode: str, metrics: str, seen: _Observed, serial: bool) -> None:
