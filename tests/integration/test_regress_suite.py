@@ -17,13 +17,16 @@ from pathlib import Path
 import pytest
 
 from benchmarks.regress import SetupError, prepare_suite
-from pgguard.testing.cluster import PostgresCluster
+from pgguard.testing.cluster import ClusterError, PostgresCluster
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _suite_ready() -> str | None:
-    cluster = PostgresCluster()
+    try:
+        cluster = PostgresCluster()
+    except ClusterError as exc:
+        return str(exc)
     if cluster.source == "embedded":
         return "the embedded PostgreSQL has no matching regression suite"
     try:
