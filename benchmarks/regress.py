@@ -9,8 +9,8 @@ contrib/spi's ``refint.so`` and ``autoinc.so``. `prepare_suite` does each step o
 is missing, so a second run costs nothing; the result is cached under
 ``$PGGUARD_REGRESS_CACHE`` (default ``~/.cache/pgguard-regress``), outside the repository, so
 pytest never collects the suite's files. Without a source package in the apt lists it adds a
-``deb-src`` twin of each ``deb`` entry (``/etc/apt/sources.list.d/pgguard-regress-src.sources``)
-and runs ``apt-get update``. Installing and adding sources need root (CI runs as root); when a
+``deb-src`` twin of each ``deb`` entry of the archives serving the package
+(``/etc/apt/sources.list.d/pgguard-regress-src.sources``) and runs ``apt-get update``. Installing and adding sources need root (CI runs as root); when a
 step cannot be done, `SetupError` says which and how to do it by hand.
 
 Each mode gets a fresh throwaway cluster (`PostgresCluster`, settings as pg_regress gives its
@@ -19,7 +19,7 @@ inputs in a directory the server's OS user can read (the tests' server-side COPY
 ``data/`` and writes ``results/``), then runs::
 
     pg_regress --schedule=parallel_schedule --host 127.0.0.1 --port P --user postgres
-               --dlpath=<the modules> --max-connections=N --max-concurrent-tests=20
+               --dlpath=<the modules> --max-concurrent-tests=20 [--max-connections=N]
 
 pg_regress against an existing server drops and creates database ``regression`` itself and
 starts every psql with PGDATESTYLE, PGTZ and PGAPPNAME, which libpq sends in the
@@ -37,7 +37,7 @@ StartupMessage. The modes:
 
 pgguard runs as its own process (``python -m pgguard run``, as deployed, log level info), its
 configuration, log and /metrics read after the run kept with the diffs; pgguard dying during
-a run, or a traceback in its log, fails the verdict.
+a run, a non-zero exit on SIGTERM, or a traceback in its log fails the verdict.
 
 Verdict: each mode's set of passing tests is compared with direct's. Exit 1 when plain or
 queue lose a test that passes direct, or reuse loses one beyond `REUSE_DIFFERENCES`; a listed
@@ -46,7 +46,7 @@ not be prepared or a run could not start. The diffs of every mode are kept in ``
 (default ``<cache>/<version>/last-run``), and the first lines of each lost test's diff are
 printed.
 
-Run alone, about 30-70 s a mode on 2 busy cores, 3 minutes for all four.
+About 40-120 s a mode on 2 shared cores, 3-6 minutes for all four.
 
 Size: over 500 lines, one job: obtaining the suite that matches the server and judging
 pgguard's modes against direct by it; the fetch/build steps and the runs share the cache

@@ -5,15 +5,20 @@ runs themselves are in tests/integration/test_regress_suite.py and .ci/run."""
 from __future__ import annotations
 
 from benchmarks.regress import (
+    QUEUE_LIMIT,
     REUSE_DIFFERENCES,
+    SUPERUSER,
     Outcome,
     compare,
     deb_src_entries,
     diff_excerpt,
+    metric_sum,
     package_uris,
     parse_results,
+    pgguard_config,
     verdict,
 )
+from pgguard import config
 
 PG15_REPORT = """\
 ============== running regression test queries        ==============
@@ -169,3 +174,35 @@ def test_deb_src_entries_keep_only_the_archives_serving_the_package() -> None:
     one_line = "deb [signed-by=/k.gpg] https://deb.nodesource.com/node_20.x nodistro main\n" \
         "deb [arch=amd64] http://deb.debian.org/debian bookworm main\n"
     assert deb_src_entries(one_line, uris) == "deb-src [arch=amd64] http://deb.debian.org/debian bookworm main\n"
+
+
+def test_a_mode_with_a_problem_fails_the_verdict_whatever_its_counts() -> None:
+    plain = Outcome("plain", {"a": True}, 1.0, problems=("pgguard exited during the run (killed by SIGSEGV)",))
+    ok, lines = verdict([_outcome("direct", "a"), plain])
+    assert not ok
+    assert lines[1] == "plain: PROBLEM: pgguard exited during the run (killed by SIGSEGV)"
+
+
+def test_the_modes_configurations_limit_the_superuser_and_reuse_its_sessions() -> None:
+    plain = config.loads(pgguard_config("plain", 5433, "postgresql://postgres@127.0.0.1:5433/postgres"))
+    assert plain.limits.max_connections == -1 and not plain.pool.reuse
+    assert plain.backend.port == 5433 and plain.metrics.listen == "127.0.0.1:0"
+    queue = config.loads(pgguard_config("queue", 5433, "postgresql://postgres@127.0.0.1:5433/postgres"))
+    assert queue.limits.max_connections == QUEUE_LIMIT < 20 and queue.limits.policy == "queue"
+    assert SUPERUSER not in queue.limits.exempt_roles  # pg_regress's role counts against the limit
+    reuse = config.loads(pgguard_config("reuse", 5433, "postgresql://postgres@127.0.0.1:5433/postgres"))
+    assert reuse.pool.reuse and reuse.pool.trusted_roles == (SUPERUSER,)
+    assert reuse.backend.monitor_dsn == "postgresql://postgres@127.0.0.1:5433/postgres"
+
+
+def test_metric_sum_adds_every_labelled_sample_of_one_name() -> None:
+    text = """\
+# TYPE pgguard_queued_total counter
+pgguard_queued_total{role="postgres"} 89
+pgguard_queued_total{role="other"} 2
+pgguard_queued_total_extra 100
+pgguard_pool_sessions_reused_total 5
+"""
+    assert metric_sum(text, "pgguard_queued_total") == 91
+    assert metric_sum(text, "pgguard_pool_sessions_reused_total") == 5
+    assert metric_sum(text, "pgguard_absent") == 0
