@@ -1,6 +1,9 @@
 """``python -m benchmarks run [--quick] [--only NAMES]``: run the harness, print and save the results.
 
 ``python -m benchmarks chaos [--quick] [--only NAME]``: the chaos/fuzz harness (``benchmarks/chaos.py``).
+
+``python -m benchmarks regress [--modes ...]``: PostgreSQL's own regression suite, direct and
+through pgguard (``benchmarks/regress.py``).
 """
 
 from __future__ import annotations
@@ -146,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     chaos.add_argument("--log-level", default="info", help="pgguard's --log-level (default info)")
     chaos.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
     chaos.set_defaults(func=cmd_chaos)
+    from .regress import add_parser as add_regress
+
+    add_regress(sub)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
