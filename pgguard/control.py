@@ -33,7 +33,7 @@ at the admission (``_take_warm``, behind one test of ``client.pooled``), when a 
 (``_free_warm_slot``), and gets ``hand_to_waiter`` / ``others_waiting`` / ``over_limit`` when a
 released session is parked; ``forward_cancel`` maps pgguard's key of a reused session.
 
-Size: about 920 lines, kept as one job on purpose: every change to what is admitted goes
+Size: about 980 lines, kept as one job on purpose: every change to what is admitted goes
 through this one class (that is the point of the layer); the rows SHOW prints are in
 ``stats.py``.
 """

@@ -12,6 +12,9 @@ it); ``GET /healthz`` (200 while the process serves: a liveness probe); ``GET /r
 else 503 with the reason: a readiness probe for load balancers and Kubernetes); anything
 else is 404. One request per connection. ``ProbeServer`` is that HTTP part alone; with
 ``[server] workers`` the supervisor serves it with every worker's metrics (workers.py).
+
+Size: about 540 lines, one job: the exposition of one process's state (collector and its
+HTTP endpoint); the figures it reads are kept elsewhere (``stats.py``, ``control.py``).
 """
 
 from __future__ import annotations
@@ -282,24 +285,15 @@ class ServerCollector(Collector):
         mirror.add_metric(["ok"], st.mirror_refreshes)
         mirror.add_metric(["failed"], st.mirror_failures)
         yield mirror
-        yield GaugeMetricFamily(
-            "pgguard_logins_in_flight",
-            "Server logins in progress (dial to first ReadyForQuery); capped by max_logins_in_flight.",
-            value=counts.logins_in_flight,
-        )
-        yield GaugeMetricFamily(
-            "pgguard_logins_waiting",
-            "Admitted clients waiting for a login slot (max_logins_in_flight).",
-            value=counts.logins_waiting,
-        )
-        yield CounterMetricFamily(
-            "pgguard_login_waits", "Logins that had to wait for a login slot.", value=st.login_waits
-        )
-        yield CounterMetricFamily(
-            "pgguard_login_timeouts",
-            "Clients that got no login slot within connect_timeout (57P03, as a dial timeout).",
-            value=st.login_timeouts,
-        )
+        # [backend] max_logins_in_flight (logins.py): server logins from dial to first ReadyForQuery.
+        yield GaugeMetricFamily("pgguard_logins_in_flight", "Server logins in progress (dial to "
+                                "first ReadyForQuery), capped by max_logins_in_flight.", value=counts.logins_in_flight)
+        yield GaugeMetricFamily("pgguard_logins_waiting", "Admitted clients waiting for a login slot.",
+                                value=counts.logins_waiting)
+        yield CounterMetricFamily("pgguard_login_waits", "Logins that had to wait for a login slot.",
+                                  value=st.login_waits)
+        yield CounterMetricFamily("pgguard_login_timeouts", "Clients that got no login slot within "
+                                  "connect_timeout (57P03, as a dial timeout).", value=st.login_timeouts)
         if control.cluster is not None:
             yield from _cluster_metrics(control)
         if control.pool is not None:

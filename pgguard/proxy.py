@@ -45,7 +45,7 @@ warm server session or logs in a new one (``pool.Pool``) and goes straight to AC
 the client leaves a session idle outside a transaction, the session goes back to the pool
 with its slot instead of being terminated.
 
-Size: about 960 lines, one job: the life of one client socket from accept to close (TLS
+Size: about 1070 lines, one job: the life of one client socket from accept to close (TLS
 negotiation included, since it decides what the startup bytes mean, and the pooled login,
 since it decides which server session the client gets); the relays are in ``pump.py``.
 """
