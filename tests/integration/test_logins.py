@@ -168,3 +168,38 @@ async def test_warm_session_needs_no_login_slot_new_reused_login_does(guard, rol
         assert g.api.stats()["login_waits"] == 1
     finally:
         pool.close()
+
+
+async def test_waiter_that_leaves_holds_nothing_and_order_is_kept(guard, roles) -> None:  # type: ignore[no-untyped-def]
+    g = await guard(_cap(1))
+    holder = await Staller.open(g.port)
+    await holder.asked()
+    waiters = [await Staller.open(g.port) for _ in range(3)]
+    await await_until(lambda: g.api.stats()["logins_waiting"] == 3, timeout=30, what="3 logins waiting")
+    waiters[1].close()  # the middle one leaves while it waits
+    await await_until(lambda: g.api.stats()["logins_waiting"] == 2, timeout=30, what="the leaver gone from the queue")
+    holder.close()
+    await waiters[0].asked()  # the oldest waiter logs in next
+    assert (g.api.stats()["logins_in_flight"], g.api.stats()["logins_waiting"]) == (1, 1)
+    waiters[0].close()
+    await waiters[2].asked()
+    waiters[2].close()
+    await await_until(
+        lambda: (g.api.stats()["logins_in_flight"], g.api.stats()["logins_waiting"]) == (0, 0),
+        timeout=30, what="no login slot held or waited for",
+    )
+
+
+async def test_failed_server_login_gives_its_slot_back(guard, roles) -> None:  # type: ignore[no-untyped-def]
+    """The server's ErrorResponse ends the login: with a cap of 1, failures never block the next."""
+    g = await guard(_cap(1, connect_timeout=5.0))
+    for _ in range(3):
+        with pytest.raises(asyncpg.InvalidCatalogNameError):
+            await asyncpg.connect(g.dsn("app", database="no_such_db"))
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(g.dsn(SLOW, password="wrong"))
+    conn = await asyncpg.connect(g.dsn("app"))
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+    stats = g.api.stats()
+    assert (stats["login_waits"], stats["login_timeouts"]) == (0, 0)

@@ -184,3 +184,11 @@ def test_example_file_documents_every_key() -> None:
             if not re.search(rf"^#? ?{f.name} =", body, re.M):
                 missing.append(f"{name}.{f.name}")
     assert missing == []
+
+
+def test_max_logins_in_flight_defaults_off_and_refuses_negative() -> None:
+    assert config.loads("", env={}).backend.max_logins_in_flight == 0
+    assert config.loads("[backend]\nmax_logins_in_flight = 8\n", env={}).backend.max_logins_in_flight == 8
+    with pytest.raises(ConfigError) as info:
+        config.loads("[backend]\nmax_logins_in_flight = -1\n", env={})
+    assert info.value.key == "backend.max_logins_in_flight"
