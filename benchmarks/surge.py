@@ -25,9 +25,9 @@ import time
 import urllib.request
 from typing import Any, Final
 
-from .scenarios import Row, Settings, order, run_loadgen, wait_role_sessions
 from pgguard.testing.cluster import free_port
 
+from .scenarios import Row, Settings, order, run_loadgen, wait_role_sessions
 from .stack import Stack, Target
 
 __all__ = ["surge"]

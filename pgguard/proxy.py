@@ -74,8 +74,8 @@ from .errors import (
     ProtocolViolation,
 )
 from .limits import Ticket, Waiter
-from .logins import LoginSlot
 from .log import display, log, log_event
+from .logins import LoginSlot
 from .pump import BackendAuth, PooledPump, Pump
 
 __all__ = ["ClientConnection", "Host", "State", "number_clients"]
