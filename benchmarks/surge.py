@@ -12,7 +12,9 @@ the "direct" (no surge) column.
 
 Rows: the direct client's p99 during the surge, cap 8 against no cap (target: at most half),
 and the surge's makespan, cap 8 against no cap (target: at most 1.1x); both need every
-client served, both times. The load average is recorded beside every figure: the machine is
+client served, both times. For reference, the details also hold what the server alone does
+with as many logins straight to it (``pgbench -C``), 8 and then 200 at a time: the direct
+client's p99 meanwhile says how much login concurrency costs other sessions on this machine. The load average is recorded beside every figure: the machine is
 shared.
 """
 
@@ -28,7 +30,7 @@ from typing import Any, Final
 from pgguard.testing.cluster import free_port
 
 from .scenarios import Row, Settings, order, run_loadgen, wait_role_sessions
-from .stack import Stack, Target
+from .stack import Stack, Target, clean_env
 
 __all__ = ["surge"]
 
@@ -87,6 +89,25 @@ async def _probe(stack: Stack, stop: asyncio.Event, samples: list[tuple[float, f
         await conn.close()
 
 
+async def _direct_logins(stack: Stack, concurrency: int, total: int) -> float:
+    """``total`` logins straight to PostgreSQL, ``concurrency`` at a time (``pgbench -C``, one
+    ``select 1`` each): the server's own response to login concurrency, without pgguard."""
+    pg = stack.pg
+    script = stack.workdir / "surge-select1.sql"
+    script.write_text("select 1;\n")
+    argv = ["pgbench", "-n", "-C", "-c", str(concurrency), "-j", "2", "-t", str(max(1, total // concurrency)),
+            "-f", str(script), "-h", pg.host, "-p", str(pg.port), "-U", SURGE_ROLE, "postgres"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    t0 = time.perf_counter()
+    async with asyncio.timeout(300):
+        _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"pgbench direct logins failed: {err.decode()[-500:]}")
+    return time.perf_counter() - t0
+
+
 def _p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else 0.0
@@ -115,6 +136,7 @@ async def surge(stack: Stack, s: Settings) -> list[Row]:
     p99s: dict[str, list[float]] = {k: [] for k in targets}
     makespans: dict[str, list[float]] = {k: [] for k in targets}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in targets}
+    direct: dict[str, dict[str, float]] = {}
     try:
         await asyncio.sleep(QUIET_S)  # the quiet baseline: the probe alone for QUIET_S
         quiet = [lat for _, lat in samples]
@@ -153,12 +175,23 @@ async def surge(stack: Stack, s: Settings) -> list[Row]:
                       f"p99 {_p99(during) * 1000:.2f} ms over {len(during)} samples, peak {peak_logins} logins "
                       f"in flight (load {load})", flush=True)
                 await wait_role_sessions(stack, SURGE_ROLE, 0)
+        # The server alone: the same number of logins straight to it, CAP or SURGE_LIMIT at a time.
+        for concurrency in (CAP, SURGE_LIMIT):
+            elapsed = await _direct_logins(stack, concurrency, n)
+            end = time.perf_counter()
+            during = [lat for t, lat in samples if end - elapsed <= t <= end]
+            direct[f"direct_{concurrency}_at_a_time"] = {
+                "elapsed_s": elapsed, "probe_p99_ms": _p99(during) * 1000, "load": _load(),
+            }
+            print(f"  direct logins {concurrency} at a time: {n} in {elapsed:.2f} s, direct select 1 "
+                  f"p99 {_p99(during) * 1000:.2f} ms", flush=True)
     finally:
         stop.set()
         await probe
     served = all(r["outcomes"] == {"served": n} for rs in runs.values() for r in rs)
     details: dict[str, Any] = {"runs": runs, "quiet_p99_ms": _p99(quiet) * 1000, "clients": n,
-                               "role_limit": SURGE_LIMIT, "cap": CAP, "hold_sql": HOLD_SQL}
+                               "role_limit": SURGE_LIMIT, "cap": CAP, "hold_sql": HOLD_SQL,
+                               "server_alone": direct}
 
     latency = Row(f"surge {n} clients, role limit {SURGE_LIMIT}, hold 50 ms", "direct select 1 p99",
                   "ms", "lower", target=f"cap {CAP} <= {P99_GOAL}x no cap, all served")
