@@ -60,7 +60,7 @@ class ClientInfo:
     id: int
     role: str
     database: str
-    state: str  # startup, admitting, queued, dialing, authenticating, active, closed
+    state: str  # startup, login, admitting, queued, login_wait, dialing, authenticating, active, closed
     peer: str
     backend_pid: int | None
     connected_at: float
