@@ -7,8 +7,9 @@ rotating): ``surge_clients`` clients of role ``surge`` arrive together (the load
 ``storm`` mode, every TCP handshake at once), each runs ``select pg_sleep(0.05)`` (holding its
 session 50 ms) and leaves. Meanwhile a separate asyncpg connection straight to PostgreSQL
 runs ``select 1`` every 10 ms; its latencies between the surge's first StartupMessage and its
-last client's end are the surge's samples, and a quiet second before the repetitions gives
-the "direct" (no surge) column.
+last client's end are the surge's samples (the p99 is taken over all repetitions' samples
+together; the per-repetition p99s are in the details), and two quiet seconds before the
+repetitions give the "direct" (no surge) column.
 
 Rows: the direct client's p99 during the surge, cap 8 against no cap (target: at most half),
 and the surge's makespan, cap 8 against no cap (target: at most 1.1x); both need every
@@ -39,7 +40,7 @@ SURGE_LIMIT: Final = 200  # issue 21: role limit 200
 CAP: Final = 8  # issue 21: cap 8 against no cap
 HOLD_SQL: Final = "select pg_sleep(0.05)"  # each client holds its session 50 ms
 PROBE_PERIOD_S: Final = 0.010  # the direct client's select 1 every 10 ms
-QUIET_S: Final = 1.0
+QUIET_S: Final = 2.0
 PEAK_PERIOD_S: Final = 0.05  # how often pgguard's login gauge is scraped during a surge
 P99_GOAL: Final = 0.5
 MAKESPAN_GOAL: Final = 1.1
@@ -134,6 +135,7 @@ async def surge(stack: Stack, s: Settings) -> list[Row]:
     stop = asyncio.Event()
     probe = asyncio.create_task(_probe(stack, stop, samples))
     p99s: dict[str, list[float]] = {k: [] for k in targets}
+    pooled: dict[str, list[float]] = {k: [] for k in targets}  # every probe during the surges
     makespans: dict[str, list[float]] = {k: [] for k in targets}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in targets}
     direct: dict[str, dict[str, float]] = {}
@@ -159,6 +161,7 @@ async def surge(stack: Stack, s: Settings) -> list[Row]:
                 start = end - result["elapsed"]
                 during = [lat for t, lat in samples if start <= t <= end]
                 p99s[name].append(_p99(during) * 1000)
+                pooled[name] += during
                 makespans[name].append(result["elapsed"])
                 runs[name].append({
                     "outcomes": result["outcomes"], "elapsed_s": result["elapsed"],
@@ -195,7 +198,14 @@ async def surge(stack: Stack, s: Settings) -> list[Row]:
 
     latency = Row(f"surge {n} clients, role limit {SURGE_LIMIT}, hold 50 ms", "direct select 1 p99",
                   "ms", "lower", target=f"cap {CAP} <= {P99_GOAL}x no cap, all served")
-    latency.set_values({"direct": [_p99(quiet) * 1000], **p99s})
+    # The p99 of every probe taken during a target's surges, all repetitions together: one
+    # surge gives about 300 probes, so its own p99 is its third-slowest probe, and whether the
+    # uncapped surge's first burst of 200 logins lands on a probe varies from run to run (the
+    # per-repetition p99s, kept in the details, spread 5-30 ms). Pooled, the figure is the
+    # ninth-slowest of about 900.
+    latency.set_values({"direct": [_p99(quiet) * 1000], **{k: [_p99(v) * 1000] for k, v in pooled.items()}})
+    details["p99_per_rep_ms"] = p99s
+    details["median_of_per_rep_p99_ms"] = {k: statistics.median(v) for k, v in p99s.items() if v}
     ratio = latency.ratio_to("pgguard-nocap")
     latency.passed = served and ratio is not None and ratio <= P99_GOAL
     latency.score, latency.goal = (None if not ratio else 1 / ratio), 1 / P99_GOAL
