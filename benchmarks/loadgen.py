@@ -14,7 +14,8 @@ Modes
             ``max_count`` connections. Plain sockets and epoll, no event loop (see ``hammer``).
 ``storm``   ``clients`` connections at once (at most ``connect_inflight`` TCP handshakes in
             flight), each: StartupMessage, wait (queued at the proxy), first server byte,
-            ReadyForQuery, ``select 1``, Terminate. Reports outcomes and the time from the
+            ReadyForQuery, ``select 1`` (or ``extra.query``: the surge row's ``select
+            pg_sleep(0.05)``), Terminate. Reports outcomes and the time from the
             StartupMessage to the first server byte (admission wait plus backend startup).
 ``hold``    open ``clients`` connections and send each a StartupMessage (answering SCRAM with
             ``extra.password``, as ``burst``); with
@@ -95,13 +96,16 @@ class _Session(asyncio.Protocol):
 
     __slots__ = (
         "startup", "query", "until", "done", "transport", "buf", "outcome",
-        "t_sent", "t_first", "t_done", "readies", "loop", "authed", "scram",
+        "t_sent", "t_first", "t_done", "readies", "loop", "authed", "scram", "sql",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, startup: bytes, *, query: bool, until: str) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, startup: bytes, *, query: bool, until: str, sql: bytes = SELECT_1
+    ) -> None:
         self.loop = loop
         self.startup = startup
         self.query = query
+        self.sql = sql  # the simple Query sent after ReadyForQuery when ``query``
         self.until = until  # "first" (hammer), "ready" (hold), "served" (storm), "sent"
         self.done: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
@@ -156,7 +160,7 @@ class _Session(asyncio.Protocol):
                 if self.until == "ready":
                     self._finish("ready", close=False)
                 elif self.readies == 1 and self.query:
-                    self.transport.write(SELECT_1)  # type: ignore[union-attr]
+                    self.transport.write(self.sql)  # type: ignore[union-attr]
                 else:
                     self._finish("served")
                     return
@@ -376,7 +380,11 @@ async def storm(spec: _Spec) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     startup = startup_message(spec.user, spec.database)
     gate = asyncio.Semaphore(spec.connect_inflight)
-    sessions = [_Session(loop, startup, query=True, until="served") for _ in range(spec.clients)]
+    sql = SELECT_1
+    if "query" in spec.extra:
+        text = str(spec.extra["query"]).encode() + b"\x00"
+        sql = b"Q" + struct.pack("!I", len(text) + 4) + text
+    sessions = [_Session(loop, startup, query=True, until="served", sql=sql) for _ in range(spec.clients)]
     open_now = 0
     peak_open = 0
 

@@ -63,6 +63,7 @@ class Settings:
     copy_mb: int
     cluster_connects: int = 500  # connections one after the other per repetition (cluster)
     cluster_storm: int = 900  # clients over the three cluster pgguards
+    surge_clients: int = 1000  # issue 21: clients arriving together (surge)
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
@@ -671,6 +672,13 @@ async def storm_connect_rows(stack: Stack, s: Settings) -> list[Row]:
     return await storm_connect(stack, s)
 
 
+async def surge_rows(stack: Stack, s: Settings) -> list[Row]:
+    """A surge of logins with and without ``max_logins_in_flight`` (issue 21; benchmarks/surge.py)."""
+    from .surge import surge
+
+    return await surge(stack, s)
+
+
 Scenario = Callable[[Stack, Settings], Awaitable[list[Row]]]
 # In the issue's order; the names are what ``--only`` takes.
 SCENARIOS: Final[dict[str, Scenario]] = {
@@ -686,6 +694,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "reuse": reuse_rows,
     "stormconnect": storm_connect_rows,
     "neighbour": neighbour_rows,
+    "surge": surge_rows,
 }
 
 

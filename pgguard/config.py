@@ -152,6 +152,12 @@ class BackendConfig:
     # After the client left, how long to wait for the server to close the session before
     # pgguard closes it and frees the slot anyway.
     close_timeout: float = field(default=5.0, metadata=_check(_positive))
+    # Server logins (dial to first ReadyForQuery) in progress at once; past it, admitted
+    # clients wait for a login slot (logins.py), within connect_timeout. 0: no cap. Off by
+    # default: pgguard cannot see the server's cores, and a slot is held while the server
+    # waits for the client's password, so a default cap would let a few silent sockets
+    # stall every login (see config.example.toml).
+    max_logins_in_flight: int = field(default=0, metadata=_check(_non_negative))
     sslmode: SSLMode = "disable"
     sslrootcert: str | None = None
     monitor_dsn: str | None = None

@@ -13,6 +13,8 @@ setter or has to remember a follow-up call.
   reserved_connections`` sockets are still read, for console logins only (``_reserve``,
   ``refuse_past_cap``).
 - Admission: ``admit`` (fault rules first, then the gate), ``leave_queue``, ``release``.
+- Login slots (``[backend] max_logins_in_flight``, ``logins.LoginSlots``): ``take_login``,
+  ``end_login`` (starts the login of the waiter it lets in), ``login_timed_out``.
 - Intents: ``set_limit``, ``set_policy``, ``pause``, ``resume``, ``apply_config`` (reload),
   ``apply_catalog`` (mirror mode), ``kill``, ``inject`` / ``remove_fault`` / ``clear_faults``,
   ``shut`` (drain), ``terminate_all``.
@@ -33,7 +35,7 @@ at the admission (``_take_warm``, behind one test of ``client.pooled``), when a 
 (``_free_warm_slot``), and gets ``hand_to_waiter`` / ``others_waiting`` / ``over_limit`` when a
 released session is parked; ``forward_cancel`` maps pgguard's key of a reused session.
 
-Size: about 960 lines, kept as one job on purpose: every change to what is admitted goes
+Size: about 1000 lines, kept as one job on purpose: every change to what is admitted goes
 through this one class (that is the point of the layer); the rows SHOW prints are in
 ``stats.py``.
 """
@@ -66,6 +68,7 @@ from .errors import (
 from .faults import Faults
 from .limits import Gate, Kind, Limit, LimitRow, Policy, Rejection, RejectReason, Ticket, Waiter
 from .log import RateLimitedLog, log, log_event
+from .logins import LoginSlot, LoginSlots
 from .pool import Pool, ServerSession, pool_key
 from .proxy import ClientConnection, State
 from .rules import FaultRule
@@ -146,6 +149,7 @@ class Control:
         self.backend = backend
         self.loop = loop
         self._gate = Gate(config.rules())
+        self.logins = LoginSlots(config.backend.max_logins_in_flight)
         self.stats = Stats()
         self.clients: dict[int, ClientConnection] = {}
         self.consoles: dict[int, Console] = {}
@@ -470,6 +474,41 @@ class Control:
         self._admit_waiters(self._gate.release(ticket))
         self._check_idle()
 
+    # ------------------------------------------------------------ login slots
+
+    def take_login(self, client: ClientConnection) -> LoginSlot:
+        """A login slot for ``client``'s server login: held now, or waiting (counted)."""
+        slot = self.logins.take(client.role, client.database, client)
+        if not slot.held:
+            self.stats.login_waits += 1
+        return slot
+
+    def end_login(self, slot: LoginSlot) -> None:
+        """A login is over, or a waiter left: the next waiter (if any) starts its login."""
+        granted = self.logins.give_back(slot)
+        if granted is not None:
+            self._start_logins([granted])
+
+    def _start_logins(self, slots: list[LoginSlot]) -> None:
+        for slot in slots:
+            client = slot.context
+            assert isinstance(client, ClientConnection)
+            client.login_granted()
+
+    def login_timed_out(self, client: ClientConnection) -> None:
+        """``client`` waited connect_timeout for a login slot: count it, log it (limited)."""
+        self.stats.login_timeouts += 1
+        reason = "login_slot_timeout"
+        self._log_limited(
+            self._reject_log,
+            (client.role, client.database, reason),
+            role=client.role,
+            database=client.database,
+            reason=reason,
+            max_logins_in_flight=self.logins.cap,
+            client=client.peer,
+        )
+
     def _admit_waiters(self, waiters: list[Waiter]) -> None:
         """Start the sessions of waiters the gate just admitted (every Gate call that can
         admit returns them; only this class makes those calls)."""
@@ -724,6 +763,7 @@ class Control:
         self.max_clients = client_cap(config.server.max_client_connections)
         self.faults.configure(config.faults)
         self._admit_waiters(self._gate.reconfigure(config.rules(), keep_runtime=keep_runtime))
+        self._start_logins(self.logins.set_cap(config.backend.max_logins_in_flight))
         self._schedule_idle_sweep()
         if self.cluster is not None and not keep_runtime:
             self.cluster.clear_limits()  # every instance back to its configured limits
@@ -941,6 +981,8 @@ class Control:
             consoles=len(self.consoles),
             paused=gate.paused,
             draining=self.draining,
+            logins_in_flight=self.logins.in_flight,
+            logins_waiting=self.logins.waiting,
         )
 
     def role_limit(self, role: str) -> tuple[int, str]:

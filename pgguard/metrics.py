@@ -91,6 +91,10 @@ METRIC_NAMES: Final = (
     "pgguard_admin_kills_total",
     "pgguard_config_reloads_total",
     "pgguard_mirror_refreshes_total",
+    "pgguard_logins_in_flight",
+    "pgguard_logins_waiting",
+    "pgguard_login_waits_total",
+    "pgguard_login_timeouts_total",
 )
 # Only with [pool] reuse somewhere (pool.py): warm server sessions per (role, database).
 POOL_METRIC_NAMES: Final = (
@@ -309,6 +313,15 @@ class ServerCollector(Collector):
         mirror.add_metric(["ok"], st.mirror_refreshes)
         mirror.add_metric(["failed"], st.mirror_failures)
         yield mirror
+        # [backend] max_logins_in_flight (logins.py): server logins from dial to first ReadyForQuery.
+        yield GaugeMetricFamily("pgguard_logins_in_flight", "Server logins in progress (dial to "
+                                "first ReadyForQuery), capped by max_logins_in_flight.", value=counts.logins_in_flight)
+        yield GaugeMetricFamily("pgguard_logins_waiting", "Admitted clients waiting for a login slot.",
+                                value=counts.logins_waiting)
+        yield CounterMetricFamily("pgguard_login_waits", "Logins that had to wait for a login slot.",
+                                  value=st.login_waits)
+        yield CounterMetricFamily("pgguard_login_timeouts", "Clients that got no login slot within "
+                                  "connect_timeout (57P03, as a dial timeout).", value=st.login_timeouts)
         if control.cluster is not None:
             yield from _cluster_metrics(control)
         if control.pool is not None:

@@ -6,7 +6,8 @@ A ``ClientConnection`` is the asyncio protocol of one accepted socket. Its ``sta
 forward only::
 
     STARTUP --StartupMessage--> ADMITTING --admit--> DIALING --connected--> AUTH --'Z'--> ACTIVE
-                                   |   \\--queue--> QUEUED --admitted--/
+                                   |  |  \\--queue--> QUEUED --admitted--/ |
+                                   |  \\--no login slot--> LOGIN_WAIT --slot--/
                                    \\--reject--> CLOSED (ErrorResponse 53300)
     any state --either side gone--> CLOSED
 
@@ -20,6 +21,15 @@ waiter can never make ``pg_stat_activity`` show one more than the limit.
 Every move is checked against ``_MOVES`` in one place (``_move``). Three timers, each for
 one deadline: ``client_login_timeout`` (STARTUP), the server's first reply within
 ``connect_timeout`` (AUTH), and ``close_timeout`` for the server to close after the client left.
+
+Login slots (``[backend] max_logins_in_flight``, ``logins.py``): an admitted session takes
+one before it dials (a counter test and increment when the cap has room) and holds it until
+the server's first ReadyForQuery or ErrorResponse, the backend socket's end or the client's,
+whichever comes first; ``_end_login`` gives it back, exactly once. Without room the session
+waits in LOGIN_WAIT, FIFO per (role, database) and round-robin between pairs, at most
+``connect_timeout`` (then the error a dial timeout gives). A warm session handed out by
+``[pool]`` reuse is logged in already and takes none; a new reused session's server login
+(``pool.Pool.connect``) takes one like any other.
 
 AUTH relays bytes both ways unchanged while ``pump.BackendAuth`` frames the server's
 messages to notice BackendKeyData, ErrorResponse and the first ReadyForQuery. Then both
@@ -35,7 +45,7 @@ warm server session or logs in a new one (``pool.Pool``) and goes straight to AC
 the client leaves a session idle outside a transaction, the session goes back to the pool
 with its slot instead of being terminated.
 
-Size: about 960 lines, one job: the life of one client socket from accept to close (TLS
+Size: about 1070 lines, one job: the life of one client socket from accept to close (TLS
 negotiation included, since it decides what the startup bytes mean, and the pooled login,
 since it decides which server session the client gets); the relays are in ``pump.py``.
 """
@@ -64,6 +74,7 @@ from .errors import (
 )
 from .limits import AddressHold, Ticket, Waiter
 from .log import display, log, log_event
+from .logins import LoginSlot
 from .pump import BackendAuth, PooledPump, Pump, YoungPump
 
 __all__ = ["ClientConnection", "Host", "State", "number_clients"]
@@ -97,6 +108,7 @@ class State(enum.Enum):
     LOGIN = "login"  # [pool]: pgguard itself authenticates the client
     ADMITTING = "admitting"
     QUEUED = "queued"
+    LOGIN_WAIT = "login_wait"  # admitted, waiting for a login slot (max_logins_in_flight)
     DIALING = "dialing"
     AUTH = "authenticating"
     ACTIVE = "active"
@@ -111,8 +123,9 @@ class State(enum.Enum):
 _MOVES: Final = {
     State.STARTUP: frozenset({State.ADMITTING, State.LOGIN, State.CLOSED}),
     State.LOGIN: frozenset({State.ADMITTING, State.CLOSED}),
-    State.ADMITTING: frozenset({State.QUEUED, State.DIALING, State.CLOSED}),
-    State.QUEUED: frozenset({State.DIALING, State.CLOSED}),
+    State.ADMITTING: frozenset({State.QUEUED, State.LOGIN_WAIT, State.DIALING, State.CLOSED}),
+    State.QUEUED: frozenset({State.LOGIN_WAIT, State.DIALING, State.CLOSED}),
+    State.LOGIN_WAIT: frozenset({State.DIALING, State.CLOSED}),
     State.DIALING: frozenset({State.AUTH, State.ACTIVE, State.CLOSED}),
     State.AUTH: frozenset({State.ACTIVE, State.CLOSED}),
     State.ACTIVE: frozenset({State.CLOSED}),
@@ -143,6 +156,12 @@ class Host(Protocol):
     def leave_queue(self, waiter: Waiter) -> None: ...
 
     def release(self, ticket: Ticket) -> None: ...
+
+    def take_login(self, client: ClientConnection) -> LoginSlot: ...
+
+    def end_login(self, slot: LoginSlot) -> None: ...
+
+    def login_timed_out(self, client: ClientConnection) -> None: ...
 
     async def open_backend(
         self, factory: Callable[[], asyncio.Protocol]
@@ -186,6 +205,10 @@ class ClientConnection(asyncio.Protocol):
     # Taken past [server] max_client_connections into [admin] reserved_connections: only a
     # console login may follow (set by the host's client_opened).
     past_cap = False
+    # max_logins_in_flight (class defaults, set only while a login is waiting or running):
+    # the slot this session's server login holds or waits for, and the timer of that wait.
+    login_slot: LoginSlot | None = None
+    _slot_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, server: Host) -> None:
         self.server = server
@@ -289,7 +312,7 @@ class ClientConnection(asyncio.Protocol):
             elif self.state is State.LOGIN:
                 assert self._login is not None
                 self._login.feed(data)
-            elif self.state in (State.ADMITTING, State.QUEUED, State.DIALING):
+            elif self.state in (State.ADMITTING, State.QUEUED, State.LOGIN_WAIT, State.DIALING):
                 self._early += data
                 if len(self._early) > MAX_EARLY_DATA:
                     raise ProtocolViolation("client sent too much data before authentication")
@@ -520,6 +543,7 @@ class ClientConnection(asyncio.Protocol):
                 session = await pool.connect(
                     self.startup, self._client_key, self._server_key, self._hand_slot, self._md5
                 )
+                self._end_login()  # logged in: the server's first ReadyForQuery came
                 log_event(logging.DEBUG, "server_session", action="create", role=self.role,
                           database=self.database, pid=session.pid, client=self.peer)
             else:
@@ -621,6 +645,7 @@ class ClientConnection(asyncio.Protocol):
 
     def startup_error(self, fields: dict[str, str]) -> None:
         """An ErrorResponse before the session started (wrong password, no database)."""
+        self._end_login()  # the server's login is over, failed
         if not self._client_gone:  # else it answers our Terminate mid-login: not the server's fault
             self.server.backend_error(self, fields)
 
@@ -650,11 +675,13 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._release()
             return
-        self._move(State.DIALING)
-        if self.pooled:
-            warm, pool = self.warm, self.server.pool
+        warm = self.warm
+        if warm is not None:
+            # [pool]: a warm session is logged in already; it needs no login slot.
+            self._move(State.DIALING)
+            pool = self.server.pool
             assert pool is not None and self.startup is not None
-            if warm is not None and pool.ready(warm, self.startup):
+            if pool.ready(warm, self.startup):
                 self.warm = None  # the common hand-over: no statement to run, no task
                 log_event(logging.DEBUG, "server_session", action="reuse", role=self.role,
                           database=self.database, pid=warm.pid, client=self.peer)
@@ -662,7 +689,38 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._dial = self.server.loop.create_task(self._pooled_session())
             return
-        self._dial = self.server.loop.create_task(self._connect_backend())
+        slot = self.login_slot = self.server.take_login(self)
+        if slot.held:
+            self._start_login()
+            return
+        self._move(State.LOGIN_WAIT)
+        connect_timeout = self.server.config.backend.connect_timeout
+        self._slot_timer = self.server.loop.call_later(connect_timeout, self._login_wait_timeout)
+
+    def _start_login(self) -> None:
+        """Holding a login slot: dial the server ([pool]: log a new server session in)."""
+        self._move(State.DIALING)
+        login = self._pooled_session() if self.pooled else self._connect_backend()
+        self._dial = self.server.loop.create_task(login)
+
+    def login_granted(self) -> None:
+        """The control layer gave this waiting session a login slot: dial now."""
+        _cancel(self._slot_timer)
+        self._slot_timer = None
+        if self.state is State.LOGIN_WAIT:
+            self._start_login()
+        else:  # not reached: a session that stops waiting gives its slot back first
+            self._end_login()
+
+    def _login_wait_timeout(self) -> None:
+        """No login slot within connect_timeout: the answer a dial that timed out gets."""
+        self._slot_timer = None
+        if self.state is not State.LOGIN_WAIT:
+            return
+        self._end_login()  # leaves the login queue
+        self.server.login_timed_out(self)
+        self._release()
+        self.fail(BackendUnreachable("timeout expired"))
 
     def reject(self, exc: PgGuardError) -> None:
         """Answer a client still in startup with a FATAL ErrorResponse and close."""
@@ -741,6 +799,7 @@ class ClientConnection(asyncio.Protocol):
 
     def ready_for_query(self) -> None:
         """First ReadyForQuery: hand both sockets to the native relay, or both transports to raw pumps."""
+        self._end_login()
         if self._client_gone:
             # The client left while the server was finishing its login: the Terminate is on
             # its way and close_timeout runs; there is no session to hand over.
@@ -804,6 +863,10 @@ class ClientConnection(asyncio.Protocol):
         if self._client_gone:
             return
         self._client_gone = True
+        self._end_login()  # a login slot held or waited for
+        if self._slot_timer is not None:
+            self._slot_timer.cancel()
+            self._slot_timer = None
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
@@ -908,13 +971,24 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def _release(self) -> None:
+        """Give back the session's slot, and its login slot if it still holds one."""
+        self._end_login()
         ticket, self.ticket = self.ticket, None
         if ticket is not None:
             self.server.release(ticket)
 
+    def _end_login(self) -> None:
+        """The server login is over (or never starts): its login slot back, exactly once."""
+        slot = self.login_slot
+        if slot is not None:
+            self.login_slot = None
+            self.server.end_login(slot)
+
     def fail(self, exc: PgGuardError) -> None:
         """Answer ``exc`` if the client is still before authentication, then close."""
-        if self.state in (State.STARTUP, State.LOGIN, State.ADMITTING, State.QUEUED, State.DIALING):
+        if self.state in (
+            State.STARTUP, State.LOGIN, State.ADMITTING, State.QUEUED, State.LOGIN_WAIT, State.DIALING
+        ):
             if not (isinstance(exc, ProtocolViolation) and exc.silent):
                 self._write(
                     wire.build_error(exc)

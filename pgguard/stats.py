@@ -55,6 +55,8 @@ class Stats:
     reload_failures: int = 0
     mirror_refreshes: int = 0
     mirror_failures: int = 0
+    login_waits: int = 0  # logins that waited for a slot (max_logins_in_flight)
+    login_timeouts: int = 0  # ... and got none within connect_timeout
     # Cumulative wait histogram for metrics: counts per WAIT_BUCKETS bound, the last for +Inf.
     wait_bounds: tuple[float, ...] = WAIT_BUCKETS
     wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
@@ -85,6 +87,8 @@ class Counts:
     consoles: int
     paused: bool
     draining: bool
+    logins_in_flight: int = 0  # server logins between dial and first ReadyForQuery
+    logins_waiting: int = 0  # admitted clients waiting for a login slot
 
 
 class Console(Protocol):
@@ -116,6 +120,8 @@ def stats_rows(
         ("sessions_active", str(counts.sessions_active)),
         ("clients_waiting", str(counts.clients_waiting)),
         ("clients_connected", str(counts.clients_connected)),
+        ("logins_in_flight", str(counts.logins_in_flight)),
+        ("logins_waiting", str(counts.logins_waiting)),
         ("admissions", str(st.admissions)),
         ("queued", str(st.queued)),
         ("rejections", str(sum(st.rejections.values()))),
@@ -124,6 +130,8 @@ def stats_rows(
     rows += [
         ("queue_timeouts", str(st.queue_timeouts)),
         ("dial_failures", str(st.dial_failures)),
+        ("login_waits", str(st.login_waits)),
+        ("login_timeouts", str(st.login_timeouts)),
         ("fd_exhausted", str(st.fd_exhausted)),
         ("backend_errors", str(st.backend_errors)),
         ("idle_timeouts", str(st.idle_timeouts)),

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, settings
 
 from pgguard import config as config_mod
 from pgguard.server import Server
+from pgguard.stats import Counts
 from pgguard.testing.cluster import PostgresCluster
 from pgguard.testing.guard import AsyncGuard
 from pgguard.testing.wait import await_until
@@ -118,10 +119,16 @@ class Guard:
         """Wait until no slot is held and nobody waits (every session fully gone)."""
         control = self.server.control
         await await_until(
-            lambda: control.counts().sessions_active == 0 and control.counts().clients_waiting == 0,
+            lambda: _holds_nothing(control.counts()),
             timeout=timeout,
-            what="pgguard to hold no slots and no waiters",
+            what="pgguard to hold no slots, no waiters, no login slots",
         )
+
+
+def _holds_nothing(counts: Counts) -> bool:
+    return not (
+        counts.sessions_active or counts.clients_waiting or counts.logins_in_flight or counts.logins_waiting
+    )
 
 
 def make_config(pg: PostgresCluster, toml: str = "") -> config_mod.Config:
@@ -197,7 +204,7 @@ async def guard(pg: PostgresCluster) -> AsyncIterator[GuardFactory]:
                 await g.wait_idle(timeout=10)
         except TimeoutError:
             control = g.server.control
-            leaks.append(f"{control.counts().sessions_active} slot(s), {control.counts().clients_waiting} waiter(s), clients {list(g.server.clients.values())}")
+            leaks.append(f"{control.counts()}, clients {list(g.server.clients.values())}")
         await g.server.close()
     if leaks:
         pytest.fail("pgguard leaked after the test: " + "; ".join(leaks))

@@ -60,7 +60,7 @@ class ClientInfo:
     id: int
     role: str
     database: str
-    state: str  # startup, admitting, queued, dialing, authenticating, active, closed
+    state: str  # startup, login, admitting, queued, login_wait, dialing, authenticating, active, closed
     peer: str
     backend_pid: int | None
     connected_at: float
@@ -189,7 +189,9 @@ class _Handle:
         Keys: ``active``, ``waiting``, ``role_active``, ``role_waiting`` (dicts by role),
         ``admissions``, ``queued``, ``rejections`` (by reason: limit, max_queue,
         queue_timeout, fault), ``queue_timeouts``, ``dial_failures``, ``backend_errors``,
-        ``faults`` (firings by kind), ``wait_p50``, ``wait_p99``, ``wait_max`` (seconds).
+        ``faults`` (firings by kind), ``wait_p50``, ``wait_p99``, ``wait_max`` (seconds),
+        ``logins_in_flight``, ``logins_waiting`` (now), ``login_waits``, ``login_timeouts``
+        (``[backend] max_logins_in_flight``).
         """
 
         def snapshot() -> dict[str, Any]:
@@ -211,6 +213,10 @@ class _Handle:
                 "wait_p50": s.wait_percentile(50),
                 "wait_p99": s.wait_percentile(99),
                 "wait_max": s.wait_percentile(100),
+                "logins_in_flight": counts.logins_in_flight,
+                "logins_waiting": counts.logins_waiting,
+                "login_waits": s.login_waits,
+                "login_timeouts": s.login_timeouts,
             }
 
         return self._call(snapshot)

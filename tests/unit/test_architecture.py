@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pgguard"
 LAYERS: dict[str, int] = {
     # 0: core: no asyncio, no sockets, no clock of its own
     "errors": 0, "log": 0, "wire": 0, "limits": 0, "rules": 0, "scram": 0, "config": 0,
-    "params": 0,
+    "params": 0, "logins": 0,
     # 1: shell: one connection's I/O
     "tls": 1, "backend": 1, "pump": 1, "relay": 1, "proxy": 1, "leases": 1,
     "auth": 1, "pool": 1, "notify": 1, "listen": 1,

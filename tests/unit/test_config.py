@@ -248,3 +248,10 @@ def test_sharing_and_address_keys_are_validated_naming_the_key(text: str, key: s
 def test_reservations_need_no_total() -> None:
     """Without a total nothing is reserved from, so any sum loads (and has no effect)."""
     assert config.loads("[roles.a]\nreserved = 50", env={}).rules().roles["a"].reserved == 50
+
+def test_max_logins_in_flight_defaults_off_and_refuses_negative() -> None:
+    assert config.loads("", env={}).backend.max_logins_in_flight == 0
+    assert config.loads("[backend]\nmax_logins_in_flight = 8\n", env={}).backend.max_logins_in_flight == 8
+    with pytest.raises(ConfigError) as info:
+        config.loads("[backend]\nmax_logins_in_flight = -1\n", env={})
+    assert info.value.key == "backend.max_logins_in_flight"
