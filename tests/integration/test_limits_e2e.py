@@ -266,6 +266,7 @@ async def test_quiet_tenant_is_served_before_the_noisy_backlog_drains(pg, guard)
 
     noisy = [asyncio.create_task(session("app", 0.05)) for _ in range(40)]
     await await_until(lambda: g.server.control.counts().clients_waiting == 30, timeout=60, what="30 noisy clients queued")
+    await await_until(lambda: len(admitted) == 10, timeout=60, what="the first ten noisy clients connected")
     quiet = [asyncio.create_task(session("other", 0.05)) for _ in range(3)]
     await await_until(lambda: g.server.control.counts().clients_waiting == 33, timeout=60, what="3 quiet clients queued")
     assert admitted == ["app"] * 10

@@ -9,6 +9,7 @@ message a test reads proves that one login reached the server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import struct
 
 import asyncpg
@@ -206,14 +207,15 @@ async def test_failed_server_login_gives_its_slot_back(guard, roles) -> None:  #
 
 
 async def test_reload_raising_the_cap_starts_waiting_logins(guard, roles, pg) -> None:  # type: ignore[no-untyped-def]
-    from conftest import make_config
-
     g = await guard(_cap(1))
     holder = await Staller.open(g.port)
     await holder.asked()
     clients = [asyncio.create_task(asyncpg.connect(g.dsn("app"), timeout=30)) for _ in range(3)]
     await await_until(lambda: g.api.stats()["logins_waiting"] == 3, timeout=30, what="3 logins waiting")
-    assert g.server.reload(make_config(pg, _cap(4)))
+    config = g.server.config
+    assert g.server.reload(dataclasses.replace(
+        config, backend=dataclasses.replace(config.backend, max_logins_in_flight=4)
+    ))
     conns = await asyncio.gather(*clients)  # served while the holder still holds its slot
     assert [await c.fetchval("SELECT 1") for c in conns] == [1, 1, 1]
     await asyncio.gather(*(c.close() for c in conns))
