@@ -486,6 +486,12 @@ class Gate:
         self.pair_active[pair] = self.pair_active.get(pair, 0) + 1
         return Ticket(role, database, exempt)
 
+    def take(self, role: str, database: str, *, exempt: bool = False) -> Ticket:
+        """Count a slot that another gate granted, checking no limit: ``[server] workers``
+        without ``[cluster]``, where the supervisor's Gate decides and each worker's Gate
+        counts what that worker holds (host.py). Released through ``release`` as any ticket."""
+        return self._take(role, database, exempt)
+
     def arrive(
         self, role: str, database: str, now: float, context: object = None, *, replication: bool = False
     ) -> Decision:

@@ -85,8 +85,10 @@ from . import config as config_mod
 from . import proxy, wire
 from .admin import AdminSession, execute
 from .config import Config
-from .console import Command, Host, Result, find
+from .console import Command, Host, Result, find, parse_name
 from .errors import AdminCommandError, ConfigError, ProtocolViolation
+from .host import SharedGate
+from .limits import Policy
 from .log import log, log_event
 from .metrics import MetricsServer, ProbeServer
 from .rules import FaultSpecError
@@ -151,13 +153,18 @@ class Channel:
         *,
         handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
         notice: Callable[[dict[str, Any]], None] = lambda msg: None,
+        immediate: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda msg: None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._handle = handle
         self._notice = notice
+        # A request answered synchronously, without a task (host.py's arrive: one per login);
+        # None: not one of those, ``handle`` answers it.
+        self._immediate = immediate
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._callbacks: dict[int, Callable[[dict[str, Any] | None], None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
 
@@ -179,6 +186,32 @@ class Channel:
 
     async def notify(self, op: str, **fields: Any) -> None:
         await self._send({"op": op, **fields})
+
+    def send_now(self, message: dict[str, Any]) -> bool:
+        """Write one small frame without waiting (False: the channel is closed). A peer that
+        stops reading while more than MAX_FRAME waits for it is treated as gone."""
+        if self.closed:
+            return False
+        data = json.dumps(message, separators=(",", ":")).encode()
+        self._writer.write(_HEADER.pack(len(data)) + data)
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() > MAX_FRAME:
+            log_event(logging.ERROR, "channel_error", reason="peer not reading")
+            self.close()
+            return False
+        return True
+
+    def call(self, op: str, on_reply: Callable[[dict[str, Any] | None], None], **fields: Any) -> bool:
+        """Send request ``op`` now; ``on_reply`` gets the reply, or None if the channel closes
+        first. False (and no call of ``on_reply``) when it is closed already."""
+        if self.closed:
+            return False
+        rid = next(self._ids)
+        self._callbacks[rid] = on_reply
+        if not self.send_now({"id": rid, "op": op, **fields}):
+            self._callbacks.pop(rid, None)
+            return False
+        return True
 
     async def _send(self, message: dict[str, Any]) -> None:
         data = json.dumps(message, separators=(",", ":")).encode()
@@ -205,19 +238,34 @@ class Channel:
                 if not isinstance(message, dict):
                     return
                 if "re" in message:
+                    callback = self._callbacks.pop(message["re"], None)
+                    if callback is not None:
+                        self._safely(callback, message)
+                        continue
                     future = self._pending.get(message["re"])
                     if future is not None and not future.done():
                         future.set_result(message)
                 elif "id" in message:
+                    reply = self._immediate(message)
+                    if reply is not None:
+                        self.send_now({"re": message["id"], **reply})
+                        continue
                     task = asyncio.get_running_loop().create_task(self._answer(message))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 else:
-                    self._notice(message)
+                    self._safely(self._notice, message)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass  # closed, or garbage (ValueError: not JSON): the channel is over either way
         finally:
             self.close()
+
+    @staticmethod
+    def _safely(callback: Callable[[dict[str, Any]], None], message: dict[str, Any]) -> None:
+        try:
+            callback(message)
+        except Exception:  # the boundary of one frame: log it, keep the channel
+            log.exception("event=channel_frame_failed op=%s", message.get("op"))
 
     async def _answer(self, message: dict[str, Any]) -> None:
         try:
@@ -240,6 +288,12 @@ class Channel:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ChannelClosed())
+        callbacks, self._callbacks = self._callbacks, {}
+        for callback in callbacks.values():
+            try:
+                callback(None)
+            except Exception:  # the boundary of one request: log it, answer the others
+                log.exception("event=channel_frame_failed op=closed")
         for task in self._tasks:
             task.cancel()
         self._writer.close()
@@ -391,8 +445,20 @@ async def _serve_worker(cfg: Config, spec: WorkerSpec) -> int:
     server.serve_metrics = False  # the supervisor serves [metrics] listen for every worker
     server.prepare_config = prepare
     service = _WorkerService(server)
-    channel = Channel(reader, writer, handle=service.handle)
+    notices: dict[str, Callable[[dict[str, Any]], None]] = {}
+
+    def notice(message: dict[str, Any]) -> None:
+        handler = notices.get(str(message.get("op")))
+        if handler is not None:
+            handler(message)
+
+    channel = Channel(reader, writer, handle=service.handle, notice=notice)
     server.console_runner = _WorkerConsole(channel)
+    if cfg.cluster is None:  # the supervisor's Gate decides for every worker (host.py)
+        host = server.control.attach_host(
+            channel.call, lambda op, **fields: channel.send_now({"op": op, **fields})
+        )
+        notices.update(admitted=host.admitted, expired=host.expired)
 
     async def cancel_elsewhere(packet: bytes) -> None:
         await channel.request("cancel", packet=packet.hex())
@@ -592,6 +658,10 @@ class Supervisor:
         self._reserved: list[socket.socket] = []
         self._failed: asyncio.Future[int] = self.loop.create_future()
         self._serving_all = asyncio.Event()
+        # Without [cluster]: the one Gate of every worker (host.py); with it, Redis is.
+        self.shared: SharedGate | None = None
+        if config.cluster is None:
+            self.shared = SharedGate(config.rules(), config.backend, self.loop, notify=self._notify_worker)
 
     # --------------------------------------------------------------- lifecycle
 
@@ -611,6 +681,8 @@ class Supervisor:
                 await self.metrics.close()
             for sock in self._reserved:
                 sock.close()
+            if self.shared is not None:
+                self.shared.close()
 
     async def _run(self) -> int:
         loop = self.loop
@@ -703,6 +775,8 @@ class Supervisor:
             log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
             return False
         old, self.config = self.config, new
+        if self.shared is not None:
+            self.shared.reconfigure(new.rules(), new.backend)
         for key, moved in (
             ("server.workers", new.server.workers != old.server.workers),
             ("server.listen", new.server.listen != old.server.listen),
@@ -780,7 +854,21 @@ class Supervisor:
                 if all(x.serving for x in self.workers):
                     self._serving_all.set()
 
-        channel = w.channel = Channel(reader, writer, handle=self._handle, notice=notice)
+        shared = self.shared
+        if shared is not None:
+            host_notice = notice
+
+            def notice(message: dict[str, Any]) -> None:
+                if not shared.notice(w.index, message):
+                    host_notice(message)
+
+            channel = Channel(
+                reader, writer, handle=self._handle, notice=notice,
+                immediate=lambda message: shared.handle(w.index, message),
+            )  # fmt: skip
+        else:
+            channel = Channel(reader, writer, handle=self._handle, notice=notice)
+        w.channel = channel
         reading = self.loop.create_task(channel.run())
         try:
             code = await proc.wait()
@@ -788,7 +876,14 @@ class Supervisor:
             w.serving = False
             channel.close()
             reading.cancel()
+            if shared is not None:
+                shared.worker_gone(w.index)
         return code
+
+    def _notify_worker(self, index: int, message: dict[str, Any]) -> bool:
+        """A notice of the shared Gate to worker ``index``; False when it is not running."""
+        channel = self.workers[index].channel
+        return channel is not None and channel.send_now(message)
 
     def not_serving(self) -> str | None:
         """Why not every worker serves now (or None)."""
@@ -827,7 +922,10 @@ class Supervisor:
                     with contextlib.suppress(ChannelClosed, TimeoutError):
                         reply = await w.channel.request("snapshot")
                         if "state" in reply:
-                            return {"state": reply["state"]}
+                            state = reply["state"]
+                            if self.shared is not None and isinstance(state, dict):
+                                state = {**state, "limits": self.shared.runtime_limits()}
+                            return {"state": state}
             return {"state": None}
         if message.get("op") != "console":
             return {"error": {"sqlstate": "XX000", "message": f"unknown op {message.get('op')!r}"}}
@@ -839,9 +937,31 @@ class Supervisor:
             replies = await self.ask_all(
                 "command", statement=statement, user=message.get("user", ""), client=message.get("client", "")
             )
-            return self._merge(cmd, replies)
+            merged = self._merge(cmd, replies)
+            if self.shared is not None:
+                self._apply_shared(self.shared, statement)
+            return merged
         except AdminCommandError as exc:
             return _error_reply(exc)
+
+    @staticmethod
+    def _apply_shared(shared: SharedGate, statement: str) -> None:
+        """A console command that succeeded on the workers, once on the shared Gate: what
+        changes a limit, a policy or PAUSE (RELOAD re-read the file before the workers)."""
+        cmd, m = find(statement)
+        syntax = cmd.syntax
+        if syntax.startswith("SET LIMIT "):
+            kind = syntax.split()[2].lower()
+            name = parse_name(m["name"]) if kind != "total" else ""
+            shared.set_limit(kind, name, int(m["value"]))
+        elif syntax.startswith("RESET LIMIT"):
+            shared.reset_limit((m["kind"] or "total").lower(), parse_name(m["name"]) if m["name"] else "")
+        elif syntax.startswith("SET POLICY"):
+            shared.set_policy(parse_name(m["name"]), Policy(m["value"].lower()))
+        elif syntax == "PAUSE":
+            shared.pause()
+        elif syntax == "RESUME":
+            shared.resume()
 
     @staticmethod
     def _merge(cmd: Command, replies: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
