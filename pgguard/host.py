@@ -305,6 +305,7 @@ class SharedGate:
     def notice(self, worker: int, message: dict[str, Any]) -> bool:
         """A worker's notice this class takes (release, leave, pid, catalog); False for others."""
         op = message.get("op")
+        log_event(logging.DEBUG, "host_notice", worker=worker, message=str(message))
         if op == "release":
             entry = self._tickets.get(int(message["t"]))
             if entry is not None and entry[0] == worker:
