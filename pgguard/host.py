@@ -35,11 +35,17 @@ limit), and the limit values are the same everywhere: the console's SET / RESET 
 
 A worker that dies (SIGKILL): its queued clients were its sockets, so they are gone (counted
 in ``lost_waiters``); its tickets are *held* until its server sessions have ended, since the
-server counts them until then. A ticket whose server process id is known and visible (the
-server is local: a Unix socket or a loopback address, and ``/proc/<pid>`` is a ``postgres``
-process) is watched with a pidfd and released the moment that process exits; any other is
-released after ``[backend] close_timeout`` (the time a live worker gives a server to close
-a session too).
+server counts them until then. For a ticket whose server process id the worker reported:
+
+- with ``[backend] monitor_dsn``: ``pg_stat_activity`` is read every ``MONITOR_INTERVAL``
+  through one connection (opened only while something is held) and the ticket is released
+  once its pid is no longer listed (the server's own view, wherever it runs);
+- else, when the server is local (a Unix socket or a loopback address) and ``/proc/<pid>``
+  is a ``postgres`` process: a pidfd is watched and the ticket released the moment that
+  process exits;
+- else, or without a pid (a session still logging in, a reused [pool] session), or while
+  ``monitor_dsn`` does not answer: after ``[backend] close_timeout`` (the time a live worker
+  gives a server to close a session too).
 """
 
 from __future__ import annotations
@@ -66,6 +72,10 @@ __all__ = ["HostAdmission", "SharedGate", "decode_rejection", "encode_rejection"
 # A server process is ours to watch only when /proc says it is PostgreSQL's (a pid of
 # another namespace, or one reused since, is not).
 _POSTGRES_COMM: Final = "postgres"
+# How often pg_stat_activity is read for a dead worker's server processes: a slot comes back
+# at most this long after its session ended (the issue asks for 1 s), at one query per read.
+MONITOR_INTERVAL: Final = 0.2
+MONITOR_QUERY: Final = "SELECT pid FROM pg_catalog.pg_stat_activity WHERE pid = ANY($1::int[])"
 
 
 def encode_rejection(rejection: Rejection) -> list[Any]:
@@ -245,10 +255,11 @@ class HostAdmission:
 class _Held:
     """A dead worker's ticket, kept until its server session has ended."""
 
-    __slots__ = ("ticket", "fd", "timer")
+    __slots__ = ("ticket", "pid", "fd", "timer")
 
-    def __init__(self, ticket: Ticket) -> None:
+    def __init__(self, ticket: Ticket, pid: int | None) -> None:
         self.ticket = ticket
+        self.pid = pid  # watched in pg_stat_activity (monitor_dsn) while the timer is None
         self.fd: int | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -276,6 +287,7 @@ class SharedGate:
         self._held: dict[int, _Held] = {}  # ticket id -> a dead worker's ticket
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
+        self._monitor: asyncio.Task[None] | None = None
         self.lost_waiters = 0
         self.held_released = 0
 
@@ -305,7 +317,6 @@ class SharedGate:
     def notice(self, worker: int, message: dict[str, Any]) -> bool:
         """A worker's notice this class takes (release, leave, pid, catalog); False for others."""
         op = message.get("op")
-        log_event(logging.DEBUG, "host_notice", worker=worker, message=str(message))
         if op == "release":
             entry = self._tickets.get(int(message["t"]))
             if entry is not None and entry[0] == worker:
@@ -412,21 +423,61 @@ class SharedGate:
             self.gate.cancel(self._waiters.pop(key))
         self.lost_waiters += len(lost)
         tids = [tid for tid, (w, _) in self._tickets.items() if w == worker]
+        monitor = self.backend.monitor_dsn
         local = local_backend(self.backend)
         watched = 0
         for tid in tids:
             _, ticket = self._tickets.pop(tid)
             pid = self._pids.pop(tid, None)
-            held = self._held[tid] = _Held(ticket)
-            if pid is not None and local and self._watch(tid, held, pid):
+            held = self._held[tid] = _Held(ticket, pid)
+            if pid is not None and (monitor or (local and self._watch(tid, held, pid))):
                 watched += 1
                 continue
-            held.timer = self._loop.call_later(self.backend.close_timeout, self._unhold, tid)
+            self._grace(tid, held)
+        if monitor and watched and (self._monitor is None or self._monitor.done()):
+            self._monitor = self._loop.create_task(self._read_activity(monitor))
         if lost or tids:
+            how = "monitor_dsn" if monitor else "pidfd" if local else "grace"
             log_event(
                 logging.WARNING, "worker_slots_held", worker=worker, lost_waiters=len(lost),
-                held=len(tids), watched=watched, grace=self.backend.close_timeout,
+                held=len(tids), watched=watched, by=how, grace=self.backend.close_timeout,
             )  # fmt: skip
+
+    def _grace(self, tid: int, held: _Held) -> None:
+        if held.timer is None:
+            held.timer = self._loop.call_later(self.backend.close_timeout, self._unhold, tid)
+
+    async def _read_activity(self, dsn: str) -> None:
+        """Release held tickets as their pids leave pg_stat_activity (see the module
+        docstring); if the server cannot be read, those left get the grace instead."""
+        import asyncpg  # type: ignore[import-untyped]
+
+        conn = None
+        try:
+            conn = await asyncpg.connect(
+                dsn, timeout=self.backend.connect_timeout, statement_cache_size=0,
+                server_settings={"application_name": "pgguard supervisor"},
+            )  # fmt: skip
+            while True:
+                watched = {h.pid: tid for tid, h in self._held.items() if h.timer is None and h.pid is not None}
+                if not watched:
+                    return
+                rows = await conn.fetch(MONITOR_QUERY, list(watched), timeout=self.backend.connect_timeout)
+                alive = {row["pid"] for row in rows}
+                for pid, tid in watched.items():
+                    if pid not in alive:
+                        self._unhold(tid)
+                await asyncio.sleep(MONITOR_INTERVAL)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bad DSN, the server away: the bounded grace instead
+            log_event(logging.WARNING, "worker_slots_monitor_failed", error=str(exc) or type(exc).__name__)
+            for tid, held in list(self._held.items()):
+                self._grace(tid, held)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.terminate()
 
     def _watch(self, tid: int, held: _Held, pid: int) -> bool:
         """Release ``tid`` when server process ``pid`` exits; False when it cannot be watched
@@ -468,6 +519,8 @@ class SharedGate:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._monitor is not None:
+            self._monitor.cancel()
         for tid in list(self._held):
             held = self._held.pop(tid)
             if held.fd is not None:

@@ -584,6 +584,16 @@ class _SupervisorCollector(Collector):
         for w in sup.workers:
             restarts.add_metric([str(w.index)], w.restarts)
         yield restarts
+        shared = sup.shared
+        if shared is not None:  # without [cluster]: the supervisor's one Gate (host.py)
+            yield GaugeMetricFamily(
+                "pgguard_worker_slots_held",
+                "Slots of exited workers held until their server sessions end.", value=shared.held,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "pgguard_worker_lost_waiters",
+                "Queued clients gone with the worker that held their socket.", value=shared.lost_waiters,
+            )  # fmt: skip
 
 
 class _Merged(Collector):

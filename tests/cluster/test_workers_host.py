@@ -72,8 +72,8 @@ async def test_storm_through_one_port_holds_the_role_limit_without_redis(tmp_pat
         await asyncio.gather(*queued)  # each admitted in turn, as a slot frees
 
 
-async def _connect_and_close(sup) -> None:
-    conn = await _connect(sup, timeout=60)
+async def _connect_and_close(sup, name: str | None = None) -> None:
+    conn = await _connect(sup, name, timeout=60)
     await conn.close()
 
 
@@ -111,14 +111,19 @@ async def test_queued_clients_are_admitted_in_arrival_order_across_workers(tmp_p
         assert order == list(range(len(tasks)))
 
 
-async def test_sigkilled_workers_slots_come_back_when_its_server_sessions_end(tmp_path, pg: PostgresCluster) -> None:
+@pytest.mark.parametrize("watch", ["pidfd", "monitor_dsn"])
+async def test_sigkilled_workers_slots_come_back_when_its_server_sessions_end(
+    tmp_path, pg: PostgresCluster, watch: str
+) -> None:
     """The victim's sessions run a query when it dies, so their server processes outlive it by
     a few seconds: nobody may take their slots before they end (pg_stat_activity never shows
     more than the limit), and the waiting client gets one right after (close_timeout is 30 s:
-    only watching the server processes is that quick)."""
+    only watching the server processes is that quick). The server is local, so without
+    monitor_dsn the supervisor watches the processes (pidfd); with it, pg_stat_activity."""
     limit = 2
     body = f"[roles.app]\nmax_connections = {limit}\nqueue_timeout = 60.0\n"
-    async with supervisor(tmp_path, pg, None, body, close_timeout=30.0) as sup:
+    backend = f'monitor_dsn = "{pg.dsn()}"' if watch == "monitor_dsn" else ""
+    async with supervisor(tmp_path, pg, None, body, close_timeout=30.0, backend=backend) as sup:
         conns = {name: await _connect(sup, name) for name in ("a", "b")}
         victim = await _worker_of(sup, "a")
         doomed = [n for n in conns if await _worker_of(sup, n) == victim]
@@ -136,6 +141,16 @@ async def test_sigkilled_workers_slots_come_back_when_its_server_sessions_end(tm
             return n == len(pids)
 
         await await_until(running, timeout=20, what="the victim's queries to run")
+        # Clients queue until one waits on the victim: it dies with it (its socket was the
+        # victim's); those on the other worker keep their place.
+        queued: list[asyncio.Task[None]] = []
+        for i in range(12):
+            queued.append(asyncio.create_task(_connect_and_close(sup, f"q{i}")))
+            await await_until(lambda n=i + 1: _waiting_is(sup, n), timeout=30, what=f"{i + 1} clients to wait")
+            if await _worker_of(sup, f"q{i}") == victim:
+                break
+        else:
+            pytest.fail("12 clients in a row landed on the other worker")
         victim_pid = sup.worker_pids()[int(victim)]
         os.kill(victim_pid, signal.SIGKILL)
         await await_until(
@@ -162,7 +177,12 @@ async def test_sigkilled_workers_slots_come_back_when_its_server_sessions_end(tm
         print(f"slots back {delay:.2f}s after the server sessions ended; peak {peak}")
         assert peak <= limit
         assert delay < 10.0  # the 30 s grace did not apply
-        assert "event=worker_slots_held worker=" in sup.log_text and f"watched={len(pids)}" in sup.log_text
+        assert f"lost_waiters=1 held={len(pids)} watched={len(pids)} by={watch}" in sup.log_text
+        _, text = await sup.http("/metrics")
+        assert "pgguard_worker_lost_waiters_total 1.0" in text and "pgguard_worker_slots_held 0.0" in text
+        outcomes = await asyncio.gather(*queued, return_exceptions=True)
+        assert all(o is None for o in outcomes[:-1]), outcomes  # the other worker's: served
+        assert isinstance(outcomes[-1], Exception), outcomes  # the victim's: its socket is gone
         for task in busy:
             with pytest.raises((ConnectionError, asyncpg.PostgresConnectionError, OSError, asyncpg.InterfaceError)):
                 await task
