@@ -295,7 +295,8 @@ class Stack:
     # --------------------------------------------------------------------- pgguard
 
     def pgguard_config(
-        self, *, tls: bool = False, tree: Path | None = None, extra: str = "", backend_extra: str = ""
+        self, *, tls: bool = False, tree: Path | None = None, extra: str = "", backend_extra: str = "",
+        server_extra: str = "",
     ) -> str:
         # Only the TLS instance names the TLS keys, so --pgguard-tree still runs older trees.
         tls_conf = ""
@@ -320,6 +321,7 @@ listen = "127.0.0.1:0"
 client_login_timeout = 60.0
 shutdown_timeout = 2.0
 {cap}
+{server_extra}
 
 [backend]
 host = "{self.backend_host}"
@@ -346,17 +348,20 @@ queue_timeout = 600.0
 {tls_conf}{extra}"""
 
     def start_pgguard(
-        self, name: str, *, tls: bool = False, extra: str = "", backend_extra: str = ""
+        self, name: str, *, tls: bool = False, extra: str = "", backend_extra: str = "",
+        server_extra: str = "",
     ) -> _Process:
         """A pgguard in its own process (``python -m pgguard run``), as deployed.
 
         ``tls``: clients must use TLS (``[tls] client_mode = "require"``), the server is
         reached in clear (``[backend] sslmode = "disable"``). ``extra``: TOML appended to
         the configuration (the cluster scenario's ``[cluster]``, the reuse scenario's
-        ``[pool]``); ``backend_extra``: keys added to ``[backend]`` (``monitor_dsn``).
+        ``[pool]``); ``backend_extra``: keys added to ``[backend]`` (``monitor_dsn``);
+        ``server_extra``: keys added to ``[server]`` (``workers``).
         """
         conf = self.workdir / f"{name}.toml"
-        conf.write_text(self.pgguard_config(tls=tls, extra=extra, backend_extra=backend_extra))
+        conf.write_text(self.pgguard_config(tls=tls, extra=extra, backend_extra=backend_extra,
+                                            server_extra=server_extra))
         env = clean_env()
         if self.pgguard_tree is not None:
             env["PYTHONPATH"] = str(self.pgguard_tree)

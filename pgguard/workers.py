@@ -134,6 +134,7 @@ WORKER_METRIC_NAMES: Final = (
 # CONFIG) or no-ops (BEGIN/COMMIT..., which have no syntax line).
 _LOCAL_SYNTAX: Final = frozenset({"SHOW HELP", "SHOW CONFIG", ""})
 _HEADER: Final = struct.Struct(">I")
+_READ_CHUNK: Final = 256 * 1024
 
 
 class ChannelClosed(Exception):
@@ -165,6 +166,7 @@ class Channel:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._callbacks: dict[int, Callable[[dict[str, Any] | None], None]] = {}
+        self._outbox: list[bytes] = []  # frames of send_now, written together by _flush
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
 
@@ -188,18 +190,25 @@ class Channel:
         await self._send({"op": op, **fields})
 
     def send_now(self, message: dict[str, Any]) -> bool:
-        """Write one small frame without waiting (False: the channel is closed). A peer that
-        stops reading while more than MAX_FRAME waits for it is treated as gone."""
+        """Queue one small frame, written with the others of this loop iteration in one call
+        (False: the channel is closed). A peer that stops reading while more than MAX_FRAME
+        waits for it is treated as gone."""
         if self.closed:
             return False
         data = json.dumps(message, separators=(",", ":")).encode()
-        self._writer.write(_HEADER.pack(len(data)) + data)
-        transport = self._writer.transport
-        if transport.get_write_buffer_size() > MAX_FRAME:
+        self._outbox.append(_HEADER.pack(len(data)) + data)
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return True
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        if self.closed or not out:
+            return
+        self._writer.write(b"".join(out))
+        if self._writer.transport.get_write_buffer_size() > MAX_FRAME:
             log_event(logging.ERROR, "channel_error", reason="peer not reading")
             self.close()
-            return False
-        return True
 
     def call(self, op: str, on_reply: Callable[[dict[str, Any] | None], None], **fields: Any) -> bool:
         """Send request ``op`` now; ``on_reply`` gets the reply, or None if the channel closes
@@ -228,37 +237,43 @@ class Channel:
 
     async def run(self) -> None:
         """Read frames until the peer closes; then fail whatever still waits for a reply."""
+        buffer = bytearray()
         try:
             while True:
-                (size,) = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
-                if size > MAX_FRAME:
-                    log_event(logging.ERROR, "channel_error", reason=f"frame of {size} bytes")
+                # Every whole frame that has arrived, from one read: under load (one frame per
+                # login each way) a wake-up serves many frames.
+                chunk = await self._reader.read(_READ_CHUNK)
+                if not chunk:
                     return
-                message = json.loads(await self._reader.readexactly(size))
-                if not isinstance(message, dict):
-                    return
-                if "re" in message:
-                    callback = self._callbacks.pop(message["re"], None)
-                    if callback is not None:
-                        self._safely(callback, message)
-                        continue
-                    future = self._pending.get(message["re"])
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                elif "id" in message:
-                    reply = self._immediate(message)
-                    if reply is not None:
-                        self.send_now({"re": message["id"], **reply})
-                        continue
-                    task = asyncio.get_running_loop().create_task(self._answer(message))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                else:
-                    self._safely(self._notice, message)
+                buffer += chunk
+                for message in _frames(buffer):
+                    if message is None:
+                        return
+                    self._dispatch(message)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass  # closed, or garbage (ValueError: not JSON): the channel is over either way
         finally:
             self.close()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if "re" in message:
+            callback = self._callbacks.pop(message["re"], None)
+            if callback is not None:
+                self._safely(callback, message)
+                return
+            future = self._pending.get(message["re"])
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif "id" in message:
+            reply = self._immediate(message)
+            if reply is not None:
+                self.send_now({"re": message["id"], **reply})
+                return
+            task = asyncio.get_running_loop().create_task(self._answer(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._safely(self._notice, message)
 
     @staticmethod
     def _safely(callback: Callable[[dict[str, Any]], None], message: dict[str, Any]) -> None:
@@ -297,6 +312,28 @@ class Channel:
         for task in self._tasks:
             task.cancel()
         self._writer.close()
+
+
+def _frames(buffer: bytearray) -> Iterator[dict[str, Any] | None]:
+    """The whole frames at the start of ``buffer`` (taken out of it, in one cut at the end);
+    None for one that is over MAX_FRAME or not an object (the channel ends). Raises
+    ValueError on bad JSON."""
+    at = 0
+    try:
+        while len(buffer) - at >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, at)
+            if size > MAX_FRAME:
+                log_event(logging.ERROR, "channel_error", reason=f"frame of {size} bytes")
+                yield None
+                return
+            end = at + _HEADER.size + size
+            if len(buffer) < end:
+                return
+            message = json.loads(bytes(buffer[at + _HEADER.size : end]))
+            at = end
+            yield message if isinstance(message, dict) else None
+    finally:
+        del buffer[:at]
 
 
 def _error_of(reply: dict[str, Any]) -> AdminCommandError | None:
