@@ -46,6 +46,10 @@ server counts them until then. For a ticket whose server process id the worker r
 - else, or without a pid (a session still logging in, a reused [pool] session), or while
   ``monitor_dsn`` does not answer: after ``[backend] close_timeout`` (the time a live worker
   gives a server to close a session too).
+
+Size: about 530 lines, one job: both ends of the host's one admission (each side's frames
+are the other's handlers, as in workers.py's channel), kept together so that the protocol
+is read in one place.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import typing
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +101,12 @@ def local_backend(backend: BackendConfig) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _owner(waiter: Waiter) -> tuple[int, int]:
+    """The (worker, client id) a waiter of the shared Gate stands for."""
+    worker, cid = typing.cast(tuple[int, int], waiter.context)
+    return worker, cid
 
 
 # ------------------------------------------------------------------ worker
@@ -352,7 +363,7 @@ class SharedGate:
         pending = list(waiters)
         while pending:
             waiter = pending.pop(0)
-            worker, cid = waiter.context  # type: ignore[misc]
+            worker, cid = _owner(waiter)
             self._waiters.pop((worker, cid), None)
             assert waiter.ticket is not None
             tid = self._register(worker, waiter.ticket)
@@ -373,7 +384,7 @@ class SharedGate:
     def _expire(self) -> None:
         self._timer = self._deadline = None
         for waiter, rejection in self.gate.expire(self._loop.time()):
-            worker, cid = waiter.context  # type: ignore[misc]
+            worker, cid = _owner(waiter)
             self._waiters.pop((worker, cid), None)
             self._notify(worker, {"op": "expired", "c": cid, "j": encode_rejection(rejection)})
         deadline = self.gate.next_deadline()

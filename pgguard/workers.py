@@ -2,8 +2,11 @@
 
 Theory
 ------
-``pgguard run`` with ``workers > 1`` (which needs ``[cluster]``: the workers share their
-limits through it, as separate pgguards do) becomes a *supervisor*. It serves no client.
+``pgguard run`` with ``workers > 1`` becomes a *supervisor*. It serves no client. The workers
+enforce one set of limits: without ``[cluster]`` the supervisor owns the one Gate and every
+admission asks it over the worker's channel (``host.SharedGate`` here, ``host.HostAdmission``
+in each worker: see host.py); with ``[cluster]`` they share the limits through Redis, as
+separate pgguards do.
 
 - It first binds every ``[server] listen`` address itself, with SO_REUSEPORT and without
   listening: a taken address is the same clean "cannot start" as without workers, port 0 is
@@ -15,14 +18,17 @@ limits through it, as separate pgguards do) becomes a *supervisor*. It serves no
   Ctrl-C reaches the supervisor only, which forwards it), each handed one end of a
   socketpair as its *channel*. A worker is an ordinary ``server.Server`` that listens with
   SO_REUSEPORT (the kernel spreads new clients over the workers), is named
-  ``<[cluster] instance>-w<i>`` in the store (default names, hostname:pid, are distinct
-  anyway), numbers its clients i+1, i+1+N, ... (ids unique on the host), logs with a
+  ``<[cluster] instance>-w<i>`` in the store with ``[cluster]`` (default names,
+  hostname:pid, are distinct anyway), numbers its clients i+1, i+1+N, ... (ids unique on the host), logs with a
   ``worker=i`` field, and opens no ``[metrics] listen`` of its own.
 - The channel carries length-prefixed JSON frames (at most ``MAX_FRAME`` bytes): requests
   ``{"id", "op", ...}``, replies ``{"re", ...}``, notices ``{"op", ...}``. A worker sends
   ``started`` once it serves; the supervisor asks a worker for its exposition text
   (``metrics``), its readiness (``ready``) and to run a console command (``command``); a
   worker asks the supervisor to run a console statement on every worker (``console``).
+  Without ``[cluster]`` the admission frames of host.py travel on it too: ``arrive`` is
+  answered synchronously (no task), and small frames sent in one loop iteration are written
+  together (``send_now``), as the reader parses every whole frame of one read.
 - One console: the console is reached on the listen port, so a console session lands on
   whichever worker the kernel picked. That worker authenticates it as usual and passes each
   command to the supervisor, which runs it on every live worker and merges the answers: a
@@ -30,11 +36,14 @@ limits through it, as separate pgguards do) becomes a *supervisor*. It serves no
   ``worker``; a command without rows (SET, PAUSE, RESUME, RELOAD, KILL, CLEAR) succeeds if
   it succeeded on at least one worker (KILL CLIENT finds the one worker holding the id), else
   fails with the first worker's error. SHOW HELP and SHOW CONFIG are answered by the worker
-  itself (the same on every worker). RELOAD also re-reads the supervisor's own copy.
+  itself (the same on every worker). RELOAD also re-reads the supervisor's own copy; without
+  ``[cluster]``, SET / RESET LIMIT, SET POLICY, PAUSE and RESUME that succeeded on the workers
+  are applied once to the supervisor's Gate too (RELOAD through the re-read).
 - One ``/metrics``: the supervisor serves ``[metrics] listen``; a scrape collects every
   live worker's exposition and serves each sample once per worker with a ``worker`` label
   (HELP and TYPE once per family), plus the supervisor's own ``pgguard_workers``,
-  ``pgguard_workers_alive`` and ``pgguard_worker_restarts_total``. ``/healthz`` is 200 while
+  ``pgguard_workers_alive`` and ``pgguard_worker_restarts_total`` (without ``[cluster]``
+  also ``pgguard_worker_slots_held`` and ``pgguard_worker_lost_waiters_total``). ``/healthz`` is 200 while
   every worker runs; ``/readyz`` while every worker is ready (and nothing drains).
 - Signals: SIGTERM or SIGINT is forwarded to every worker as SIGTERM (each drains as a
   single pgguard does); the supervisor waits ``shutdown_timeout`` + ``DRAIN_MARGIN`` and
@@ -43,15 +52,18 @@ limits through it, as separate pgguards do) becomes a *supervisor*. It serves no
   supervisor's file and is forwarded (every worker reloads).
 - A worker that exits on its own is logged (``event=worker_exited``) and started again after
   ``BACKOFF_FIRST`` seconds, doubling up to ``BACKOFF_MAX`` (back to the first after
-  ``BACKOFF_RESET`` seconds of service); its leases in the store expire within ``lease_ttl``.
+  ``BACKOFF_RESET`` seconds of service); its leases in the store expire within ``lease_ttl``;
+  without ``[cluster]`` its waiters are cancelled and its slots held in the supervisor's Gate
+  until its server sessions have ended (host.py).
   Before it serves, a worker asks the supervisor for ``state``: the supervisor asks a live
   worker for its ``snapshot`` (PAUSE, SET POLICY, fault rules: ``Control.runtime_state``),
-  which the new worker takes; at the first start nobody serves and there is nothing to copy.
+  which the new worker takes (without ``[cluster]`` with the shared Gate's SET LIMIT values,
+  so that it shows them); at the first start nobody serves and there is nothing to copy.
   A worker that fails before it ever served at start stops the whole supervisor with its
   exit code (a configuration the worker refuses is not retried forever). A worker whose
   supervisor is gone (its channel closed) drains and exits.
 
-Size: about 800 lines, kept as one job on purpose: the process model of workers mode, both
+Size: about 1050 lines, kept as one job on purpose: the process model of workers mode, both
 sides of the channel (each side's requests are the other's handlers) and the supervisor's
 merged console and metrics.
 """

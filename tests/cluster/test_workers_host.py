@@ -11,7 +11,15 @@ import time
 
 import asyncpg
 import pytest
-from test_workers import ROLE_LIMIT, WORKERS, _alive, _app_sessions, _client, _peak_app_sessions, supervisor
+from test_workers import (
+    ROLE_LIMIT,
+    WORKERS,
+    _alive,
+    _app_sessions,
+    _client,
+    _peak_app_sessions,
+    supervisor,
+)
 
 from pgguard.testing.cluster import PostgresCluster
 from pgguard.testing.wait import await_until
@@ -268,7 +276,6 @@ async def test_queue_timeout_and_max_queue_bound_the_one_queue(tmp_path, pg: Pos
         waiters = [asyncio.create_task(waits()) for _ in range(2)]
         await await_until(lambda: _waiting_is(sup, 2), timeout=20, what="2 clients to wait")
         for _ in range(6):  # the queue is full, whichever worker a client lands on
-            started = time.monotonic()
             with pytest.raises(asyncpg.TooManyConnectionsError, match='too many connections for role "app"'):
                 await _connect(sup)
         waited = await asyncio.gather(*waiters)
