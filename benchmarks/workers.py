@@ -43,11 +43,14 @@ def _tree_cpu(pid: int) -> float:
 
 async def _measure(stack: Stack, target: Target, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    c0 = _tree_cpu(pid)
+    c0, s0 = _tree_cpu(pid), cpu_seconds(pid)
     res = await pgbench(target, ["-S", "-C"], args.seconds, clients=8, jobs=2)
-    cpu = _tree_cpu(pid) - c0
+    cpu, own = _tree_cpu(pid) - c0, cpu_seconds(pid) - s0
     logins = res["tps"] * args.seconds
-    out["C"] = {"conn_per_s": round(res["tps"], 1), "cpu_ms_per_login": round(1000 * cpu / logins, 3)}
+    out["C"] = {
+        "conn_per_s": round(res["tps"], 1), "cpu_ms_per_login": round(1000 * cpu / logins, 3),
+        "of_which_supervisor_ms": round(1000 * own / logins, 3),  # the process itself with workers = 1
+    }  # fmt: skip
 
     stack.pg.execute(f"ALTER ROLE {STORM_ROLE} CONNECTION LIMIT {STORM_LIMIT}")
     stop = asyncio.Event()
