@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from pgguard.config import BackendConfig
@@ -108,6 +109,8 @@ async def test_a_dead_workers_slot_is_held_while_its_local_server_process_lives(
     fake.symlink_to(shutil.which("sleep"))
     proc = subprocess.Popen([str(fake), "60"])
     try:
+        comm = Path(f"/proc/{proc.pid}/comm")
+        await await_until(lambda: comm.read_text().strip() == "postgres", timeout=10, what="the exec")
         first = _arrive(gate, 0, 1)
         gate.notice(0, {"op": "pid", "t": first["t"], "p": proc.pid})
         _arrive(gate, 1, 2)
