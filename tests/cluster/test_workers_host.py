@@ -286,3 +286,31 @@ async def test_queue_timeout_and_max_queue_bound_the_one_queue(tmp_path, pg: Pos
         assert total == {"queue_timeouts": 2, "rejections_max_queue": 6}, total
         assert await _app_sessions(pg) == 1
         await held.close()
+
+
+async def test_reused_sessions_hold_their_slots_in_the_one_gate(tmp_path, pg: PostgresCluster) -> None:
+    """[pool] without [cluster]: a warm session keeps its slot in the supervisor's Gate, so
+    warm and live sessions together never exceed the limit, whichever worker holds them."""
+    role, password = "whost_pool", "whost-pass"
+    pg.create_role(role, password=password)
+    pg.create_auth_lookup()
+    body = f"[pool]\nreuse = true\n[roles.{role}]\nmax_connections = 2\nqueue_timeout = 60.0\n"
+    async with supervisor(tmp_path, pg, None, body, backend=f'monitor_dsn = "{pg.dsn()}"') as sup:
+        dsn = f"postgresql://{role}:{password}@127.0.0.1:{sup.port}/postgres"
+
+        async def sessions() -> int:
+            check = await asyncpg.connect(pg.dsn())
+            try:
+                return await check.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role)
+            finally:
+                await check.close()
+
+        for _ in range(12):
+            conn = await asyncpg.connect(dsn, ssl=False, timeout=30)
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+            assert await sessions() <= 2
+        pools = await sup.show("POOLS")
+        assert sum(int(r["reused"]) for r in pools) >= 1, pools
+        limits = _limits(await sup.show("LIMITS"), role)
+        assert sum(int(r["active"]) for r in limits.values()) <= 2, limits
