@@ -769,12 +769,25 @@ class Control:
             call=call,
             send=send,
             start=self._start_session,
+            free_slot=self._free_slot_of,
             reject=self._reject,
             give_back=self.release,
             count_rejection=self._count_rejection,
             count_queued=self._count_queued,
         )
         return self.host
+
+    def _free_slot_of(self, limit: Limit, name: str) -> None:
+        """[server] workers, [pool]: a client (of any worker) waits behind ``limit``: close
+        this worker's oldest idle warm session that holds a slot of it."""
+        if self.pool is None:
+            return
+        if limit is Limit.TOTAL:
+            self.pool.free_slot_for(lambda role, database: True)
+        elif limit is Limit.ROLE:
+            self.pool.free_slot_for(lambda role, database: role == name)
+        else:
+            self.pool.free_slot_for(lambda role, database: database == name)
 
     # ----------------------------------------------------------------- cluster
 

@@ -18,8 +18,13 @@ Frames (the workers' channel, JSON; short keys because there is one per admissio
   ``{k: "a", t: ticket id, x: exempt}`` (admitted), ``{k: "q", w: seconds to its
   queue_timeout}`` (queued) or ``{k: "r", j: rejection}``. Handled synchronously in the
   supervisor, without a task: one round trip per login.
-- supervisor -> worker, notices ``admitted {c, t}`` (a queued client got a slot) and
-  ``expired {c, j}`` (its queue_timeout: the worker answers with the same 53300).
+- supervisor -> worker, notices ``admitted {c, t}`` (a queued client got a slot),
+  ``expired {c, j}`` (its queue_timeout: the worker answers with the same 53300) and, with
+  ``[pool]``, ``free {l, n}`` to every worker when a client queues behind limit ``l`` (name
+  ``n``): each worker closes its oldest idle warm session holding a slot of that limit, as
+  one process does for its own waiters (so a warm session on one worker never keeps a
+  client of another waiting; the price is up to one warm session per worker closed for
+  one waiter).
 - worker -> supervisor, notices ``release {t}``, ``leave {c}`` (a queued client left),
   ``pid {t, p}`` (the server process of ticket t), ``catalog {roles, databases}``.
 
@@ -123,6 +128,7 @@ class HostAdmission:
         call: Callable[..., bool],
         send: Callable[..., bool],
         start: Callable[[ClientConnection, Ticket, float], None],
+        free_slot: Callable[[Limit, str], None],
         reject: Callable[[ClientConnection, Rejection], None],
         give_back: Callable[[Ticket], None],
         count_rejection: Callable[[RejectReason], None],
@@ -133,6 +139,7 @@ class HostAdmission:
         self._call = call  # call(op, on_reply, **fields): a request whose reply goes to on_reply (None: closed)
         self._send = send  # send(op, **fields): a notice; False when the channel is closed
         self._start = start
+        self._free_slot = free_slot
         self._reject = reject
         self._give_back = give_back
         self._count_rejection = count_rejection
@@ -195,6 +202,11 @@ class HostAdmission:
         client = waiter.context
         assert isinstance(client, ClientConnection)
         self._admit(client, int(message["t"]), False, waiter.arrived)
+
+    def free(self, message: dict[str, Any]) -> None:
+        """Notice ([pool]): a client waits behind this limit; an idle warm session here may
+        give its slot up."""
+        self._free_slot(Limit(message["l"]), str(message["n"]))
 
     def expired(self, message: dict[str, Any]) -> None:
         """Notice: a client queued here reached its queue_timeout."""
@@ -286,8 +298,12 @@ class SharedGate:
         loop: asyncio.AbstractEventLoop,
         *,
         notify: Callable[[int, dict[str, Any]], bool],
+        workers: int = 1,
+        pooled: bool = False,
     ) -> None:
         self.gate = Gate(rules)
+        self.workers = workers
+        self.pooled = pooled  # [pool] reuse somewhere: a queued client asks for warm slots
         self.backend = backend
         self._loop = loop
         self._notify = notify  # notify(worker index, frame): False when that worker is gone
@@ -321,6 +337,11 @@ class SharedGate:
             assert waiter is not None
             self._waiters[(worker, cid)] = waiter
             self._schedule(waiter.deadline)
+            if self.pooled:
+                blocking = self.gate.blocking(role, database)
+                if blocking is not None:
+                    for index in range(self.workers):
+                        self._notify(index, {"op": "free", "l": blocking.limit.value, "n": blocking.name})
             return {"k": "q", "w": round(waiter.deadline - now, 3)}
         assert decision.rejection is not None
         return {"k": "r", "j": encode_rejection(decision.rejection)}
@@ -415,9 +436,10 @@ class SharedGate:
     def resume(self) -> None:
         self._admit(self.gate.resume())
 
-    def reconfigure(self, rules: Rules, backend: BackendConfig) -> None:
+    def reconfigure(self, rules: Rules, backend: BackendConfig, *, pooled: bool = False) -> None:
         """A reload: the new rules, run-time limits and policies dropped (as on every worker)."""
         self.backend = backend
+        self.pooled = pooled
         self._admit(self.gate.reconfigure(rules))
 
     def runtime_limits(self) -> list[list[Any]]:

@@ -507,7 +507,7 @@ async def _serve_worker(cfg: Config, spec: WorkerSpec) -> int:
         host = server.control.attach_host(
             channel.call, lambda op, **fields: channel.send_now({"op": op, **fields})
         )
-        notices.update(admitted=host.admitted, expired=host.expired)
+        notices.update(admitted=host.admitted, expired=host.expired, free=host.free)
 
     async def cancel_elsewhere(packet: bytes) -> None:
         await channel.request("cancel", packet=packet.hex())
@@ -720,7 +720,10 @@ class Supervisor:
         # Without [cluster]: the one Gate of every worker (host.py); with it, Redis is.
         self.shared: SharedGate | None = None
         if config.cluster is None:
-            self.shared = SharedGate(config.rules(), config.backend, self.loop, notify=self._notify_worker)
+            self.shared = SharedGate(
+                config.rules(), config.backend, self.loop, notify=self._notify_worker,
+                workers=config.server.workers, pooled=config.reuse_anywhere,
+            )  # fmt: skip
 
     # --------------------------------------------------------------- lifecycle
 
@@ -835,7 +838,7 @@ class Supervisor:
             return False
         old, self.config = self.config, new
         if self.shared is not None:
-            self.shared.reconfigure(new.rules(), new.backend)
+            self.shared.reconfigure(new.rules(), new.backend, pooled=new.reuse_anywhere)
         for key, moved in (
             ("server.workers", new.server.workers != old.server.workers),
             ("server.listen", new.server.listen != old.server.listen),

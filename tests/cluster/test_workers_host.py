@@ -314,3 +314,45 @@ async def test_reused_sessions_hold_their_slots_in_the_one_gate(tmp_path, pg: Po
         assert sum(int(r["reused"]) for r in pools) >= 1, pools
         limits = _limits(await sup.show("LIMITS"), role)
         assert sum(int(r["active"]) for r in limits.values()) <= 2, limits
+
+
+async def test_a_warm_session_on_one_worker_gives_its_slot_to_a_client_waiting_on_another(
+    tmp_path, pg: PostgresCluster
+) -> None:
+    """Limit 2, a warm session on each worker. h1 holds one (on worker X); a client that then
+    lands on X finds no warm session there and the last slot held by Y's idle warm session:
+    Y must close it for the client (as one process does for its own waiters), else the client
+    waits for its 60 s queue_timeout."""
+    role, password = "whost_warm", "whost-pass"
+    pg.create_role(role, password=password)
+    pg.create_auth_lookup()
+    body = f"[pool]\nreuse = true\n[roles.{role}]\nmax_connections = 2\nqueue_timeout = 60.0\n"
+    async with supervisor(tmp_path, pg, None, body, backend=f'monitor_dsn = "{pg.dsn()}"') as sup:
+        dsn = f"postgresql://{role}:{password}@127.0.0.1:{sup.port}/postgres"
+
+        async def client(name: str) -> asyncpg.Connection:
+            return await asyncpg.connect(dsn, ssl=False, timeout=30, server_settings={"application_name": name})
+
+        async def warm_on_both() -> bool:
+            pools = await sup.show("POOLS")
+            if {r["worker"] for r in pools if int(r["warm"])} == {"0", "1"}:
+                return True
+            conn = await client("w")
+            await conn.close()
+            return False
+
+        await await_until(warm_on_both, timeout=60, what="a warm session on each worker")
+        h1 = await client("h1")
+        x = await _worker_of(sup, "h1")
+        for i in range(12):
+            started = time.monotonic()
+            conn = await client(f"h{i + 2}")  # on X: only through Y's warm slot
+            took = time.monotonic() - started
+            worker = await _worker_of(sup, f"h{i + 2}")
+            await conn.close()
+            if worker == x:
+                print(f"a client on worker {x} got worker {1 - int(x)}'s warm slot in {took:.2f}s")
+                break
+        else:
+            pytest.fail("12 clients in a row landed on the other worker")
+        await h1.close()
