@@ -225,11 +225,11 @@ async def test_set_limit_and_reload_change_the_one_shared_limit(tmp_path, pg: Po
     body = '[roles.app]\nmax_connections = 2\npolicy = "reject"\n'
     async with supervisor(tmp_path, pg, None, body) as sup:
 
-        async def fill(n: int) -> list[asyncpg.Connection]:
+        async def fill(n: int, match: str = 'too many connections for role "app"') -> list[asyncpg.Connection]:
             """``n`` sessions, then six more attempts (they land on both workers) all rejected."""
             held = [await _connect(sup) for _ in range(n)]
             for _ in range(6):
-                with pytest.raises(asyncpg.TooManyConnectionsError, match='too many connections for role "app"'):
+                with pytest.raises(asyncpg.TooManyConnectionsError, match=match):
                     await _connect(sup)
             assert await _app_sessions(pg) == n
             return held
@@ -241,6 +241,13 @@ async def test_set_limit_and_reload_change_the_one_shared_limit(tmp_path, pg: Po
             await console.execute("SET LIMIT ROLE app = 3")
             for conn in await fill(3):
                 await conn.close()
+            await console.execute("RESET LIMIT ROLE app")
+            for conn in await fill(2):
+                await conn.close()
+            await console.execute("SET LIMIT TOTAL = 1")
+            for conn in await fill(1, "sorry, too many clients already"):
+                await conn.close()
+            await console.execute("RESET LIMIT TOTAL")
             sup.config.write_text(sup.config.read_text().replace("max_connections = 2", "max_connections = 4"))
             await console.execute("RELOAD")
             assert {r["limit"] for r in _limits(await sup.show("LIMITS")).values()} == {"4"}
