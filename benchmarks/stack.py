@@ -302,6 +302,7 @@ class Stack:
         extra: str = "",
         backend_extra: str = "",
         limits_extra: str = "",
+        server_extra: str = "",
     ) -> str:
         # Only the TLS instance names the TLS keys, so --pgguard-tree still runs older trees.
         tls_conf = ""
@@ -326,6 +327,7 @@ listen = "127.0.0.1:0"
 client_login_timeout = 60.0
 shutdown_timeout = 2.0
 {cap}
+{server_extra}
 
 [backend]
 host = "{self.backend_host}"
@@ -360,6 +362,7 @@ queue_timeout = 600.0
         extra: str = "",
         backend_extra: str = "",
         limits_extra: str = "",
+        server_extra: str = "",
     ) -> _Process:
         """A pgguard in its own process (``python -m pgguard run``), as deployed.
 
@@ -368,11 +371,13 @@ queue_timeout = 600.0
         the configuration (the cluster scenario's ``[cluster]``, the reuse scenario's
         ``[pool]``); ``backend_extra``: keys added to ``[backend]`` (``monitor_dsn``);
         ``limits_extra``: keys added to ``[limits]`` (the noisy-neighbour total).
+        ``server_extra``: keys added to ``[server]`` (``workers``).
         """
         conf = self.workdir / f"{name}.toml"
-        conf.write_text(
-            self.pgguard_config(tls=tls, extra=extra, backend_extra=backend_extra, limits_extra=limits_extra)
-        )
+        conf.write_text(self.pgguard_config(
+            tls=tls, extra=extra, backend_extra=backend_extra, limits_extra=limits_extra,
+            server_extra=server_extra,
+        ))
         env = clean_env()
         if self.pgguard_tree is not None:
             env["PYTHONPATH"] = str(self.pgguard_tree)

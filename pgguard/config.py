@@ -131,7 +131,8 @@ class ServerConfig:
     # the native relay takes every session at its first ReadyForQuery.
     relay_after: float = field(default=0.1, metadata=_check(_non_negative))
     # Processes serving `listen` together (SO_REUSEPORT; see workers.py). 1: this process
-    # alone. More needs [cluster], through which the workers share their limits.
+    # alone. More: the supervisor's one Gate holds the limits for all of them (host.py);
+    # with [cluster] they share them through Redis instead.
     workers: int = field(default=1, metadata=_check(lambda n: None if 1 <= n <= MAX_WORKERS else f"must be 1 to {MAX_WORKERS}"))
 
 
@@ -613,11 +614,8 @@ def _check_pool(config: Config) -> None:
 
 
 def _check_cluster(config: Config) -> None:
-    """Workers share their limits through [cluster] (without it each would enforce them alone);
-    a heartbeat must come more often than the lease expires, or every lease lapses."""
-    cluster, workers = config.cluster, config.server.workers
-    if workers > 1 and cluster is None:
-        raise ConfigError(config.path, "server.workers", f"{workers} workers need a [cluster] section")
+    """A heartbeat must come more often than the lease expires, or every lease lapses."""
+    cluster = config.cluster
     if cluster is not None and cluster.renew_every >= cluster.lease_ttl:
         raise ConfigError(
             config.path, "cluster.heartbeat_interval", "must be less than cluster.lease_ttl"

@@ -30,6 +30,11 @@ costs one line per key per second.
 each behind one ``self.cluster`` test: an admission the gate made, ``release``, ``leave_queue``
 and ``set_limit``; the lifecycle adds ``start_cluster`` / ``close_cluster``.
 
+``[server] workers`` without ``[cluster]``: ``host.HostAdmission`` (set by workers.py through
+``attach_host``) is called at the same points, each behind one ``self.host`` test, plus
+``session_key`` (the server process of a ticket) and ``apply_catalog``: the supervisor's Gate
+decides, this one counts what this worker holds.
+
 ``[pool]``: ``pool.Pool`` (only when some role or database reuses server sessions) is called
 at the admission (``_take_warm``, behind one test of ``client.pooled``), when a client queues
 (``_free_warm_slot``), and gets ``hand_to_waiter`` / ``others_waiting`` / ``over_limit`` when a
@@ -76,6 +81,7 @@ from .stats import Console, Counts, Stats
 
 if TYPE_CHECKING:
     from .cluster import ClusterAdmission
+    from .host import HostAdmission
 
 __all__ = [
     "ADMIN_DATABASE",
@@ -188,6 +194,9 @@ class Control:
         self.cluster: ClusterAdmission | None = None
         if config.cluster is not None:
             self._attach_cluster(config)
+        # [server] workers without [cluster]: the supervisor's Gate decides (host.py), None
+        # otherwise: then the only host code on any path is the test of this attribute.
+        self.host: HostAdmission | None = None
         # [pool]: warm server-session reuse (pool.py), None while no role or database has
         # reuse on: then the only pool code on any path is the test of this attribute.
         self.pool: Pool | None = Pool(self) if config.reuse_anywhere else None
@@ -362,6 +371,9 @@ class Control:
         if client.pooled and self._take_warm(client):
             return
         replication = client.startup is not None and client.startup.is_replication
+        if self.host is not None and not replication:  # a walsender holds no slot: decided here
+            self.host.arrive(client)
+            return
         decision = self._gate.arrive(
             client.role, client.database, self.loop.time(), client,
             replication=replication, address=client.address,
@@ -465,12 +477,16 @@ class Control:
         """A queued client left (or was answered): it holds nothing any more."""
         if self.cluster is not None and self.cluster.cancel(waiter):
             return
+        if self.host is not None and self.host.cancel(waiter):
+            return
         self._gate.cancel(waiter)
 
     def release(self, ticket: Ticket) -> None:
         """A session's backend is gone: free its slots and admit whoever now fits."""
         if self.cluster is not None:
             self.cluster.release(ticket)  # its lease, if any, before the local slots
+        if self.host is not None:
+            self.host.release(ticket)  # the supervisor's slot, before this worker's count
         self._admit_waiters(self._gate.release(ticket))
         self._check_idle()
 
@@ -602,6 +618,8 @@ class Control:
         """The server sent ``client`` its BackendKeyData: cancels naming it are known ones."""
         if client.backend_pid is not None:
             self._backend_keys[client.backend_pid] = client
+            if self.host is not None and client.ticket is not None and client.backend_pid < FAKE_PID_BASE:
+                self.host.backend_pid(client.ticket, client.backend_pid)
 
     def dial_failed(
         self, client: ClientConnection, reason: str, exc: BaseException | None = None
@@ -749,7 +767,12 @@ class Control:
         """Take ``runtime_state()`` of another worker, before serving. Raises ValueError,
         KeyError or FaultSpecError on a malformed one (nothing is half taken but the faults)."""
         policies = {str(role): Policy(value) for role, value in state["policies"].items()}
+        # [server] workers without [cluster]: the shared Gate's SET LIMIT values, so that this
+        # worker shows what is in force (the supervisor's Gate enforces them)
+        limits = {(Limit(kind), str(name)): int(value) for kind, name, value in state.get("limits", ())}
         rules = self.faults.restore(state["faults"])
+        if limits:
+            self._admit_waiters(self._gate.set_runtime_limits(limits))
         for role, policy in policies.items():
             self.set_policy(role, policy)
         if state["paused"]:
@@ -787,6 +810,8 @@ class Control:
     def apply_catalog(self, roles: dict[str, int], databases: dict[str, int]) -> None:
         """The server's rolconnlimit / datconnlimit (mirror mode); {} and {} forget them."""
         self._admit_waiters(self._gate.set_catalog_limits(roles, databases))
+        if self.host is not None:
+            self.host.catalog(roles, databases)
 
     def kill(self, client_id: int, exc: PgGuardError) -> bool:
         """Close client or console session ``client_id`` with ``exc``; False if there is none."""
@@ -831,6 +856,8 @@ class Control:
         )
         if self.cluster is not None:
             self.cluster.shut()
+        if self.host is not None:
+            self.host.shut()
         for waiter in self._gate.clear_queues():
             client = waiter.context
             assert isinstance(client, ClientConnection)
@@ -854,6 +881,41 @@ class Control:
             client.abort()
         for console in list(self.consoles.values()):
             console.terminate(AdminShutdown())
+
+    # -------------------------------------------------------------------- host
+
+    def attach_host(
+        self, call: Callable[..., bool], send: Callable[..., bool]
+    ) -> HostAdmission:
+        """[server] workers without [cluster]: admissions ask the supervisor's Gate (host.py)
+        through ``call`` (a request) and ``send`` (a notice) on the worker's channel."""
+        from .host import HostAdmission
+
+        self.host = HostAdmission(
+            self._gate,
+            self.loop,
+            call=call,
+            send=send,
+            start=self._start_session,
+            free_slot=self._free_slot_of,
+            reject=self._reject,
+            give_back=self.release,
+            count_rejection=self._count_rejection,
+            count_queued=self._count_queued,
+        )
+        return self.host
+
+    def _free_slot_of(self, limit: Limit, name: str) -> None:
+        """[server] workers, [pool]: a client (of any worker) waits behind ``limit``: close
+        this worker's oldest idle warm session that holds a slot of it."""
+        if self.pool is None:
+            return
+        if limit is Limit.TOTAL:
+            self.pool.free_slot_for(lambda role, database: True)
+        elif limit is Limit.ROLE:
+            self.pool.free_slot_for(lambda role, database: role == name)
+        else:
+            self.pool.free_slot_for(lambda role, database: database == name)
 
     # ----------------------------------------------------------------- cluster
 
@@ -973,10 +1035,12 @@ class Control:
 
     def counts(self) -> Counts:
         gate = self._gate
+        # [server] workers: this worker's clients queued in the supervisor's Gate
+        host_waiting = 0 if self.host is None else self.host.waiting
         return Counts(
             # [cluster]: clients waiting for the store's slots hold a local ticket meanwhile
             sessions_active=gate.total_active - (0 if self.cluster is None else self.cluster.waiting),
-            clients_waiting=gate.total_waiting + (0 if self.cluster is None else self.cluster.waiting),
+            clients_waiting=gate.total_waiting + host_waiting + (0 if self.cluster is None else self.cluster.waiting),
             clients_connected=len(self.clients),
             consoles=len(self.consoles),
             paused=gate.paused,
@@ -997,21 +1061,11 @@ class Control:
         [cluster]: a client waiting for the store's slots counts as waiting, not active
         (it holds its local slot meanwhile)."""
         rows = self._gate.limit_rows()
+        if self.host is not None and self.host.waiting:
+            return _add_waiting(rows, self.host.pair_waiting(), held=False)
         if self.cluster is None or not self.cluster.waiting:
             return rows
-        pairs = self.cluster.pair_waiting()
-        roles: Counter[str] = Counter()
-        databases: Counter[str] = Counter()
-        for (role, database), n in pairs.items():
-            roles[role] += n
-            databases[database] += n
-        by_kind = {"role": roles, "database": databases}
-        total = sum(pairs.values())
-        out = []
-        for row in rows:
-            n = total if row.kind == "total" else by_kind[row.kind].get(row.name, 0)
-            out.append(dataclasses.replace(row, active=row.active - n, waiting=row.waiting + n) if n else row)
-        return out
+        return _add_waiting(rows, self.cluster.pair_waiting(), held=True)
 
     def configured_role(self, role: str) -> bool:
         return self._gate.configured_role(role)
@@ -1024,6 +1078,8 @@ class Control:
         gate = self._gate
         active = Counter(gate.pair_active)
         waiting = Counter((w.role, w.database) for w in gate.waiters())
+        if self.host is not None:
+            waiting.update(self.host.pair_waiting())
         if self.cluster is not None and self.cluster.waiting:
             held = self.cluster.pair_waiting()  # hold a local slot, wait for the store's
             active.subtract(held)
@@ -1065,7 +1121,8 @@ class Control:
         """SHOW QUEUES: per (role, database): waiters, oldest wait, time to the next timeout, policy."""
         gate = self._gate
         store = () if self.cluster is None else self.cluster.waiters()
-        return stats.queue_rows(gate.waiters(), self.loop.time(), gate.role_policy, store)
+        waiters = gate.waiters() if self.host is None else self.host.waiters()
+        return stats.queue_rows(waiters, self.loop.time(), gate.role_policy, store)
 
     def fault_rows(self) -> list[tuple[int, str, str, str, str, int, str, str, str]]:
         """SHOW FAULTS: id, kind, role, database, remaining, fired, state, source, rule."""
@@ -1073,7 +1130,26 @@ class Control:
 
     def waiting_clients(self) -> Iterator[ClientConnection]:
         """Queued clients in arrival order (the demo's view)."""
-        for waiter in self._gate.waiters():
+        for waiter in self._gate.waiters() if self.host is None else self.host.waiters():
             client = waiter.context
             assert isinstance(client, ClientConnection)
             yield client
+
+
+def _add_waiting(rows: list[LimitRow], pairs: Counter[tuple[str, str]], *, held: bool) -> list[LimitRow]:
+    """SHOW LIMITS rows with ``pairs`` counted as waiting; ``held``: they hold a slot of the
+    gate meanwhile ([cluster]), so they are taken off ``active`` too."""
+    roles: Counter[str] = Counter()
+    databases: Counter[str] = Counter()
+    for (role, database), n in pairs.items():
+        roles[role] += n
+        databases[database] += n
+    by_kind = {"role": roles, "database": databases}
+    total = sum(pairs.values())
+    out = []
+    for row in rows:
+        n = total if row.kind == "total" else by_kind[row.kind].get(row.name, 0)
+        if n:
+            row = dataclasses.replace(row, active=row.active - n if held else row.active, waiting=row.waiting + n)
+        out.append(row)
+    return out

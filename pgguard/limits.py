@@ -657,6 +657,12 @@ class Gate:
             elif delta < 0 and before <= reserved:
                 self._unused_reserved += 1
 
+    def take(self, role: str, database: str, *, exempt: bool = False) -> Ticket:
+        """Count a slot that another gate granted, checking no limit: ``[server] workers``
+        without ``[cluster]``, where the supervisor's Gate decides and each worker's Gate
+        counts what that worker holds (host.py). Released through ``release`` as any ticket."""
+        return self._take(role, database, exempt)
+
     def arrive(
         self,
         role: str,

@@ -2,8 +2,11 @@
 
 Theory
 ------
-``pgguard run`` with ``workers > 1`` (which needs ``[cluster]``: the workers share their
-limits through it, as separate pgguards do) becomes a *supervisor*. It serves no client.
+``pgguard run`` with ``workers > 1`` becomes a *supervisor*. It serves no client. The workers
+enforce one set of limits: without ``[cluster]`` the supervisor owns the one Gate and every
+admission asks it over the worker's channel (``host.SharedGate`` here, ``host.HostAdmission``
+in each worker: see host.py); with ``[cluster]`` they share the limits through Redis, as
+separate pgguards do.
 
 - It first binds every ``[server] listen`` address itself, with SO_REUSEPORT and without
   listening: a taken address is the same clean "cannot start" as without workers, port 0 is
@@ -15,14 +18,17 @@ limits through it, as separate pgguards do) becomes a *supervisor*. It serves no
   Ctrl-C reaches the supervisor only, which forwards it), each handed one end of a
   socketpair as its *channel*. A worker is an ordinary ``server.Server`` that listens with
   SO_REUSEPORT (the kernel spreads new clients over the workers), is named
-  ``<[cluster] instance>-w<i>`` in the store (default names, hostname:pid, are distinct
-  anyway), numbers its clients i+1, i+1+N, ... (ids unique on the host), logs with a
+  ``<[cluster] instance>-w<i>`` in the store with ``[cluster]`` (default names,
+  hostname:pid, are distinct anyway), numbers its clients i+1, i+1+N, ... (ids unique on the host), logs with a
   ``worker=i`` field, and opens no ``[metrics] listen`` of its own.
 - The channel carries length-prefixed JSON frames (at most ``MAX_FRAME`` bytes): requests
   ``{"id", "op", ...}``, replies ``{"re", ...}``, notices ``{"op", ...}``. A worker sends
   ``started`` once it serves; the supervisor asks a worker for its exposition text
   (``metrics``), its readiness (``ready``) and to run a console command (``command``); a
   worker asks the supervisor to run a console statement on every worker (``console``).
+  Without ``[cluster]`` the admission frames of host.py travel on it too: ``arrive`` is
+  answered synchronously (no task), and small frames sent in one loop iteration are written
+  together (``send_now``), as the reader parses every whole frame of one read.
 - One console: the console is reached on the listen port, so a console session lands on
   whichever worker the kernel picked. That worker authenticates it as usual and passes each
   command to the supervisor, which runs it on every live worker and merges the answers: a
@@ -30,11 +36,14 @@ limits through it, as separate pgguards do) becomes a *supervisor*. It serves no
   ``worker``; a command without rows (SET, PAUSE, RESUME, RELOAD, KILL, CLEAR) succeeds if
   it succeeded on at least one worker (KILL CLIENT finds the one worker holding the id), else
   fails with the first worker's error. SHOW HELP and SHOW CONFIG are answered by the worker
-  itself (the same on every worker). RELOAD also re-reads the supervisor's own copy.
+  itself (the same on every worker). RELOAD also re-reads the supervisor's own copy; without
+  ``[cluster]``, SET / RESET LIMIT, SET POLICY, PAUSE and RESUME that succeeded on the workers
+  are applied once to the supervisor's Gate too (RELOAD through the re-read).
 - One ``/metrics``: the supervisor serves ``[metrics] listen``; a scrape collects every
   live worker's exposition and serves each sample once per worker with a ``worker`` label
   (HELP and TYPE once per family), plus the supervisor's own ``pgguard_workers``,
-  ``pgguard_workers_alive`` and ``pgguard_worker_restarts_total``. ``/healthz`` is 200 while
+  ``pgguard_workers_alive`` and ``pgguard_worker_restarts_total`` (without ``[cluster]``
+  also ``pgguard_worker_slots_held`` and ``pgguard_worker_lost_waiters_total``). ``/healthz`` is 200 while
   every worker runs; ``/readyz`` while every worker is ready (and nothing drains).
 - Signals: SIGTERM or SIGINT is forwarded to every worker as SIGTERM (each drains as a
   single pgguard does); the supervisor waits ``shutdown_timeout`` + ``DRAIN_MARGIN`` and
@@ -43,15 +52,18 @@ limits through it, as separate pgguards do) becomes a *supervisor*. It serves no
   supervisor's file and is forwarded (every worker reloads).
 - A worker that exits on its own is logged (``event=worker_exited``) and started again after
   ``BACKOFF_FIRST`` seconds, doubling up to ``BACKOFF_MAX`` (back to the first after
-  ``BACKOFF_RESET`` seconds of service); its leases in the store expire within ``lease_ttl``.
+  ``BACKOFF_RESET`` seconds of service); its leases in the store expire within ``lease_ttl``;
+  without ``[cluster]`` its waiters are cancelled and its slots held in the supervisor's Gate
+  until its server sessions have ended (host.py).
   Before it serves, a worker asks the supervisor for ``state``: the supervisor asks a live
   worker for its ``snapshot`` (PAUSE, SET POLICY, fault rules: ``Control.runtime_state``),
-  which the new worker takes; at the first start nobody serves and there is nothing to copy.
+  which the new worker takes (without ``[cluster]`` with the shared Gate's SET LIMIT values,
+  so that it shows them); at the first start nobody serves and there is nothing to copy.
   A worker that fails before it ever served at start stops the whole supervisor with its
   exit code (a configuration the worker refuses is not retried forever). A worker whose
   supervisor is gone (its channel closed) drains and exits.
 
-Size: about 800 lines, kept as one job on purpose: the process model of workers mode, both
+Size: about 1050 lines, kept as one job on purpose: the process model of workers mode, both
 sides of the channel (each side's requests are the other's handlers) and the supervisor's
 merged console and metrics.
 """
@@ -85,8 +97,10 @@ from . import config as config_mod
 from . import proxy, wire
 from .admin import AdminSession, execute
 from .config import Config
-from .console import Command, Host, Result, find
+from .console import Command, Host, Result, find, parse_name
 from .errors import AdminCommandError, ConfigError, ProtocolViolation
+from .host import SharedGate
+from .limits import Policy
 from .log import log, log_event
 from .metrics import MetricsServer, ProbeServer
 from .notify import CHILD_ENV, STATUS_EVERY, from_env
@@ -133,6 +147,7 @@ WORKER_METRIC_NAMES: Final = (
 # CONFIG) or no-ops (BEGIN/COMMIT..., which have no syntax line).
 _LOCAL_SYNTAX: Final = frozenset({"SHOW HELP", "SHOW CONFIG", ""})
 _HEADER: Final = struct.Struct(">I")
+_READ_CHUNK: Final = 256 * 1024
 
 
 class ChannelClosed(Exception):
@@ -152,13 +167,19 @@ class Channel:
         *,
         handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
         notice: Callable[[dict[str, Any]], None] = lambda msg: None,
+        immediate: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda msg: None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._handle = handle
         self._notice = notice
+        # A request answered synchronously, without a task (host.py's arrive: one per login);
+        # None: not one of those, ``handle`` answers it.
+        self._immediate = immediate
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._callbacks: dict[int, Callable[[dict[str, Any] | None], None]] = {}
+        self._outbox: list[bytes] = []  # frames of send_now, written together by _flush
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
 
@@ -181,6 +202,39 @@ class Channel:
     async def notify(self, op: str, **fields: Any) -> None:
         await self._send({"op": op, **fields})
 
+    def send_now(self, message: dict[str, Any]) -> bool:
+        """Queue one small frame, written with the others of this loop iteration in one call
+        (False: the channel is closed). A peer that stops reading while more than MAX_FRAME
+        waits for it is treated as gone."""
+        if self.closed:
+            return False
+        data = json.dumps(message, separators=(",", ":")).encode()
+        self._outbox.append(_HEADER.pack(len(data)) + data)
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return True
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        if self.closed or not out:
+            return
+        self._writer.write(b"".join(out))
+        if self._writer.transport.get_write_buffer_size() > MAX_FRAME:
+            log_event(logging.ERROR, "channel_error", reason="peer not reading")
+            self.close()
+
+    def call(self, op: str, on_reply: Callable[[dict[str, Any] | None], None], **fields: Any) -> bool:
+        """Send request ``op`` now; ``on_reply`` gets the reply, or None if the channel closes
+        first. False (and no call of ``on_reply``) when it is closed already."""
+        if self.closed:
+            return False
+        rid = next(self._ids)
+        self._callbacks[rid] = on_reply
+        if not self.send_now({"id": rid, "op": op, **fields}):
+            self._callbacks.pop(rid, None)
+            return False
+        return True
+
     async def _send(self, message: dict[str, Any]) -> None:
         data = json.dumps(message, separators=(",", ":")).encode()
         if len(data) > MAX_FRAME:
@@ -196,29 +250,50 @@ class Channel:
 
     async def run(self) -> None:
         """Read frames until the peer closes; then fail whatever still waits for a reply."""
+        buffer = bytearray()
         try:
             while True:
-                (size,) = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
-                if size > MAX_FRAME:
-                    log_event(logging.ERROR, "channel_error", reason=f"frame of {size} bytes")
+                # Every whole frame that has arrived, from one read: under load (one frame per
+                # login each way) a wake-up serves many frames.
+                chunk = await self._reader.read(_READ_CHUNK)
+                if not chunk:
                     return
-                message = json.loads(await self._reader.readexactly(size))
-                if not isinstance(message, dict):
-                    return
-                if "re" in message:
-                    future = self._pending.get(message["re"])
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                elif "id" in message:
-                    task = asyncio.get_running_loop().create_task(self._answer(message))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                else:
-                    self._notice(message)
+                buffer += chunk
+                for message in _frames(buffer):
+                    if message is None:
+                        return
+                    self._dispatch(message)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass  # closed, or garbage (ValueError: not JSON): the channel is over either way
         finally:
             self.close()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if "re" in message:
+            callback = self._callbacks.pop(message["re"], None)
+            if callback is not None:
+                self._safely(callback, message)
+                return
+            future = self._pending.get(message["re"])
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif "id" in message:
+            reply = self._immediate(message)
+            if reply is not None:
+                self.send_now({"re": message["id"], **reply})
+                return
+            task = asyncio.get_running_loop().create_task(self._answer(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._safely(self._notice, message)
+
+    @staticmethod
+    def _safely(callback: Callable[[dict[str, Any]], None], message: dict[str, Any]) -> None:
+        try:
+            callback(message)
+        except Exception:  # the boundary of one frame: log it, keep the channel
+            log.exception("event=channel_frame_failed op=%s", message.get("op"))
 
     async def _answer(self, message: dict[str, Any]) -> None:
         try:
@@ -241,9 +316,37 @@ class Channel:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ChannelClosed())
+        callbacks, self._callbacks = self._callbacks, {}
+        for callback in callbacks.values():
+            try:
+                callback(None)
+            except Exception:  # the boundary of one request: log it, answer the others
+                log.exception("event=channel_frame_failed op=closed")
         for task in self._tasks:
             task.cancel()
         self._writer.close()
+
+
+def _frames(buffer: bytearray) -> Iterator[dict[str, Any] | None]:
+    """The whole frames at the start of ``buffer`` (taken out of it, in one cut at the end);
+    None for one that is over MAX_FRAME or not an object (the channel ends). Raises
+    ValueError on bad JSON."""
+    at = 0
+    try:
+        while len(buffer) - at >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, at)
+            if size > MAX_FRAME:
+                log_event(logging.ERROR, "channel_error", reason=f"frame of {size} bytes")
+                yield None
+                return
+            end = at + _HEADER.size + size
+            if len(buffer) < end:
+                return
+            message = json.loads(bytes(buffer[at + _HEADER.size : end]))
+            at = end
+            yield message if isinstance(message, dict) else None
+    finally:
+        del buffer[:at]
 
 
 def _error_of(reply: dict[str, Any]) -> AdminCommandError | None:
@@ -397,8 +500,20 @@ async def _serve_worker(cfg: Config, spec: WorkerSpec) -> int:
     server.serve_metrics = False  # the supervisor serves [metrics] listen for every worker
     server.prepare_config = prepare
     service = _WorkerService(server)
-    channel = Channel(reader, writer, handle=service.handle)
+    notices: dict[str, Callable[[dict[str, Any]], None]] = {}
+
+    def notice(message: dict[str, Any]) -> None:
+        handler = notices.get(str(message.get("op")))
+        if handler is not None:
+            handler(message)
+
+    channel = Channel(reader, writer, handle=service.handle, notice=notice)
     server.console_runner = _WorkerConsole(channel)
+    if cfg.cluster is None:  # the supervisor's Gate decides for every worker (host.py)
+        host = server.control.attach_host(
+            channel.call, lambda op, **fields: channel.send_now({"op": op, **fields})
+        )
+        notices.update(admitted=host.admitted, expired=host.expired, free=host.free)
 
     async def cancel_elsewhere(packet: bytes) -> bool:
         reply = await channel.request("cancel", packet=packet.hex())
@@ -525,6 +640,16 @@ class _SupervisorCollector(Collector):
         for w in sup.workers:
             restarts.add_metric([str(w.index)], w.restarts)
         yield restarts
+        shared = sup.shared
+        if shared is not None:  # without [cluster]: the supervisor's one Gate (host.py)
+            yield GaugeMetricFamily(
+                "pgguard_worker_slots_held",
+                "Slots of exited workers held until their server sessions end.", value=shared.held,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "pgguard_worker_lost_waiters",
+                "Queued clients gone with the worker that held their socket.", value=shared.lost_waiters,
+            )  # fmt: skip
 
 
 class _Merged(Collector):
@@ -604,6 +729,13 @@ class Supervisor:
         self.notifier = from_env()
         self._status = "starting"
         self._tasks: set[asyncio.Task[None]] = set()
+        # Without [cluster]: the one Gate of every worker (host.py); with it, Redis is.
+        self.shared: SharedGate | None = None
+        if config.cluster is None:
+            self.shared = SharedGate(
+                config.rules(), config.backend, self.loop, notify=self._notify_worker,
+                workers=config.server.workers, pooled=config.reuse_anywhere,
+            )  # fmt: skip
 
     # --------------------------------------------------------------- lifecycle
 
@@ -623,6 +755,8 @@ class Supervisor:
                 await self.metrics.close()
             for sock in self._reserved:
                 sock.close()
+            if self.shared is not None:
+                self.shared.close()
 
     async def _run(self) -> int:
         loop = self.loop
@@ -749,6 +883,8 @@ class Supervisor:
             log_event(logging.ERROR, "reload_failed", file=exc.file, key=exc.key, error=exc.problem)
             return False
         old, self.config = self.config, new
+        if self.shared is not None:
+            self.shared.reconfigure(new.rules(), new.backend, pooled=new.reuse_anywhere)
         for key, moved in (
             ("server.workers", new.server.workers != old.server.workers),
             ("server.listen", new.server.listen != old.server.listen),
@@ -827,7 +963,21 @@ class Supervisor:
                 if all(x.serving for x in self.workers):
                     self._serving_all.set()
 
-        channel = w.channel = Channel(reader, writer, handle=self._handle, notice=notice)
+        shared = self.shared
+        if shared is not None:
+            host_notice = notice
+
+            def notice(message: dict[str, Any]) -> None:
+                if not shared.notice(w.index, message):
+                    host_notice(message)
+
+            channel = Channel(
+                reader, writer, handle=self._handle, notice=notice,
+                immediate=lambda message: shared.handle(w.index, message),
+            )  # fmt: skip
+        else:
+            channel = Channel(reader, writer, handle=self._handle, notice=notice)
+        w.channel = channel
         reading = self.loop.create_task(channel.run())
         try:
             code = await proc.wait()
@@ -835,7 +985,14 @@ class Supervisor:
             w.serving = False
             channel.close()
             reading.cancel()
+            if shared is not None:
+                shared.worker_gone(w.index)
         return code
+
+    def _notify_worker(self, index: int, message: dict[str, Any]) -> bool:
+        """A notice of the shared Gate to worker ``index``; False when it is not running."""
+        channel = self.workers[index].channel
+        return channel is not None and channel.send_now(message)
 
     def not_serving(self) -> str | None:
         """Why not every worker serves now (or None)."""
@@ -874,7 +1031,10 @@ class Supervisor:
                     with contextlib.suppress(ChannelClosed, TimeoutError):
                         reply = await w.channel.request("snapshot")
                         if "state" in reply:
-                            return {"state": reply["state"]}
+                            state = reply["state"]
+                            if self.shared is not None and isinstance(state, dict):
+                                state = {**state, "limits": self.shared.runtime_limits()}
+                            return {"state": state}
             return {"state": None}
         if message.get("op") != "console":
             return {"error": {"sqlstate": "XX000", "message": f"unknown op {message.get('op')!r}"}}
@@ -889,12 +1049,34 @@ class Supervisor:
                 replies = await self.ask_all(
                     "command", statement=statement, user=message.get("user", ""), client=message.get("client", "")
                 )
+                merged = self._merge(cmd, replies)
+                if self.shared is not None:
+                    self._apply_shared(self.shared, statement)
             finally:
                 if reload and not self.stopping.is_set():
                     self.notifier.ready()
-            return self._merge(cmd, replies)
+            return merged
         except AdminCommandError as exc:
             return _error_reply(exc)
+
+    @staticmethod
+    def _apply_shared(shared: SharedGate, statement: str) -> None:
+        """A console command that succeeded on the workers, once on the shared Gate: what
+        changes a limit, a policy or PAUSE (RELOAD re-read the file before the workers)."""
+        cmd, m = find(statement)
+        syntax = cmd.syntax
+        if syntax.startswith("SET LIMIT "):
+            kind = syntax.split()[2].lower()
+            name = parse_name(m["name"]) if kind != "total" else ""
+            shared.set_limit(kind, name, int(m["value"]))
+        elif syntax.startswith("RESET LIMIT"):
+            shared.reset_limit((m["kind"] or "total").lower(), parse_name(m["name"]) if m["name"] else "")
+        elif syntax.startswith("SET POLICY"):
+            shared.set_policy(parse_name(m["name"]), Policy(m["value"].lower()))
+        elif syntax == "PAUSE":
+            shared.pause()
+        elif syntax == "RESUME":
+            shared.resume()
 
     @staticmethod
     def _merge(cmd: Command, replies: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "tls": 1, "backend": 1, "pump": 1, "relay": 1, "proxy": 1, "leases": 1,
     "auth": 1, "pool": 1, "notify": 1, "listen": 1,
     # 2: control: the gate's owner and what reads or drives it
-    "stats": 2, "faults": 2, "control": 2, "cluster": 2, "console": 2, "admin": 2, "metrics": 2, "mirror": 2,
+    "stats": 2, "faults": 2, "control": 2, "cluster": 2, "host": 2, "console": 2, "admin": 2, "metrics": 2, "mirror": 2,
     # 3: the process
     "server": 3,
     # 4: entry points and tools
