@@ -590,6 +590,18 @@ def _check_addresses(config: Config) -> None:
         if network in seen:
             raise ConfigError(config.path, key, f'names the same network as addresses."{seen[network]}"')
         seen[network] = text
+    if config.server.workers > 1 and config.cluster is None:
+        # The workers' one Gate (host.py) does not carry client addresses yet: refuse rather
+        # than leave the limit unenforced.
+        key = next((f'addresses."{t}"' for t in config.addresses), None)
+        if key is None and config.limits.client_address_max_connections != -1:
+            key = "limits.client_address_max_connections"
+        if key is not None:
+            raise ConfigError(
+                config.path, key,
+                "client address limits are not shared by [server] workers without [cluster] yet "
+                "(use workers = 1, or [cluster], where each worker applies them to its own clients)",
+            )  # fmt: skip
 
 
 def _check_reserved(config: Config) -> None:

@@ -618,7 +618,7 @@ class Control:
         """The server sent ``client`` its BackendKeyData: cancels naming it are known ones."""
         if client.backend_pid is not None:
             self._backend_keys[client.backend_pid] = client
-            if self.host is not None and client.ticket is not None and client.backend_pid < FAKE_PID_BASE:
+            if self.host is not None and client.ticket is not None:
                 self.host.backend_pid(client.ticket, client.backend_pid)
 
     def dial_failed(

@@ -48,7 +48,7 @@ server counts them until then. For a ticket whose server process id the worker r
 - else, when the server is local (a Unix socket or a loopback address) and ``/proc/<pid>``
   is a ``postgres`` process: a pidfd is watched and the ticket released the moment that
   process exits;
-- else, or without a pid (a session still logging in, a reused [pool] session), or while
+- else, or without a pid (a session still logging in), or while
   ``monitor_dsn`` does not answer: after ``[backend] close_timeout`` (the time a live worker
   gives a server to close a session too).
 

@@ -255,3 +255,11 @@ def test_max_logins_in_flight_defaults_off_and_refuses_negative() -> None:
     with pytest.raises(ConfigError) as info:
         config.loads("[backend]\nmax_logins_in_flight = -1\n", env={})
     assert info.value.key == "backend.max_logins_in_flight"
+
+
+def test_address_limits_with_workers_need_cluster_for_now() -> None:
+    """The workers' one Gate does not carry client addresses: refused, not left unenforced."""
+    for body in ("[limits]\nclient_address_max_connections = 2\n", '[addresses."10.0.0.0/8"]\nmax_connections = 2\n'):
+        with pytest.raises(config.ConfigError, match="not shared by"):
+            config.loads("[server]\nworkers = 2\n" + body)
+    assert config.loads("[server]\nworkers = 1\n[limits]\nclient_address_max_connections = 2\n")
