@@ -159,10 +159,10 @@ def _example() -> dict[str, dict[str, tuple[Any, bool]]]:
     out: dict[str, dict[str, tuple[Any, bool]]] = {}
     section = ""
     for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
-        header = re.match(r"^(#\s?)?\[([\w.]+)\]\s*(#.*)?$", line)
+        # A named table's name may be quoted: [addresses."10.1.2.0/24"].
+        header = re.match(r'^(#\s?)?\[(\w+)(\.(?:[\w-]+|"[^"]*"))?\]\s*(#.*)?$', line)
         if header:
-            parts = header[2].split(".")
-            section = f"{parts[0]}.NAME" if len(parts) == 2 else parts[0]
+            section = f"{header[2]}.NAME" if header[3] else header[2]
             out.setdefault(section, {})
             continue
         assignment = re.match(r"^(#\s?)?([a-z_]+)\s*=\s*(.+)$", line)
