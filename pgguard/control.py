@@ -453,7 +453,11 @@ class Control:
 
     def others_waiting(self, role: str, database: str) -> bool:
         """[pool]: True when (role, database) should give up a slot: a limit was lowered under
-        its count, or a queued client would be helped by it."""
+        its count, or a queued client would be helped by it. With ``[server] workers`` (the
+        supervisor's Gate) the session stays and the supervisor hears of it (``host.parked``):
+        it asks for the slot back if a client of another worker waits behind it."""
+        if self.host is not None and self.pool is not None:
+            self.host.parked(role, database)
         if self._gate.exceeded(role, database):
             return True
         if not self._gate.total_waiting:

@@ -22,11 +22,13 @@ Frames (the workers' channel, JSON; short keys because there is one per admissio
   ``expired {c, j}`` (its queue_timeout: the worker answers with the same 53300) and, with
   ``[pool]``, ``free {l, n}`` to every worker when a client queues behind limit ``l`` (name
   ``n``): each worker closes its oldest idle warm session holding a slot of that limit, as
-  one process does for its own waiters (so a warm session on one worker never keeps a
-  client of another waiting; the price is up to one warm session per worker closed for
-  one waiter).
+  one process does for its own waiters; and to one worker, when a warm session it parked
+  (``parked``) holds a slot a client of any worker waits for. So a warm session on one
+  worker never keeps a client of another waiting; the price is up to one warm session per
+  worker closed for one waiter.
 - worker -> supervisor, notices ``release {t}``, ``leave {c}`` (a queued client left),
-  ``pid {t, p}`` (the server process of ticket t), ``catalog {roles, databases}``.
+  ``pid {t, p}`` (the server process of ticket t), ``parked {r, d}`` ([pool]: a warm
+  session of (role, database) went idle, keeping its slot), ``catalog {roles, databases}``.
 
 Races resolve toward giving back: an ``admitted`` for a client that left meanwhile is
 answered with ``release``; a reply for a client that closed while it was asked is given back
@@ -245,6 +247,12 @@ class HostAdmission:
     def catalog(self, roles: dict[str, int], databases: dict[str, int]) -> None:
         self._send("catalog", roles=roles, databases=databases)
 
+    def parked(self, role: str, database: str) -> None:
+        """[pool]: a warm session of (role, database) went idle here, keeping its slot. A client
+        that queued on another worker before it did was told to nobody (``free`` went out when
+        it queued): the supervisor answers ``free`` if one waits behind a limit it holds."""
+        self._send("parked", r=role, d=database)
+
     def shut(self) -> None:
         """Draining: every client queued here gets 57P03, as the Gate's waiters do."""
         self._draining = True
@@ -361,6 +369,8 @@ class SharedGate:
             tid = int(message["t"])
             if tid in self._tickets:
                 self._pids[tid] = int(message["p"])
+        elif op == "parked":
+            self._free_for(worker, str(message["r"]), str(message["d"]))
         elif op == "catalog":
             roles = {str(k): int(v) for k, v in dict(message["roles"]).items()}
             databases = {str(k): int(v) for k, v in dict(message["databases"]).items()}
@@ -368,6 +378,22 @@ class SharedGate:
         else:
             return False
         return True
+
+    def _free_for(self, worker: int, role: str, database: str) -> None:
+        """A warm session of (role, database) is idle on ``worker``: if a waiter (of any worker)
+        is blocked by a limit that session's slot counts on, ask that worker to free it."""
+        if not self.gate.total_waiting:
+            return
+        for head in self.gate.queue_heads():
+            blocking = self.gate.blocking(head.role, head.database)
+            if blocking is None:
+                continue
+            limit = blocking.limit
+            if limit is Limit.TOTAL or (limit is Limit.ROLE and blocking.name == role) or (
+                limit is Limit.DATABASE and blocking.name == database
+            ):
+                self._notify(worker, {"op": "free", "l": limit.value, "n": blocking.name})
+                return
 
     def _register(self, worker: int, ticket: Ticket) -> int:
         tid = next(self._ids)

@@ -363,3 +363,46 @@ async def test_a_warm_session_on_one_worker_gives_its_slot_to_a_client_waiting_o
         else:
             pytest.fail("12 clients in a row landed on the other worker")
         await h1.close()
+
+
+async def test_a_warm_session_parked_after_a_client_queued_on_another_worker_gives_its_slot(
+    tmp_path, pg: PostgresCluster
+) -> None:
+    """Limit 1: h1 holds the slot on worker X; a client queues on the other worker Y (its
+    ``free`` finds no idle session anywhere); then h1 leaves and its session goes back to X's
+    pool, keeping the slot. X hears from the supervisor (``parked``) and closes it, so the
+    client on Y gets in at once, not at its 60 s queue_timeout."""
+    role, password = "whost_park", "whost-pass"
+    pg.create_role(role, password=password)
+    pg.create_auth_lookup()
+    body = f"[pool]\nreuse = true\n[roles.{role}]\nmax_connections = 1\nqueue_timeout = 60.0\n"
+    async with supervisor(tmp_path, pg, None, body, backend=f'monitor_dsn = "{pg.dsn()}"') as sup:
+        dsn = f"postgresql://{role}:{password}@127.0.0.1:{sup.port}/postgres"
+
+        async def client(name: str) -> asyncpg.Connection:
+            return await asyncpg.connect(dsn, ssl=False, timeout=30, server_settings={"application_name": name})
+
+        async def queued(name: str) -> dict[str, str] | None:
+            rows = [r for r in await sup.show("CLIENTS") if r["application_name"] == name]
+            return rows[0] if rows and rows[0]["state"] == "queued" else None
+
+        for attempt in range(12):
+            h1 = await client(f"h{attempt}")
+            x = await _worker_of(sup, f"h{attempt}")
+            name = f"w{attempt}"
+            waiting = asyncio.create_task(client(name))
+            await await_until(lambda: queued(name), timeout=30, what=f"{name} queued")
+            row = await queued(name)
+            if row is None or row["worker"] == x:
+                await h1.close()  # same worker: the local hand-over; try again
+                await (await waiting).close()
+                continue
+            started = time.monotonic()
+            await h1.close()
+            conn = await asyncio.wait_for(waiting, 30)
+            took = time.monotonic() - started
+            assert await conn.fetchval("select current_user") == role
+            await conn.close()
+            assert took < 15, f"the client on the other worker waited {took:.1f} s for the parked slot"
+            return
+        pytest.fail("12 waiting clients in a row landed on the holder's worker")
