@@ -36,7 +36,16 @@ from typing import Any, Final
 from pgguard import scram
 
 from .loadgen import _percentiles
-from .scenarios import LoadGen, Row, Settings, _cpu_during, _sample_peak, _spec, order, wait_role_sessions
+from .scenarios import (
+    LoadGen,
+    Row,
+    Settings,
+    _cpu_during,
+    _sample_peak,
+    _spec,
+    order,
+    wait_role_sessions,
+)
 from .stack import STORM_LIMIT, STORM_ROLE, Stack, Target, _Process
 
 __all__ = ["storm_connect"]

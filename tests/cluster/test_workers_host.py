@@ -391,7 +391,7 @@ async def test_a_warm_session_parked_after_a_client_queued_on_another_worker_giv
             x = await _worker_of(sup, f"h{attempt}")
             name = f"w{attempt}"
             waiting = asyncio.create_task(client(name))
-            await await_until(lambda: queued(name), timeout=30, what=f"{name} queued")
+            await await_until(lambda name=name: queued(name), timeout=30, what=f"{name} queued")
             row = await queued(name)
             if row is None or row["worker"] == x:
                 await h1.close()  # same worker: the local hand-over; try again
