@@ -35,7 +35,6 @@ The load average is recorded beside every figure: the machine is shared.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 from typing import Final
 
@@ -53,9 +52,9 @@ from .scenarios import (
     run_loadgen,
     wait_role_sessions,
 )
-from .stack import BENCH_ROLE, STORM_LIMIT, STORM_ROLE, Stack, Target
+from .stack import BENCH_ROLE, STORM_LIMIT, STORM_ROLE, Stack, Target, load_average
 
-__all__ = ["reuse"]
+__all__ = ["reuse", "scram_role"]
 
 SCRAM_ROLE: Final = "benchs"
 SCRAM_PASSWORD: Final = "bench-pass"
@@ -64,18 +63,17 @@ CLIENTS: Final = 8
 REUSE_GOAL: Final = 5.0  # issue 15: reuse >= 5x PostgreSQL direct
 STORM_P99_S: Final = 1.0
 
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def _prepare(stack: Stack) -> str:
-    """The SCRAM role (16-iteration verifier) and the lookup function; returns the verifier."""
+def scram_role(stack: Stack, role: str, password: str, *, bench_tables: bool = False) -> str:
+    """A role whose SCRAM verifier has ``SCRAM_ITERATIONS`` iterations (so the client's own
+    PBKDF2 does not cap every target alike), allowed into database bench, and the lookup
+    function pgguard reads verifiers with; returns the verifier."""
     pg = stack.pg
-    pg.create_role(SCRAM_ROLE, password=SCRAM_PASSWORD)  # scram-sha-256 over TCP in pg_hba.conf
-    verifier = str(scram.make_verifier(SCRAM_PASSWORD, iterations=SCRAM_ITERATIONS))
-    pg.execute(f"ALTER ROLE {SCRAM_ROLE} PASSWORD '{verifier}'")
-    pg.execute(f"GRANT CONNECT ON DATABASE bench TO {SCRAM_ROLE}")
-    pg.psql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {SCRAM_ROLE}", database="bench")
+    pg.create_role(role, password=password)  # scram-sha-256 over TCP in pg_hba.conf
+    verifier = str(scram.make_verifier(password, iterations=SCRAM_ITERATIONS))
+    pg.execute(f"ALTER ROLE {role} PASSWORD '{verifier}'")
+    pg.execute(f"GRANT CONNECT ON DATABASE bench TO {role}")
+    if bench_tables:
+        pg.psql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}", database="bench")
     pg.create_auth_lookup()
     return verifier
 
@@ -90,7 +88,7 @@ max_idle = {STORM_LIMIT}
 
 
 async def reuse(stack: Stack, s: Settings) -> list[Row]:
-    verifier = await asyncio.to_thread(_prepare, stack)
+    verifier = await asyncio.to_thread(scram_role, stack, SCRAM_ROLE, SCRAM_PASSWORD, bench_tables=True)
     started = []
     try:
         guard = stack.start_pgguard(
@@ -129,7 +127,7 @@ async def _connect_rows(s: Settings, cases: dict[str, tuple[Target, str, str | N
     cpu: dict[str, list[float]] = {n: [] for n in names}
     loads: list[float] = []
     for rep in range(s.reps):
-        loads.append(_load())
+        loads.append(load_average())
         for name in order(names, rep):
             target, user, password = cases[name]
             result, share = await _cpu_during(
@@ -183,7 +181,7 @@ async def _storm(stack: Stack, s: Settings, target: Target) -> list[Row]:
         stack.notes.append(f"reuse storm shrank from {s.storm_clients} to {n} clients to fit RLIMIT_NOFILE")
     pg.execute(f"ALTER ROLE {STORM_ROLE} CONNECTION LIMIT {STORM_LIMIT}")
     try:
-        load_before = _load()
+        load_before = load_average()
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_peak(stack, STORM_ROLE, stop))
         spec = _spec(target, STORM_ROLE, clients=n, connect_inflight=512, deadline=240)
@@ -193,7 +191,7 @@ async def _storm(stack: Stack, s: Settings, target: Target) -> list[Row]:
             stop.set()
             peak, nsamples = await sampler
         result.update(peak_sessions=peak, peak_samples=nsamples, proxy_cpu_share=share,
-                      loadavg=[load_before, _load()])
+                      loadavg=[load_before, load_average()])
         # Warm sessions stay (max_idle): the role's whole limit at once must still get in.
         result["warm_after"] = await wait_role_sessions(stack, STORM_ROLE, STORM_LIMIT, timeout=5)
         gen = await LoadGen.start("hold", _spec(target, STORM_ROLE, clients=STORM_LIMIT, until="ready", deadline=15))

@@ -39,7 +39,7 @@ from typing import Final
 
 from pgguard.testing.cluster import PostgresCluster
 
-__all__ = ["Stack", "Target", "machine_info", "raise_nofile", "rss_kib", "cpu_seconds", "fd_count"]
+__all__ = ["Stack", "Target", "load_average", "machine_info", "raise_nofile", "rss_kib", "cpu_seconds", "fd_count"]
 
 REPO: Final = Path(__file__).resolve().parent.parent
 PGBOUNCER_PATHS: Final = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer")
@@ -95,6 +95,11 @@ def _version(argv: list[str]) -> str:
     except OSError:
         return ""
     return out.splitlines()[0].strip() if out else ""
+
+
+def load_average() -> float:
+    """The 1-minute load average, recorded beside figures taken on a shared machine."""
+    return round(os.getloadavg()[0], 2)
 
 
 def machine_info() -> dict[str, object]:

@@ -29,13 +29,11 @@ Targets: pgguard's makespan and p99 at most PgBouncer's, in the same run, for bo
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 from typing import Any, Final
 
-from pgguard import scram
-
 from .loadgen import _percentiles
+from .reuse import SCRAM_ITERATIONS, scram_role
 from .scenarios import (
     LoadGen,
     Row,
@@ -46,32 +44,16 @@ from .scenarios import (
     order,
     wait_role_sessions,
 )
-from .stack import STORM_LIMIT, STORM_ROLE, Stack, Target, _Process
+from .stack import STORM_LIMIT, STORM_ROLE, Stack, Target, _Process, load_average
 
 __all__ = ["storm_connect"]
 
 SCRAM_STORM_ROLE: Final = "storms"
 SCRAM_PASSWORD: Final = "storm-pass"
-SCRAM_ITERATIONS: Final = 16
 LOAD_PROCESSES: Final = 2
 # Every client's TCP handshake may be in flight at once: the storm is the point.
 CONNECT_INFLIGHT: Final = 100_000
 DEADLINE_S: Final = 240.0
-
-
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def _prepare(stack: Stack) -> str:
-    """The password role (a 16-iteration verifier) and the lookup function; returns the verifier."""
-    pg = stack.pg
-    pg.create_role(SCRAM_STORM_ROLE, password=SCRAM_PASSWORD)
-    verifier = str(scram.make_verifier(SCRAM_PASSWORD, iterations=SCRAM_ITERATIONS))
-    pg.execute(f"ALTER ROLE {SCRAM_STORM_ROLE} PASSWORD '{verifier}'")
-    pg.execute(f"GRANT CONNECT ON DATABASE bench TO {SCRAM_STORM_ROLE}")
-    pg.create_auth_lookup()
-    return verifier
 
 
 def _pgguard_config() -> str:
@@ -133,7 +115,7 @@ async def storm_connect(stack: Stack, s: Settings) -> list[Row]:
     n = min(s.storm_clients, stack.fd_budget)
     if n < s.storm_clients:
         stack.notes.append(f"storm from connect shrank from {s.storm_clients} to {n} clients to fit RLIMIT_NOFILE")
-    verifier = await asyncio.to_thread(_prepare, stack)
+    verifier = await asyncio.to_thread(scram_role, stack, SCRAM_STORM_ROLE, SCRAM_PASSWORD)
     roles = {"trusted": (STORM_ROLE, None), "scram": (SCRAM_STORM_ROLE, SCRAM_PASSWORD)}
     cases = ["pgguard", "pgguard-scram"]
     if "pgbouncer" in stack.targets:
@@ -161,7 +143,7 @@ async def storm_connect(stack: Stack, s: Settings) -> list[Row]:
 async def _round(stack: Stack, case: str, user: str, password: str | None, n: int, verifier: str) -> dict[str, Any]:
     """Start the case's proxy if it is per round, storm it, check what it left, stop it."""
     proc: _Process | None = None
-    load = _load()
+    load = load_average()
     if case == "pgbouncer":
         target = stack.targets["pgbouncer"]
     elif case == "pgbouncer-scram":
@@ -177,7 +159,7 @@ async def _round(stack: Stack, case: str, user: str, password: str | None, n: in
         target = Target(case, "127.0.0.1", port, proc.pid)
     try:
         result = await _burst(stack, target, user, password, n)
-        result["loadavg"] = [load, _load()]
+        result["loadavg"] = [load, load_average()]
         if case.startswith("pgguard"):
             # Warm sessions stay: the role's whole limit at once must still get in.
             extra = {"password": password} if password is not None else {}

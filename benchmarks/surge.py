@@ -31,7 +31,7 @@ from typing import Any, Final
 from pgguard.testing.cluster import free_port
 
 from .scenarios import Row, Settings, order, run_loadgen, wait_role_sessions
-from .stack import Stack, Target, clean_env
+from .stack import Stack, Target, clean_env, load_average
 
 __all__ = ["surge"]
 
@@ -44,10 +44,6 @@ QUIET_S: Final = 2.0
 PEAK_PERIOD_S: Final = 0.05  # how often pgguard's login gauge is scraped during a surge
 P99_GOAL: Final = 0.5
 MAKESPAN_GOAL: Final = 1.1
-
-
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def _config(cap: int, metrics_port: int) -> tuple[str, str]:
@@ -149,7 +145,7 @@ async def surge(stack: Stack, s: Settings) -> list[Row]:
                     "host": target.host, "port": target.port, "user": SURGE_ROLE, "database": "postgres",
                     "clients": n, "connect_inflight": n, "deadline": 240, "extra": {"query": HOLD_SQL},
                 }
-                load = _load()
+                load = load_average()
                 done = asyncio.Event()
                 peak = asyncio.create_task(_peak_logins(metrics[name], done))
                 try:
@@ -184,7 +180,7 @@ async def surge(stack: Stack, s: Settings) -> list[Row]:
             end = time.perf_counter()
             during = [lat for t, lat in samples if end - elapsed <= t <= end]
             direct[f"direct_{concurrency}_at_a_time"] = {
-                "elapsed_s": elapsed, "probe_p99_ms": _p99(during) * 1000, "load": _load(),
+                "elapsed_s": elapsed, "probe_p99_ms": _p99(during) * 1000, "load": load_average(),
             }
             print(f"  direct logins {concurrency} at a time: {n} in {elapsed:.2f} s, direct select 1 "
                   f"p99 {_p99(during) * 1000:.2f} ms", flush=True)
